@@ -1,0 +1,236 @@
+//! cgroup v2: the unified hierarchy. The executor's parent cgroup must have
+//! the memory, pids and cpu controllers enabled for its children; when the
+//! parent still holds processes (the executor itself), the executor moves
+//! itself into a leaf first, as the "no internal processes" rule requires.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{
+    CgroupDriver, CgroupError, CgroupLimits, CgroupStats, CgroupVersion, TaskCgroup, io_err, keyed,
+    kill_procs, read, read_u64, remove_dir, write,
+};
+
+const NEEDED: [&str; 3] = ["memory", "pids", "cpu"];
+/// Leaf the executor moves itself into when its own cgroup must become a parent.
+pub const EXECUTOR_LEAF: &str = "taskexec-executor";
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The v2 driver: task cgroups are created in `parent`.
+#[derive(Debug, Clone)]
+pub struct V2Driver {
+    parent: PathBuf,
+}
+
+impl V2Driver {
+    /// Prepares `mount`/`parent_rel` to hold task cgroups: checks the needed
+    /// controllers are available there and enables them for its children,
+    /// moving process `self_pid` into a leaf first if the parent holds it.
+    pub fn new(mount: &Path, parent_rel: &str, self_pid: u32) -> Result<Self, CgroupError> {
+        let parent = mount.join(parent_rel.trim_start_matches('/'));
+        let available = read(&parent.join("cgroup.controllers"))?;
+        let missing: Vec<&str> = NEEDED
+            .iter()
+            .copied()
+            .filter(|c| !available.split_whitespace().any(|a| a == *c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(CgroupError::Unavailable {
+                detail: format!(
+                    "controllers {} not available in {} (have: {:?})",
+                    missing.join(","),
+                    parent.display(),
+                    available.trim()
+                ),
+            });
+        }
+        let enabled = read(&parent.join("cgroup.subtree_control")).unwrap_or_default();
+        if NEEDED.iter().all(|c| enabled.split_whitespace().any(|e| e == *c)) {
+            return Ok(Self { parent });
+        }
+        let control = parent.join("cgroup.subtree_control");
+        let enable = "+memory +pids +cpu";
+        match fs::write(&control, enable) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // The parent holds processes: move ourselves into a leaf.
+                let leaf = parent.join(EXECUTOR_LEAF);
+                match fs::create_dir(&leaf) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err("create", &leaf)(e)),
+                }
+                write(&leaf.join("cgroup.procs"), &self_pid.to_string())?;
+                fs::write(&control, enable).map_err(|e| CgroupError::Unavailable {
+                    detail: format!(
+                        "cannot enable controllers in {}: {e}; other processes share the \
+                         executor's cgroup: run it in a delegated cgroup of its own (systemd \
+                         Delegate=yes) or pass a parent cgroup",
+                        parent.display()
+                    ),
+                })?;
+            }
+            Err(e) => return Err(io_err("write", &control)(e)),
+        }
+        Ok(Self { parent })
+    }
+
+    /// The directory task cgroups are created in.
+    pub fn parent(&self) -> &Path {
+        &self.parent
+    }
+}
+
+impl CgroupDriver for V2Driver {
+    fn version(&self) -> CgroupVersion {
+        CgroupVersion::V2
+    }
+
+    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn TaskCgroup>, CgroupError> {
+        let cg = V2Cgroup { dir: self.parent.join(name) };
+        fs::create_dir(&cg.dir).map_err(io_err("create", &cg.dir))?;
+        let made = cg.apply(limits);
+        if made.is_err() {
+            let _ = remove_dir(&cg.dir);
+        }
+        made.map(|()| Box::new(cg) as Box<dyn TaskCgroup>)
+    }
+}
+
+/// One task's v2 cgroup.
+#[derive(Debug)]
+struct V2Cgroup {
+    dir: PathBuf,
+}
+
+impl V2Cgroup {
+    fn apply(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        write(&self.dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+        let swap = self.dir.join("memory.swap.max");
+        if swap.exists() {
+            write(&swap, "0")?;
+        }
+        // One OOM kill takes the whole task down, not a random process of it.
+        let group = self.dir.join("memory.oom.group");
+        if group.exists() {
+            write(&group, "1")?;
+        }
+        write(&self.dir.join("pids.max"), &limits.pids.to_string())?;
+        let weight = (u64::from(limits.cpu_request_millis) / 10).clamp(1, 10_000);
+        write(&self.dir.join("cpu.weight"), &weight.to_string())?;
+        if let Some(limit) = limits.cpu_limit_millis {
+            let quota = (u64::from(limit) * CPU_PERIOD_US / 1000).max(1000);
+            write(&self.dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl TaskCgroup for V2Cgroup {
+    fn attach(&self, pid: i32) -> Result<(), CgroupError> {
+        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+    }
+
+    fn cpu_time(&self) -> Result<Duration, CgroupError> {
+        keyed(&self.dir.join("cpu.stat"), "usage_usec").map(Duration::from_micros)
+    }
+
+    fn stats(&self) -> Result<CgroupStats, CgroupError> {
+        Ok(CgroupStats {
+            cpu_time: self.cpu_time()?,
+            peak_memory_bytes: read_u64(&self.dir.join("memory.peak")).ok(),
+            oom_kills: keyed(&self.dir.join("memory.events"), "oom_kill")?,
+            pids_max_hits: keyed(&self.dir.join("pids.events"), "max")?,
+        })
+    }
+
+    fn kill_all(&self) -> Result<(), CgroupError> {
+        let kill = self.dir.join("cgroup.kill");
+        if kill.exists() {
+            write(&kill, "1")?;
+        }
+        kill_procs(&self.dir.join("cgroup.procs"))
+    }
+
+    fn remove(&self) -> Result<(), CgroupError> {
+        remove_dir(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_tree(controllers: &str, subtree: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("tmp");
+        let parent = root.path().join("system.slice/taskexec.service");
+        fs::create_dir_all(&parent).expect("mkdir");
+        fs::write(parent.join("cgroup.controllers"), controllers).expect("w");
+        fs::write(parent.join("cgroup.subtree_control"), subtree).expect("w");
+        root
+    }
+
+    fn limits(cpu_limit: Option<u32>) -> CgroupLimits {
+        CgroupLimits { memory_bytes: 128 << 20, pids: 64, cpu_request_millis: 500, cpu_limit_millis: cpu_limit }
+    }
+
+    #[test]
+    fn enables_controllers_in_the_parent() {
+        let root = fake_tree("cpuset cpu io memory pids\n", "");
+        let d = V2Driver::new(root.path(), "/system.slice/taskexec.service", 1).expect("driver");
+        let control = fs::read_to_string(d.parent().join("cgroup.subtree_control")).expect("read");
+        assert_eq!(control, "+memory +pids +cpu");
+    }
+
+    #[test]
+    fn refuses_a_parent_without_the_controllers() {
+        let root = fake_tree("cpu io\n", "");
+        let err = V2Driver::new(root.path(), "/system.slice/taskexec.service", 1).expect_err("must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("memory,pids"), "{msg}");
+    }
+
+    #[test]
+    fn creates_a_task_cgroup_with_limits() {
+        let root = fake_tree("cpu memory pids\n", "cpu memory pids\n");
+        let d = V2Driver::new(root.path(), "system.slice/taskexec.service", 1).expect("driver");
+        let dir = d.parent().join("task-1");
+        fs::create_dir_all(&dir).expect("pre-make files the kernel would provide");
+        fs::write(dir.join("memory.swap.max"), "max").expect("w");
+        fs::remove_dir_all(&dir).expect("clean");
+        // Without the kernel, create() makes the directory and writes files.
+        let cg = d.create("task-1", &limits(Some(1500))).expect("create");
+        let f = |n: &str| fs::read_to_string(dir.join(n)).expect("read");
+        assert_eq!(f("memory.max"), (128u64 << 20).to_string());
+        assert_eq!(f("pids.max"), "64");
+        assert_eq!(f("cpu.weight"), "50");
+        assert_eq!(f("cpu.max"), "150000 100000");
+        cg.attach(42).expect("attach");
+        assert_eq!(f("cgroup.procs"), "42");
+    }
+
+    #[test]
+    fn no_cpu_quota_unless_a_limit_is_asked_for() {
+        let root = fake_tree("cpu memory pids\n", "cpu memory pids\n");
+        let d = V2Driver::new(root.path(), "system.slice/taskexec.service", 1).expect("driver");
+        d.create("task-2", &limits(None)).expect("create");
+        assert!(!d.parent().join("task-2/cpu.max").exists());
+    }
+
+    #[test]
+    fn stats_come_from_v2_files() {
+        let root = fake_tree("cpu memory pids\n", "cpu memory pids\n");
+        let d = V2Driver::new(root.path(), "system.slice/taskexec.service", 1).expect("driver");
+        let cg = d.create("task-3", &limits(None)).expect("create");
+        let dir = d.parent().join("task-3");
+        fs::write(dir.join("cpu.stat"), "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n").expect("w");
+        fs::write(dir.join("memory.peak"), "1048576\n").expect("w");
+        fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n").expect("w");
+        fs::write(dir.join("pids.events"), "max 0\n").expect("w");
+        let s = cg.stats().expect("stats");
+        assert_eq!(s.cpu_time, Duration::from_micros(2500));
+        assert_eq!(s.peak_memory_bytes, Some(1 << 20));
+        assert_eq!((s.oom_kills, s.pids_max_hits), (1, 0));
+    }
+}

@@ -1,0 +1,344 @@
+//! The launcher: a short-lived, single-threaded process (our own binary,
+//! re-executed) that builds one sandbox and starts the task in it.
+//!
+//! Three processes, each with one job:
+//! - **launcher** (host PID namespace, root): reads the [`LaunchSpec`], unshares
+//!   the namespaces, builds the file system ([`crate::mounts`]), compiles the
+//!   seccomp filter, reports `Ready`, then waits for the executor's go (sent
+//!   once the launcher sits in its task cgroup), unshares the cgroup namespace
+//!   and forks the init.
+//! - **init** (PID 1 of the new PID namespace, root, dies with the launcher via
+//!   PDEATHSIG): mounts /proc, names the host, brings up loopback, forks the
+//!   task, reaps every process, and when the task's main process ends kills
+//!   all that is left (`kill(-1)` from PID 1 reaches every process in the
+//!   namespace, daemons included), reads the output back symlink-proof and
+//!   reports `Finished`.
+//! - **task**: new session, rlimits, no capabilities (bounding set dropped),
+//!   unprivileged uid/gid, no supplementary groups, `no_new_privs`, seccomp,
+//!   then `execve` with exactly the environment in the spec.
+//!
+//! The launcher is a fresh single-threaded process, so allocating between fork
+//! and exec is safe here; the executor itself (possibly multi-threaded) only
+//! ever spawns it with `std::process::Command`.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+
+use crate::frame::{read_frame, write_frame};
+use crate::mounts::{self, Files};
+use crate::spec::{ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, SandboxFile};
+use crate::{fsread, namespaces, rlimits, seccomp};
+
+/// The first argument that turns our binary into the launcher.
+pub const LAUNCHER_ARG: &str = "__taskexec-launcher";
+/// Descriptor the launcher reads its spec (and then the go byte) from.
+pub(crate) const SPEC_FD: i32 = 3;
+/// Descriptor the launcher and init write their reports to.
+pub(crate) const REPORT_FD: i32 = 4;
+
+/// A failure to build the sandbox: an environment problem, never the task's.
+#[derive(Debug)]
+pub(crate) struct SetupError {
+    stage: &'static str,
+    message: String,
+}
+
+impl SetupError {
+    pub(crate) fn new(stage: &'static str, message: impl Into<String>) -> Self {
+        Self { stage, message: message.into() }
+    }
+}
+
+/// Runs the launcher and exits if this process was started as one; returns
+/// otherwise. Call first thing in `main`, before any thread is started.
+pub fn run_if_launcher() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == LAUNCHER_ARG) {
+        launcher_main()
+    }
+}
+
+pub(crate) fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn launcher_main() -> ! {
+    // Close every descriptor we did not ask for, and keep ours from the task.
+    // SAFETY: close_range only closes descriptors; nothing in this fresh
+    // process holds descriptors above REPORT_FD.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, REPORT_FD + 1, u32::MAX, 0);
+    }
+    for fd in [SPEC_FD, REPORT_FD] {
+        // SAFETY: fcntl on a descriptor number; failure is harmless (the
+        // executor always provides both descriptors).
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: the executor passes these two descriptors and nothing else in
+    // this process owns them.
+    let (mut spec_in, mut report) =
+        unsafe { (File::from_raw_fd(SPEC_FD), File::from_raw_fd(REPORT_FD)) };
+    let code = match launch(&mut spec_in, &mut report) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = write_frame(
+                &mut report,
+                &Report::SetupFailed { stage: e.stage.to_string(), message: e.message },
+                &[],
+            );
+            125
+        }
+    };
+    std::process::exit(code)
+}
+
+fn split_files(metas: &[FileMeta], blobs: &mut std::vec::IntoIter<Vec<u8>>) -> Result<Vec<SandboxFile>, SetupError> {
+    metas
+        .iter()
+        .map(|m| {
+            let content = blobs
+                .next()
+                .ok_or_else(|| SetupError::new("spec", "file contents missing from the spec"))?;
+            Ok(SandboxFile { path: m.path.clone(), content, executable: m.executable })
+        })
+        .collect()
+}
+
+fn cstrings<I: IntoIterator<Item = String>>(items: I) -> Result<Vec<CString>, SetupError> {
+    items
+        .into_iter()
+        .map(|s| CString::new(s).map_err(|_| SetupError::new("spec", "NUL byte in argv or env")))
+        .collect()
+}
+
+/// Everything the task process needs, prepared before any fork.
+struct Exec {
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    work_dir: CString,
+    stdin: Option<CString>,
+    filters: Vec<seccompiler::BpfProgram>,
+}
+
+fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
+    let (spec, blobs): (LaunchSpec, Vec<Vec<u8>>) = read_frame(spec_in)
+        .map_err(|e| SetupError::new("spec", e.to_string()))?
+        .ok_or_else(|| SetupError::new("spec", "no spec received"))?;
+    let mut blobs = blobs.into_iter();
+    let files = Files {
+        work: split_files(&spec.work_files, &mut blobs)?,
+        support: split_files(&spec.support_files, &mut blobs)?,
+        etc: split_files(&spec.etc_files, &mut blobs)?,
+    };
+    let t_start = mono_ns();
+    namespaces::unshare_all(spec.share_network)?;
+    let t_ns = mono_ns();
+    mounts::build_root(&spec, &files)?;
+    let t_mounts = mono_ns();
+    drop(files);
+
+    if spec.argv.is_empty() {
+        return Err(SetupError::new("spec", "empty argv"));
+    }
+    let exec = Exec {
+        argv: cstrings(spec.argv.clone())?,
+        env: cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?,
+        work_dir: cstrings([spec.work_dir.clone()])?.remove(0),
+        stdin: spec.stdin_path.clone().map(|p| cstrings([p])).transpose()?.map(|mut v| v.remove(0)),
+        filters: seccomp::build_filters().map_err(|e| SetupError::new("seccomp", e.to_string()))?,
+    };
+    write_frame(report, &Report::Ready { mono_ns: t_start, ns_done_ns: t_ns, mounts_done_ns: t_mounts }, &[])
+        .map_err(|e| SetupError::new("report", e.to_string()))?;
+
+    // Wait for the go: the executor has put us in the task cgroup.
+    let mut go = [0u8; 1];
+    match spec_in.read(&mut go) {
+        Ok(1) => {}
+        _ => return Ok(124), // executor gone or cancelled before the start
+    }
+    namespaces::unshare_cgroup()?;
+
+    // SAFETY: this process is single-threaded (a fresh exec of our binary
+    // that starts no thread), so the child may allocate freely.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let code = match init(&spec, &exec, report) {
+                Ok(()) => 0,
+                Err(e) => {
+                    let _ = write_frame(
+                        report,
+                        &Report::SetupFailed { stage: e.stage.to_string(), message: e.message },
+                        &[],
+                    );
+                    125
+                }
+            };
+            std::process::exit(code)
+        }
+        Ok(ForkResult::Parent { child }) => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                Ok(WaitStatus::Signaled(..)) => return Ok(126),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(SetupError::new("init", format!("waitpid: {e}"))),
+            }
+        },
+        Err(e) => Err(SetupError::new("init", format!("fork: {e}"))),
+    }
+}
+
+/// PID 1 of the sandbox.
+fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| SetupError::new("init", format!("pdeathsig: {e}")))?;
+    mounts::mount_proc()?;
+    namespaces::set_hostname(&spec.hostname)?;
+    if !spec.share_network {
+        namespaces::loopback_up()?;
+    }
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SetupError::new("init", format!("pipe: {e}")))?;
+
+    // SAFETY: single-threaded process (see `launch`).
+    let task = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop(err_r);
+            let (stage, errno) = task_exec(spec, exec);
+            let mut w = File::from(err_w);
+            let _ = w.write_all(format!("{stage}: {errno}").as_bytes());
+            // SAFETY: _exit ends the process without running destructors or
+            // atexit handlers, which belong to the parent.
+            unsafe { libc::_exit(127) }
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => return Err(SetupError::new("init", format!("fork task: {e}"))),
+    };
+    drop(err_w);
+    let mut exec_error = String::new();
+    let _ = File::from(err_r).read_to_string(&mut exec_error);
+    if !exec_error.is_empty() {
+        kill_all_and_reap();
+        return Err(SetupError::new("exec", exec_error));
+    }
+    let _ = write_frame(report, &Report::Started { mono_ns: mono_ns() }, &[]);
+
+    let status = loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == task => break ExitStatus::Code(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => break ExitStatus::Signal(sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SetupError::new("init", format!("waitpid: {e}"))),
+        }
+    };
+    let t_exit = mono_ns();
+    kill_all_and_reap();
+    finish(spec, status, t_exit, report)
+}
+
+/// Kills every other process of the PID namespace and reaps them all.
+fn kill_all_and_reap() {
+    loop {
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)) {
+            Err(nix::errno::Errno::ECHILD) => return,
+            _ => continue,
+        }
+    }
+}
+
+/// Reads the output back and sends the final report.
+fn finish(spec: &LaunchSpec, status: ExitStatus, t_exit: u64, report: &mut File) -> Result<(), SetupError> {
+    let work = fsread::open_dir(&spec.work_dir).map_err(|e| SetupError::new("readback", e.to_string()))?;
+    let mut read_back = Vec::new();
+    let mut blobs: Vec<Vec<u8>> = Vec::new();
+    for path in &spec.read_back {
+        let rel = path
+            .strip_prefix(&spec.work_dir)
+            .map(|p| p.trim_start_matches('/'))
+            .ok_or_else(|| SetupError::new("readback", format!("{path} is outside the work dir")))?;
+        match fsread::read_capped(&work, rel, spec.read_back_cap) {
+            Ok((data, truncated)) => {
+                read_back.push(ReadBack::Read { truncated });
+                blobs.push(data);
+            }
+            Err(fsread::ReadError::Missing) => read_back.push(ReadBack::Missing),
+            Err(e) => read_back.push(ReadBack::Refused { reason: e.to_string() }),
+        }
+    }
+    let mut collected = Vec::new();
+    let mut collect_error = None;
+    if let Some(dir) = &spec.collect_dir {
+        match fsread::collect_dir(&work, dir, spec.collect_cap) {
+            Ok(files) => {
+                for (name, data) in files {
+                    collected.push(name);
+                    blobs.push(data);
+                }
+            }
+            Err(e) => collect_error = Some(format!("{dir}: {e}")),
+        }
+    }
+    let disk_full = nix::sys::statvfs::fstatvfs(&work)
+        .map(|s| s.blocks_available() == 0 || s.files_available() == 0)
+        .unwrap_or(false);
+    let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    write_frame(
+        report,
+        &Report::Finished { mono_ns: t_exit, status, disk_full, read_back, collected, collect_error },
+        &refs,
+    )
+    .map_err(|e| SetupError::new("report", e.to_string()))
+}
+
+/// The task process: drop everything, then exec. Returns only on failure,
+/// with the stage and errno.
+fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno) {
+    macro_rules! step {
+        ($stage:literal, $e:expr) => {
+            if let Err(errno) = $e {
+                return ($stage, errno);
+            }
+        };
+    }
+    step!("setsid", nix::unistd::setsid().map(drop));
+    if let Some(path) = &exec.stdin {
+        step!(
+            "stdin",
+            nix::fcntl::open(path.as_c_str(), nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty())
+                .and_then(|fd| {
+                    let fd: OwnedFd = fd;
+                    // SAFETY: dup2 onto descriptor 0, which this process owns.
+                    let rc = unsafe { libc::dup2(fd.as_raw_fd(), 0) };
+                    nix::errno::Errno::result(rc).map(drop)
+                })
+        );
+    }
+    step!("rlimits", rlimits::apply(&spec.rlimits));
+    // Drop the capability bounding set while we still hold CAP_SETPCAP.
+    for cap in 0..=63 {
+        // SAFETY: prctl with integer arguments; EINVAL past the last
+        // capability is expected and ignored.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+    step!("setgroups", nix::unistd::setgroups(&[]));
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    step!("setresgid", nix::unistd::setresgid(gid, gid, gid));
+    // Changing all uids away from 0 clears the permitted, effective and
+    // ambient capability sets.
+    step!("setresuid", nix::unistd::setresuid(uid, uid, uid));
+    step!("chdir", nix::unistd::chdir(exec.work_dir.as_c_str()));
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    step!("no_new_privs", nix::sys::prctl::set_no_new_privs());
+    if seccomp::apply(&exec.filters).is_err() {
+        return ("seccomp", nix::errno::Errno::last());
+    }
+    let err = nix::unistd::execve(&exec.argv[0], &exec.argv, &exec.env);
+    ("execve", err.err().unwrap_or(nix::errno::Errno::UnknownErrno))
+}

@@ -1,0 +1,663 @@
+//! The executor's side of a sandbox run: create the task cgroup, spawn the
+//! launcher, attach it, hand it the spec, then watch the run in one poll loop
+//! (launcher exit via pidfd, stdout, stderr, reports, cancellation, wall-clock
+//! deadline, cgroup CPU time) and clean up whatever happens.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::capture::Capped;
+use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupStats, TaskCgroup};
+use crate::frame::write_frame;
+use crate::launcher::{LAUNCHER_ARG, REPORT_FD, SPEC_FD, mono_ns};
+use crate::spec::{ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, RlimitSpec, RoMount, SandboxFile};
+
+/// How to start the launcher: our own binary with [`LAUNCHER_ARG`], normally.
+#[derive(Debug, Clone)]
+pub struct LauncherCommand {
+    /// The executable.
+    pub program: PathBuf,
+}
+
+impl LauncherCommand {
+    /// The currently running executable (which must call
+    /// [`crate::run_if_launcher`] first thing in `main`).
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(Self { program: std::env::current_exe()? })
+    }
+}
+
+/// Host-wide sandbox settings.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// How to start the launcher.
+    pub launcher: LauncherCommand,
+    /// The unprivileged uid tasks run as.
+    pub uid: u32,
+    /// The unprivileged gid tasks run as.
+    pub gid: u32,
+    /// Host name inside the sandbox.
+    pub hostname: String,
+    /// Sandbox path of the work dir.
+    pub work_dir: String,
+    /// Sandbox path of the read-only support dir.
+    pub support_dir: String,
+}
+
+impl SandboxConfig {
+    /// Defaults: uid/gid 65534 (nobody), host name "sandbox", /work, /opt/taskexec.
+    pub fn new(launcher: LauncherCommand) -> Self {
+        Self {
+            launcher,
+            uid: 65534,
+            gid: 65534,
+            hostname: "sandbox".into(),
+            work_dir: "/work".into(),
+            support_dir: "/opt/taskexec".into(),
+        }
+    }
+}
+
+/// Limits of one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SandboxLimits {
+    /// Memory limit (cgroup), including the work dir's tmpfs pages.
+    pub memory_bytes: u64,
+    /// Size of the tmpfs shared by the work dir and /tmp.
+    pub disk_bytes: u64,
+    /// Processes and threads (cgroup pids).
+    pub pids: u32,
+    /// CPU request, as a cgroup weight.
+    pub cpu_request_millis: u32,
+    /// Hard CPU quota, only if asked for.
+    pub cpu_limit_millis: Option<u32>,
+    /// Wall-clock limit, from the launcher's start.
+    pub timeout: Duration,
+    /// CPU time limit of the whole process tree.
+    pub cpu_time: Option<Duration>,
+    /// Cap of each of stdout and stderr, and of each file read back.
+    pub output_bytes: u64,
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+}
+
+/// One run's request.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// Command; argv[0] must be an absolute path inside the sandbox.
+    pub argv: Vec<String>,
+    /// The complete environment of the task.
+    pub env: Vec<(String, String)>,
+    /// Host paths bound read-only.
+    pub ro_mounts: Vec<RoMount>,
+    /// Files written into the work dir (owned by the task's uid).
+    pub work_files: Vec<SandboxFile>,
+    /// Files written into the read-only support dir.
+    pub support_files: Vec<SandboxFile>,
+    /// Sandbox path opened as stdin (else /dev/null semantics: no stdin).
+    pub stdin_path: Option<String>,
+    /// Sandbox paths (inside the work dir) read back after the run.
+    pub read_back: Vec<String>,
+    /// Directory (relative to the work dir) whose files are collected.
+    pub collect_dir: Option<String>,
+    /// Limits.
+    pub limits: SandboxLimits,
+}
+
+/// Result of reading one file back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadBackResult {
+    /// Not there.
+    Missing,
+    /// Read (possibly cut at the cap).
+    Read {
+        /// Contents.
+        data: Vec<u8>,
+        /// Cut at the cap.
+        truncated: bool,
+    },
+    /// Refused (symlink, FIFO...).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// The task's main process ended on its own (or was killed by the kernel,
+    /// e.g. the OOM killer: see the stats).
+    Exited(ExitStatus),
+    /// Killed at the wall-clock limit.
+    TimedOut,
+    /// Killed at the CPU-time limit.
+    CpuTimeExceeded,
+    /// Killed on request.
+    Cancelled,
+}
+
+/// Everything observed about one run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub termination: Termination,
+    /// Captured stdout (capped).
+    pub stdout: Vec<u8>,
+    /// Stdout went past the cap.
+    pub stdout_truncated: bool,
+    /// Captured stderr (capped).
+    pub stderr: Vec<u8>,
+    /// Stderr went past the cap.
+    pub stderr_truncated: bool,
+    /// One entry per `read_back` path, in order.
+    pub read_back: Vec<ReadBackResult>,
+    /// Files collected from `collect_dir`.
+    pub collected: Vec<(String, Vec<u8>)>,
+    /// Why collecting failed, if it did.
+    pub collect_error: Option<String>,
+    /// The work dir's tmpfs was full at the end.
+    pub disk_full: bool,
+    /// cgroup accounting.
+    pub stats: CgroupStats,
+    /// Wall time from spawn to the end of cleanup.
+    pub wall_time: Duration,
+    /// Time the task ran (fork of the task to its exit).
+    pub run_time: Duration,
+    /// Per-phase breakdown, in order.
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+/// Failures of ours (never the task's): the engine reports them as
+/// ENVIRONMENT_SETUP or INTERNAL.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The cgroup layer failed.
+    #[error("cgroup")]
+    Cgroup(#[from] CgroupError),
+    /// Pipes, spawn or poll failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The launcher could not build the sandbox or start the task.
+    #[error("sandbox setup failed at {stage}: {message}")]
+    Setup {
+        /// Which step.
+        stage: String,
+        /// The launcher's message.
+        message: String,
+    },
+    /// The launcher's reports made no sense.
+    #[error("launcher protocol: {0}")]
+    Protocol(String),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
+    move |source| SandboxError::Io { what, source }
+}
+
+fn nix_io(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> SandboxError {
+    move |e| SandboxError::Io { what, source: e.into() }
+}
+
+/// A handle that cancels a run from another thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CancelToken {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Debug)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> std::io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Self { inner: Arc::new(CancelInner { cancelled: AtomicBool::new(false), read, write }) })
+    }
+
+    /// Cancels: a run watching this token kills its sandbox at once.
+    pub fn cancel(&self) {
+        if !self.inner.cancelled.swap(true, Ordering::SeqCst) {
+            let _ = nix::unistd::write(&self.inner.write, b"x");
+        }
+    }
+
+    /// Whether `cancel` was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.inner.read.as_fd()
+    }
+}
+
+/// Synthetic /etc files: the task sees only itself and root, never the
+/// host's accounts.
+fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
+    let f = |path: &str, content: String| SandboxFile { path: path.into(), content: content.into_bytes(), executable: false };
+    vec![
+        f("passwd", format!("root:x:0:0:root:/root:/bin/false\nsandbox:x:{uid}:{gid}:sandbox:/work:/bin/false\n")),
+        f("group", format!("root:x:0:\nsandbox:x:{gid}:\n")),
+        f("hosts", format!("127.0.0.1 localhost {hostname}\n::1 localhost\n")),
+        f("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n".into()),
+    ]
+}
+
+/// The sandbox: spawns one launcher per run.
+#[derive(Debug)]
+pub struct Sandbox {
+    config: SandboxConfig,
+    cgroups: Box<dyn CgroupDriver>,
+    counter: AtomicU64,
+}
+
+/// A spawned launcher process, killed if dropped while running.
+struct Launcher {
+    child: std::process::Child,
+    pidfd: OwnedFd,
+    exited: bool,
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; the descriptor is owned by the OwnedFd below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor returned by the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Reads what is available from a nonblocking fd; false at EOF.
+fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
+    let mut buf = [0u8; 65536];
+    loop {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(0) => return false,
+            Ok(n) => sink(&buf[..n]),
+            Err(nix::errno::Errno::EAGAIN) => return true,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+impl Sandbox {
+    /// A sandbox using `cgroups` for limits.
+    pub fn new(config: SandboxConfig, cgroups: Box<dyn CgroupDriver>) -> Self {
+        Self { config, cgroups, counter: AtomicU64::new(0) }
+    }
+
+    /// The cgroup driver in use.
+    pub fn cgroups(&self) -> &dyn CgroupDriver {
+        self.cgroups.as_ref()
+    }
+
+    /// Runs one task to its end and cleans up: afterwards no process, mount,
+    /// cgroup or temp dir of the run remains.
+    pub fn run(&self, req: &RunRequest, cancel: Option<&CancelToken>) -> Result<RunOutcome, SandboxError> {
+        let t0 = Instant::now();
+        let mut phases: Vec<(&'static str, Duration)> = Vec::new();
+        let limits = &req.limits;
+        let name = format!(
+            "taskexec-{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup = self.cgroups.create(
+            &name,
+            &CgroupLimits {
+                memory_bytes: limits.memory_bytes,
+                pids: limits.pids,
+                cpu_request_millis: limits.cpu_request_millis,
+                cpu_limit_millis: limits.cpu_limit_millis,
+            },
+        )?;
+        phases.push(("cgroupCreate", t0.elapsed()));
+        let result = self.run_in(req, cancel, cgroup.as_ref(), &mut phases, t0);
+        let t_clean = Instant::now();
+        let kill = cgroup.kill_all();
+        let stats = cgroup.stats();
+        let removed = cgroup.remove();
+        phases.push(("cleanup", t_clean.elapsed()));
+        let mut outcome = result?;
+        kill?;
+        removed?;
+        outcome.stats = stats?;
+        outcome.wall_time = t0.elapsed();
+        outcome.phases = phases;
+        Ok(outcome)
+    }
+
+    fn spawn(&self, spec_r: OwnedFd, report_w: OwnedFd, out_w: OwnedFd, err_w: OwnedFd) -> Result<Launcher, SandboxError> {
+        let (spec_raw, report_raw) = (spec_r.as_raw_fd(), report_w.as_raw_fd());
+        let mut cmd = Command::new(&self.config.launcher.program);
+        cmd.arg(LAUNCHER_ARG)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w))
+            .current_dir("/");
+        // SAFETY: the closure runs between fork and exec and only calls
+        // fcntl and dup2, which are async-signal-safe; it allocates nothing.
+        // It first moves both descriptors above the target numbers so that
+        // dup2 never collapses them onto each other, then places them at
+        // SPEC_FD and REPORT_FD without close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let a = libc::fcntl(spec_raw, libc::F_DUPFD_CLOEXEC, 10);
+                let b = libc::fcntl(report_raw, libc::F_DUPFD_CLOEXEC, 10);
+                if a < 0 || b < 0 || libc::dup2(a, SPEC_FD) < 0 || libc::dup2(b, REPORT_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(io("spawning the launcher"))?;
+        drop((spec_r, report_w));
+        let pidfd = pidfd_open(child.id()).map_err(io("pidfd_open"))?;
+        Ok(Launcher { child, pidfd, exited: false })
+    }
+
+    fn run_in(
+        &self,
+        req: &RunRequest,
+        cancel: Option<&CancelToken>,
+        cgroup: &dyn TaskCgroup,
+        phases: &mut Vec<(&'static str, Duration)>,
+        t0: Instant,
+    ) -> Result<RunOutcome, SandboxError> {
+        let limits = &req.limits;
+        let cloexec = OFlag::O_CLOEXEC;
+        let (spec_r, spec_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        let (report_r, report_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+
+        let t_spawn = Instant::now();
+        let mut launcher = self.spawn(spec_r, report_w, out_w, err_w)?;
+        let deadline = t_spawn + limits.timeout;
+        let spawned_mono = mono_ns();
+        phases.push(("spawn", t_spawn.elapsed()));
+
+        // Hand over the spec first so the launcher builds namespaces and
+        // mounts while we attach it to its cgroup (a cold attach on cgroup v1
+        // waits for an RCU grace period).
+        let spec = LaunchSpec {
+            hostname: self.config.hostname.clone(),
+            uid: self.config.uid,
+            gid: self.config.gid,
+            argv: req.argv.clone(),
+            env: req.env.clone(),
+            ro_mounts: req.ro_mounts.clone(),
+            work_files: metas(&req.work_files),
+            support_files: metas(&req.support_files),
+            etc_files: metas(&etc_files(self.config.uid, self.config.gid, &self.config.hostname)),
+            work_dir: self.config.work_dir.clone(),
+            support_dir: self.config.support_dir.clone(),
+            disk_bytes: limits.disk_bytes,
+            disk_inodes: (limits.disk_bytes / 4096).clamp(1024, 1 << 20),
+            stdin_path: req.stdin_path.clone(),
+            rlimits: RlimitSpec {
+                nofile: limits.nofile,
+                fsize: limits.disk_bytes,
+                cpu_seconds: limits.cpu_time.map(|d| d.as_secs_f64().ceil() as u64 + 1),
+                stack: 8 << 20,
+            },
+            read_back: req.read_back.clone(),
+            read_back_cap: limits.output_bytes,
+            collect_dir: req.collect_dir.clone(),
+            collect_cap: 64 << 20,
+            share_network: false,
+        };
+        let etc = etc_files(self.config.uid, self.config.gid, &self.config.hostname);
+        let blobs: Vec<&[u8]> = req
+            .work_files
+            .iter()
+            .chain(&req.support_files)
+            .chain(&etc)
+            .map(|f| f.content.as_slice())
+            .collect();
+        let mut spec_w = std::fs::File::from(spec_w);
+        // A launcher that died early closes the pipe: its report says why.
+        let sent = write_frame(&mut spec_w, &spec, &blobs);
+        let t_attach = Instant::now();
+        cgroup.attach(launcher.child.id() as i32)?;
+        phases.push(("cgroupAttach", t_attach.elapsed()));
+        let attached_mono = mono_ns();
+        let go = sent.and_then(|()| spec_w.write_all(b"g"));
+        drop(spec_w);
+
+        // Watch the run.
+        for fd in [&out_r, &err_r, &report_r] {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(nix_io("fcntl"))?;
+        }
+        let mut stdout = Capped::new(limits.output_bytes);
+        let mut stderr = Capped::new(limits.output_bytes);
+        let mut report_bytes = Vec::new();
+        let (mut out_open, mut err_open, mut rep_open) = (true, true, true);
+        let mut killed: Option<Termination> = None;
+        let cpu_poll = limits
+            .cpu_time
+            .map(|c| (c / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)));
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            if launcher.exited && !(out_open || err_open || rep_open) {
+                break;
+            }
+            let now = Instant::now();
+            if killed.is_none() {
+                let reason = if cancel.is_some_and(CancelToken::is_cancelled) {
+                    Some(Termination::Cancelled)
+                } else if now >= deadline {
+                    Some(Termination::TimedOut)
+                } else if let Some(limit) = limits.cpu_time {
+                    (cgroup.cpu_time()? > limit).then_some(Termination::CpuTimeExceeded)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    killed = Some(reason);
+                    let _ = launcher.child.kill();
+                    cgroup.kill_all()?;
+                }
+            }
+            if launcher.exited {
+                // Every sandbox process is gone; give the pipes a moment to
+                // report EOF, then stop regardless.
+                let d = *drain_deadline.get_or_insert(now + Duration::from_millis(500));
+                if now >= d {
+                    break;
+                }
+            }
+            let mut wait = if killed.is_some() { Duration::from_millis(50) } else { deadline.saturating_duration_since(now) };
+            if let Some(p) = cpu_poll {
+                wait = wait.min(p);
+            }
+            let mut fds = Vec::with_capacity(5);
+            let mut tags = Vec::with_capacity(5);
+            if !launcher.exited {
+                fds.push(PollFd::new(launcher.pidfd.as_fd(), PollFlags::POLLIN));
+                tags.push(0);
+            }
+            for (tag, open, fd) in [(1, out_open, &out_r), (2, err_open, &err_r), (3, rep_open, &report_r)] {
+                if open {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    tags.push(tag);
+                }
+            }
+            if let Some(c) = cancel {
+                if killed.is_none() {
+                    fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
+                    tags.push(4);
+                }
+            }
+            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(nix_io("poll")(e)),
+            }
+            let ready: Vec<i32> = fds
+                .iter()
+                .zip(&tags)
+                .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, t)| *t)
+                .collect();
+            for tag in ready {
+                match tag {
+                    0 => {
+                        launcher.child.wait().map_err(io("waiting for the launcher"))?;
+                        launcher.exited = true;
+                    }
+                    1 => out_open = drain(&out_r, |d| stdout.push(d)),
+                    2 => err_open = drain(&err_r, |d| stderr.push(d)),
+                    3 => rep_open = drain(&report_r, |d| report_bytes.extend_from_slice(d)),
+                    _ => {}
+                }
+            }
+        }
+        let exited_mono = mono_ns();
+
+        // Make sense of the reports.
+        let mut reports = Vec::new();
+        let mut cursor = &report_bytes[..];
+        loop {
+            match crate::frame::read_frame::<_, Report>(&mut cursor) {
+                Ok(Some(r)) => reports.push(r),
+                Ok(None) => break,
+                Err(e) => {
+                    if killed.is_none() {
+                        return Err(SandboxError::Protocol(e.to_string()));
+                    }
+                    break;
+                }
+            }
+        }
+        let mut started = None;
+        let mut finished = None;
+        for (report, blobs) in reports {
+            match report {
+                Report::Ready { mono_ns: start, ns_done_ns, mounts_done_ns } => {
+                    phases.push(("launcherStart", ns_delta(spawned_mono, start)));
+                    phases.push(("namespaces", ns_delta(start, ns_done_ns)));
+                    phases.push(("mounts", ns_delta(ns_done_ns, mounts_done_ns)));
+                }
+                Report::SetupFailed { stage, message } => {
+                    if killed.is_none() {
+                        return Err(SandboxError::Setup { stage, message });
+                    }
+                }
+                Report::Started { mono_ns } => {
+                    phases.push(("exec", ns_delta(attached_mono, mono_ns)));
+                    started = Some(mono_ns);
+                }
+                Report::Finished { mono_ns, status, disk_full, read_back, collected, collect_error } => {
+                    finished = Some((mono_ns, status, disk_full, read_back, collected, collect_error, blobs));
+                }
+            }
+        }
+        if killed.is_none() {
+            go.map_err(io("sending the spec to the launcher"))?;
+        }
+        let (stdout, stdout_truncated) = stdout.finish();
+        let (stderr, stderr_truncated) = stderr.finish();
+        let mut outcome = RunOutcome {
+            termination: killed.unwrap_or(Termination::Cancelled),
+            stdout,
+            stdout_truncated,
+            stderr,
+            stderr_truncated,
+            read_back: Vec::new(),
+            collected: Vec::new(),
+            collect_error: None,
+            disk_full: false,
+            stats: CgroupStats::default(),
+            wall_time: t0.elapsed(),
+            run_time: Duration::ZERO,
+            phases: Vec::new(),
+        };
+        match (killed, finished) {
+            (Some(_), _) => {
+                if let Some(s) = started {
+                    outcome.run_time = ns_delta(s, exited_mono);
+                }
+            }
+            (None, Some((end, status, disk_full, read_back, collected, collect_error, blobs))) => {
+                let mut blobs = blobs.into_iter();
+                outcome.termination = Termination::Exited(status);
+                outcome.disk_full = disk_full;
+                outcome.run_time = started.map(|s| ns_delta(s, end)).unwrap_or_default();
+                phases.push(("run", outcome.run_time));
+                phases.push(("teardown", ns_delta(end, exited_mono)));
+                for rb in read_back {
+                    outcome.read_back.push(match rb {
+                        ReadBack::Missing => ReadBackResult::Missing,
+                        ReadBack::Read { truncated } => ReadBackResult::Read {
+                            data: blobs.next().ok_or_else(|| SandboxError::Protocol("missing read-back blob".into()))?,
+                            truncated,
+                        },
+                        ReadBack::Refused { reason } => ReadBackResult::Refused { reason },
+                    });
+                }
+                for name in collected {
+                    let data = blobs.next().ok_or_else(|| SandboxError::Protocol("missing collected blob".into()))?;
+                    outcome.collected.push((name, data));
+                }
+                outcome.collect_error = collect_error;
+            }
+            (None, None) => {
+                let code = launcher.child.try_wait().ok().flatten().and_then(|s| s.code());
+                return Err(SandboxError::Protocol(format!(
+                    "the launcher ended (exit {code:?}) without a final report"
+                )));
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
+    files.iter().map(|f| FileMeta { path: f.path.clone(), executable: f.executable }).collect()
+}
+
+fn ns_delta(from: u64, to: u64) -> Duration {
+    Duration::from_nanos(to.saturating_sub(from))
+}
+
+/// Drains a reader fully (used by tests and helpers).
+#[allow(dead_code)]
+fn read_all(mut r: impl Read) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v)?;
+    Ok(v)
+}

@@ -1,0 +1,138 @@
+//! What the executor asks of the launcher, and what the launcher reports back.
+//!
+//! The executor serializes a [`LaunchSpec`] (plus file contents as frame blobs)
+//! into the launcher's spec pipe; the launcher answers on its report pipe with
+//! [`Report`] frames. Paths inside the sandbox are absolute sandbox paths;
+//! paths of files to create are relative to their directory and were checked
+//! by the caller (the model's `validate_static`) and again here.
+
+use serde::{Deserialize, Serialize};
+
+/// A host path bound read-only at the same path inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoMount {
+    /// Absolute host path (file, directory, or symlink to replicate).
+    pub path: String,
+    /// Skip silently when the host path does not exist.
+    pub optional: bool,
+}
+
+/// A file the launcher writes into the sandbox before the task starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxFile {
+    /// Path relative to the directory it is written to (no `..`, not absolute).
+    pub path: String,
+    /// File contents.
+    pub content: Vec<u8>,
+    /// Mode 0755 instead of 0644.
+    pub executable: bool,
+}
+
+/// Metadata of a [`SandboxFile`] as it travels in the spec header; the
+/// contents follow as blobs in the same order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct FileMeta {
+    pub path: String,
+    pub executable: bool,
+}
+
+/// Everything the launcher needs to build the sandbox and start the task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LaunchSpec {
+    pub hostname: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub ro_mounts: Vec<RoMount>,
+    /// Files under the work dir, writable by the task.
+    pub work_files: Vec<FileMeta>,
+    /// Files under the read-only support dir.
+    pub support_files: Vec<FileMeta>,
+    /// Extra files placed in the read-only `/etc` (passwd, group, hosts...).
+    pub etc_files: Vec<FileMeta>,
+    pub work_dir: String,
+    pub support_dir: String,
+    /// Size of the tmpfs holding the work dir and /tmp together.
+    pub disk_bytes: u64,
+    pub disk_inodes: u64,
+    /// Sandbox path opened read-only as the task's stdin, if any.
+    pub stdin_path: Option<String>,
+    pub rlimits: RlimitSpec,
+    /// Sandbox paths of files read back after the task (output, error report),
+    /// each capped at `read_back_cap` bytes.
+    pub read_back: Vec<String>,
+    pub read_back_cap: u64,
+    /// A directory (relative to the work dir) whose regular files are sent back
+    /// after the task, e.g. compiled classes.
+    pub collect_dir: Option<String>,
+    pub collect_cap: u64,
+    /// Keep the host network (never set by the engine today; reserved for the
+    /// `network` permission). When false the task gets a fresh network
+    /// namespace with only loopback.
+    pub share_network: bool,
+}
+
+/// Resource limits applied with setrlimit, a second layer under cgroups.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct RlimitSpec {
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+    /// RLIMIT_FSIZE in bytes.
+    pub fsize: u64,
+    /// RLIMIT_CPU in seconds (per process; the cgroup enforces the tree total).
+    pub cpu_seconds: Option<u64>,
+    /// RLIMIT_STACK in bytes.
+    pub stack: u64,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+}
+
+/// A message from the launcher (or the sandbox init process) to the executor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "camelCase")]
+pub(crate) enum Report {
+    /// Namespaces and mounts are ready; waiting for the cgroup attach.
+    Ready { mono_ns: u64, ns_done_ns: u64, mounts_done_ns: u64 },
+    /// Sandbox construction failed at `stage` (an environment problem of ours).
+    SetupFailed { stage: String, message: String },
+    /// The task process was forked and is about to exec.
+    Started { mono_ns: u64 },
+    /// The task's main process ended and every other process was reaped.
+    /// Blobs: one per `read_back` path that existed (see `read_back`), then
+    /// collected files.
+    Finished {
+        mono_ns: u64,
+        status: ExitStatus,
+        disk_full: bool,
+        read_back: Vec<ReadBack>,
+        collected: Vec<String>,
+        collect_error: Option<String>,
+    },
+}
+
+/// Outcome of reading one file back out of the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum ReadBack {
+    /// The file does not exist.
+    Missing,
+    /// Read; its contents are the next blob.
+    Read {
+        /// The file was larger than the cap and was cut.
+        truncated: bool,
+    },
+    /// The file was refused (symlink, FIFO, directory...).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
