@@ -1,0 +1,349 @@
+//! The result of a task as returned to the caller: final [`TaskStatus`],
+//! output or error, captured stdout/stderr, and [`ExecutionMetadata`] with
+//! per-attempt records and phase timings. Timestamps are RFC 3339 strings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::TaskError;
+use crate::lifecycle::TransitionRecord;
+use crate::task::Method;
+
+/// The state of a task. Serialized in SCREAMING_SNAKE_CASE (`"RECEIVED"`,
+/// ...). See [`crate::lifecycle`] for the legal transitions.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskStatus {
+    /// Accepted by the executor, not yet looked at.
+    #[default]
+    Received,
+    /// Validating and preparing the environment of an attempt.
+    Preparing,
+    /// An attempt is running.
+    Running,
+    /// Finished successfully (final).
+    Completed,
+    /// Finished unsuccessfully (final).
+    Failed,
+    /// Refused before running, e.g. invalid input (final).
+    Rejected,
+    /// Cancelled by a caller (final).
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [TaskStatus; 7] = [
+        TaskStatus::Received,
+        TaskStatus::Preparing,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Rejected,
+        TaskStatus::Cancelled,
+    ];
+
+    /// True for `COMPLETED`, `FAILED`, `REJECTED` and `CANCELLED`: states
+    /// with no outgoing transition.
+    pub const fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed
+                | TaskStatus::Failed
+                | TaskStatus::Rejected
+                | TaskStatus::Cancelled
+        )
+    }
+
+    /// The wire name, e.g. `"PREPARING"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Received => "RECEIVED",
+            TaskStatus::Preparing => "PREPARING",
+            TaskStatus::Running => "RUNNING",
+            TaskStatus::Completed => "COMPLETED",
+            TaskStatus::Failed => "FAILED",
+            TaskStatus::Rejected => "REJECTED",
+            TaskStatus::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no [`TaskStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown task status {0:?}; expected one of RECEIVED, PREPARING, RUNNING, COMPLETED, FAILED, REJECTED, CANCELLED"
+)]
+pub struct UnknownTaskStatus(pub String);
+
+impl FromStr for TaskStatus {
+    type Err = UnknownTaskStatus;
+
+    /// Parses the wire name, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let n = s.trim().to_ascii_uppercase();
+        TaskStatus::ALL
+            .into_iter()
+            .find(|t| t.as_str() == n)
+            .ok_or_else(|| UnknownTaskStatus(s.to_owned()))
+    }
+}
+
+/// Wall-clock time spent in each phase, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PhaseTimings {
+    /// Waiting in the queue before preparation.
+    pub queue_wait_ms: f64,
+    /// Preparing the environment (sandbox, files).
+    pub prepare_ms: f64,
+    /// Compiling, for compiled runtimes.
+    pub compile_ms: f64,
+    /// Running the code.
+    pub run_ms: f64,
+    /// Reading and validating the output.
+    pub output_validation_ms: f64,
+    /// Tearing the environment down.
+    pub cleanup_ms: f64,
+    /// Fine-grained sandbox breakdown (e.g. `namespaces`, `mounts`,
+    /// `cgroup`, `exec`, `capture`), in milliseconds.
+    pub sandbox: BTreeMap<String, f64>,
+}
+
+/// One attempt at running a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    /// Attempt number, starting at 1.
+    pub attempt: u32,
+    /// How the attempt ended (`COMPLETED`, `FAILED`, `REJECTED`, ...).
+    pub status: TaskStatus,
+    /// The attempt's error, if it failed.
+    #[serde(default)]
+    pub error: Option<TaskError>,
+    /// When the attempt started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub start_time: OffsetDateTime,
+    /// When the attempt ended.
+    #[serde(with = "time::serde::rfc3339")]
+    pub end_time: OffsetDateTime,
+    /// Wall-clock duration, in milliseconds.
+    #[serde(default)]
+    pub duration_ms: f64,
+    /// Exit code of the task process, if it exited.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Name of the signal that killed the process (e.g. `SIGKILL`), if any.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// Last part of the attempt's stderr, for diagnosing retried failures.
+    #[serde(default)]
+    pub stderr_tail: String,
+    /// Phase timings of the attempt.
+    #[serde(default)]
+    pub phases: PhaseTimings,
+}
+
+/// How and where a task ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ExecutionMetadata {
+    /// When the first attempt started.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub start_time: Option<OffsetDateTime>,
+    /// When the last attempt ended.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub end_time: Option<OffsetDateTime>,
+    /// Total wall-clock duration, in milliseconds.
+    pub duration: f64,
+    /// Description of the environment (e.g. `container/python-3.12`).
+    pub execution_environment: String,
+    /// The method actually used.
+    pub method: Method,
+    /// Every attempt, in order.
+    pub attempts: Vec<AttemptRecord>,
+    /// CPU time used by the last attempt, in milliseconds, if measured.
+    pub cpu_time_ms: Option<u64>,
+    /// Peak memory of the last attempt, in bytes, if measured.
+    pub peak_memory_bytes: Option<u64>,
+    /// Phase timings summed over all attempts.
+    pub phases: PhaseTimings,
+}
+
+/// The outcome of a task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TaskResult {
+    /// The task's id.
+    pub task_id: String,
+    /// Final (or current) status.
+    pub status: TaskStatus,
+    /// The task's output (`null` unless completed).
+    pub output: serde_json::Value,
+    /// The error, unless completed.
+    pub error: Option<TaskError>,
+    /// Captured stdout of the last attempt.
+    pub stdout: String,
+    /// Captured stderr of the last attempt.
+    pub stderr: String,
+    /// Whether stdout was cut at the output limit.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut at the output limit.
+    pub stderr_truncated: bool,
+    /// Exit code of the last attempt's process, if it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the last attempt's process, if any.
+    pub signal: Option<String>,
+    /// How and where the task ran.
+    pub execution_metadata: ExecutionMetadata,
+    /// The lifecycle transitions, in order.
+    pub history: Vec<TransitionRecord>,
+}
+
+impl TaskResult {
+    /// An empty result for `task_id` in `status`; other fields default.
+    pub fn new(task_id: impl Into<String>, status: TaskStatus) -> Self {
+        TaskResult {
+            task_id: task_id.into(),
+            status,
+            ..TaskResult::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorType;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    #[test]
+    fn status_names_and_finality() {
+        for s in TaskStatus::ALL {
+            assert_eq!(serde_json::to_value(s).expect("ser"), json!(s.as_str()));
+            assert_eq!(s.as_str().parse::<TaskStatus>(), Ok(s));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        let finals: Vec<_> = TaskStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .collect();
+        assert_eq!(
+            finals,
+            vec![
+                TaskStatus::Completed,
+                TaskStatus::Failed,
+                TaskStatus::Rejected,
+                TaskStatus::Cancelled
+            ]
+        );
+        assert!("done".parse::<TaskStatus>().is_err());
+    }
+
+    #[test]
+    fn result_json_round_trip() {
+        let t0 = datetime!(2025-01-02 03:04:05.5 UTC);
+        let t1 = datetime!(2025-01-02 03:04:07 UTC);
+        let mut phases = PhaseTimings {
+            prepare_ms: 12.5,
+            run_ms: 1500.0,
+            ..PhaseTimings::default()
+        };
+        phases.sandbox.insert("namespaces".into(), 1.25);
+        let result = TaskResult {
+            task_id: "t1".into(),
+            status: TaskStatus::Failed,
+            output: serde_json::Value::Null,
+            error: Some(TaskError::new(ErrorType::Timeout, "timed out after 1s")),
+            stdout: "hi\n".into(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: true,
+            exit_code: None,
+            signal: Some("SIGKILL".into()),
+            execution_metadata: ExecutionMetadata {
+                start_time: Some(t0),
+                end_time: Some(t1),
+                duration: 1500.0,
+                execution_environment: "container/python".into(),
+                method: Method::Container,
+                attempts: vec![AttemptRecord {
+                    attempt: 1,
+                    status: TaskStatus::Failed,
+                    error: Some(TaskError::new(ErrorType::Timeout, "timed out after 1s")),
+                    start_time: t0,
+                    end_time: t1,
+                    duration_ms: 1500.0,
+                    exit_code: None,
+                    signal: Some("SIGKILL".into()),
+                    stderr_tail: "boom".into(),
+                    phases: phases.clone(),
+                }],
+                cpu_time_ms: Some(900),
+                peak_memory_bytes: Some(10 << 20),
+                phases,
+            },
+            history: vec![TransitionRecord {
+                from: None,
+                to: TaskStatus::Received,
+                at: t0,
+                attempt: 0,
+                reason: "received".into(),
+            }],
+        };
+        let v = serde_json::to_value(&result).expect("ser");
+        assert_eq!(v["taskId"], json!("t1"));
+        assert_eq!(v["status"], json!("FAILED"));
+        assert_eq!(v["error"]["type"], json!("TIMEOUT"));
+        assert_eq!(v["stderrTruncated"], json!(true));
+        assert_eq!(
+            v["executionMetadata"]["startTime"],
+            json!("2025-01-02T03:04:05.5Z")
+        );
+        assert_eq!(v["executionMetadata"]["method"], json!("CONTAINER"));
+        assert_eq!(v["executionMetadata"]["peakMemoryBytes"], json!(10 << 20));
+        assert_eq!(
+            v["executionMetadata"]["attempts"][0]["stderrTail"],
+            json!("boom")
+        );
+        assert_eq!(
+            v["executionMetadata"]["phases"]["sandbox"]["namespaces"],
+            json!(1.25)
+        );
+        assert_eq!(v["executionMetadata"]["phases"]["queueWaitMs"], json!(0.0));
+        assert_eq!(v["history"][0]["from"], json!(null));
+        assert_eq!(v["history"][0]["at"], json!("2025-01-02T03:04:05.5Z"));
+        let back: TaskResult = serde_json::from_value(v).expect("de");
+        assert_eq!(back, result);
+    }
+
+    #[test]
+    fn sparse_result_json_uses_defaults() {
+        let r: TaskResult =
+            serde_json::from_value(json!({"taskId": "x", "status": "COMPLETED", "output": 3}))
+                .expect("sparse");
+        assert_eq!(r.output, json!(3));
+        assert_eq!(r.execution_metadata.start_time, None);
+        assert_eq!(r.execution_metadata.method, Method::Auto);
+        assert_eq!(
+            r,
+            TaskResult {
+                output: json!(3),
+                ..TaskResult::new("x", TaskStatus::Completed)
+            }
+        );
+    }
+}
