@@ -12,7 +12,11 @@ pub(crate) struct Capped {
 
 impl Capped {
     pub(crate) fn new(cap: u64) -> Self {
-        Self { buf: Vec::new(), cap: usize::try_from(cap).unwrap_or(usize::MAX), dropped: 0 }
+        Self {
+            buf: Vec::new(),
+            cap: usize::try_from(cap).unwrap_or(usize::MAX),
+            dropped: 0,
+        }
     }
 
     /// Appends what fits and drops the rest.

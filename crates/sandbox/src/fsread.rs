@@ -84,7 +84,9 @@ pub(crate) fn collect_dir<D: AsFd>(
     let mut total = 0u64;
     let mut stack = vec![(root, String::new())];
     while let Some((dfd, prefix)) = stack.pop() {
-        let dup = dfd.try_clone().map_err(|e| ReadError::Other(e.to_string()))?;
+        let dup = dfd
+            .try_clone()
+            .map_err(|e| ReadError::Other(e.to_string()))?;
         let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| ReadError::Other(e.to_string()))?;
         let mut names = Vec::new();
         for entry in d.iter() {
@@ -98,13 +100,19 @@ pub(crate) fn collect_dir<D: AsFd>(
             if out.len() + stack.len() > 10_000 {
                 return Err(ReadError::Other("too many entries".into()));
             }
-            let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
             match read_capped(&dfd, &name, cap - total) {
                 Ok((data, false)) => {
                     total += data.len() as u64;
                     out.push((path, data));
                 }
-                Ok((_, true)) => return Err(ReadError::Other(format!("{path}: over the size cap"))),
+                Ok((_, true)) => {
+                    return Err(ReadError::Other(format!("{path}: over the size cap")));
+                }
                 Err(ReadError::NotRegular) => {
                     let sub = open_beneath(&dfd, &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
                     stack.push((sub, path));
@@ -147,8 +155,14 @@ mod tests {
     fn reads_a_regular_file_with_cap() {
         let (d, fd) = dir();
         std::fs::write(d.path().join("out.json"), b"0123456789").expect("write");
-        assert_eq!(read_capped(&fd, "out.json", 100).expect("read"), (b"0123456789".to_vec(), false));
-        assert_eq!(read_capped(&fd, "out.json", 4).expect("read"), (b"0123".to_vec(), true));
+        assert_eq!(
+            read_capped(&fd, "out.json", 100).expect("read"),
+            (b"0123456789".to_vec(), false)
+        );
+        assert_eq!(
+            read_capped(&fd, "out.json", 4).expect("read"),
+            (b"0123".to_vec(), true)
+        );
         assert_eq!(read_capped(&fd, "nope", 4), Err(ReadError::Missing));
     }
 
@@ -161,15 +175,22 @@ mod tests {
         assert_eq!(read_capped(&fd, "out.json", 100), Err(ReadError::Symlink));
         std::fs::create_dir(d.path().join("sub")).expect("mkdir");
         symlink("/etc", d.path().join("sub/link")).expect("symlink");
-        assert_eq!(read_capped(&fd, "sub/link/hostname", 100), Err(ReadError::Symlink));
+        assert_eq!(
+            read_capped(&fd, "sub/link/hostname", 100),
+            Err(ReadError::Symlink)
+        );
         assert_eq!(read_capped(&fd, "../x", 100), Err(ReadError::Symlink));
     }
 
     #[test]
     fn refuses_fifos_without_blocking() {
         let (d, fd) = dir();
-        nix::unistd::mkfifo(&d.path().join("out.json"), Mode::from_bits_truncate(0o644)).expect("fifo");
-        assert_eq!(read_capped(&fd, "out.json", 100), Err(ReadError::NotRegular));
+        nix::unistd::mkfifo(&d.path().join("out.json"), Mode::from_bits_truncate(0o644))
+            .expect("fifo");
+        assert_eq!(
+            read_capped(&fd, "out.json", 100),
+            Err(ReadError::NotRegular)
+        );
     }
 
     #[test]
@@ -180,7 +201,13 @@ mod tests {
         std::fs::write(d.path().join("classes/pkg/B.class"), b"BB").expect("write");
         let mut got = collect_dir(&fd, "classes", 1000).expect("collect");
         got.sort();
-        assert_eq!(got, vec![("Main.class".into(), b"A".to_vec()), ("pkg/B.class".into(), b"BB".to_vec())]);
+        assert_eq!(
+            got,
+            vec![
+                ("Main.class".into(), b"A".to_vec()),
+                ("pkg/B.class".into(), b"BB".to_vec())
+            ]
+        );
         symlink("/etc/passwd", d.path().join("classes/evil")).expect("symlink");
         assert_eq!(collect_dir(&fd, "classes", 1000), Err(ReadError::Symlink));
     }

@@ -51,14 +51,20 @@ pub(crate) struct SetupError {
 
 impl SetupError {
     pub(crate) fn new(stage: &'static str, message: impl Into<String>) -> Self {
-        Self { stage, message: message.into() }
+        Self {
+            stage,
+            message: message.into(),
+        }
     }
 }
 
 /// Runs the launcher and exits if this process was started as one; returns
 /// otherwise. Call first thing in `main`, before any thread is started.
 pub fn run_if_launcher() {
-    if std::env::args_os().nth(1).is_some_and(|a| a == LAUNCHER_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == LAUNCHER_ARG)
+    {
         launcher_main()
     }
 }
@@ -90,7 +96,10 @@ fn launcher_main() -> ! {
         Err(e) => {
             let _ = write_frame(
                 &mut report,
-                &Report::SetupFailed { stage: e.stage.to_string(), message: e.message },
+                &Report::SetupFailed {
+                    stage: e.stage.to_string(),
+                    message: e.message,
+                },
                 &[],
             );
             125
@@ -99,14 +108,21 @@ fn launcher_main() -> ! {
     std::process::exit(code)
 }
 
-fn split_files(metas: &[FileMeta], blobs: &mut std::vec::IntoIter<Vec<u8>>) -> Result<Vec<SandboxFile>, SetupError> {
+fn split_files(
+    metas: &[FileMeta],
+    blobs: &mut std::vec::IntoIter<Vec<u8>>,
+) -> Result<Vec<SandboxFile>, SetupError> {
     metas
         .iter()
         .map(|m| {
             let content = blobs
                 .next()
                 .ok_or_else(|| SetupError::new("spec", "file contents missing from the spec"))?;
-            Ok(SandboxFile { path: m.path.clone(), content, executable: m.executable })
+            Ok(SandboxFile {
+                path: m.path.clone(),
+                content,
+                executable: m.executable,
+            })
         })
         .collect()
 }
@@ -151,11 +167,24 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
         argv: cstrings(spec.argv.clone())?,
         env: cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?,
         work_dir: cstrings([spec.work_dir.clone()])?.remove(0),
-        stdin: spec.stdin_path.clone().map(|p| cstrings([p])).transpose()?.map(|mut v| v.remove(0)),
+        stdin: spec
+            .stdin_path
+            .clone()
+            .map(|p| cstrings([p]))
+            .transpose()?
+            .map(|mut v| v.remove(0)),
         filters: seccomp::build_filters().map_err(|e| SetupError::new("seccomp", e.to_string()))?,
     };
-    write_frame(report, &Report::Ready { mono_ns: t_start, ns_done_ns: t_ns, mounts_done_ns: t_mounts }, &[])
-        .map_err(|e| SetupError::new("report", e.to_string()))?;
+    write_frame(
+        report,
+        &Report::Ready {
+            mono_ns: t_start,
+            ns_done_ns: t_ns,
+            mounts_done_ns: t_mounts,
+        },
+        &[],
+    )
+    .map_err(|e| SetupError::new("report", e.to_string()))?;
 
     // Wait for the go: the executor has put us in the task cgroup.
     let mut go = [0u8; 1];
@@ -174,7 +203,10 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
                 Err(e) => {
                     let _ = write_frame(
                         report,
-                        &Report::SetupFailed { stage: e.stage.to_string(), message: e.message },
+                        &Report::SetupFailed {
+                            stage: e.stage.to_string(),
+                            message: e.message,
+                        },
                         &[],
                     );
                     125
@@ -232,7 +264,9 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let status = loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == task => break ExitStatus::Code(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => break ExitStatus::Signal(sig as i32),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => {
+                break ExitStatus::Signal(sig as i32);
+            }
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(SetupError::new("init", format!("waitpid: {e}"))),
         }
@@ -254,22 +288,32 @@ fn kill_all_and_reap() {
 }
 
 /// Reads the output back and sends the final report.
-fn finish(spec: &LaunchSpec, status: ExitStatus, t_exit: u64, report: &mut File) -> Result<(), SetupError> {
-    let work = fsread::open_dir(&spec.work_dir).map_err(|e| SetupError::new("readback", e.to_string()))?;
+fn finish(
+    spec: &LaunchSpec,
+    status: ExitStatus,
+    t_exit: u64,
+    report: &mut File,
+) -> Result<(), SetupError> {
+    let work =
+        fsread::open_dir(&spec.work_dir).map_err(|e| SetupError::new("readback", e.to_string()))?;
     let mut read_back = Vec::new();
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     for path in &spec.read_back {
         let rel = path
             .strip_prefix(&spec.work_dir)
             .map(|p| p.trim_start_matches('/'))
-            .ok_or_else(|| SetupError::new("readback", format!("{path} is outside the work dir")))?;
+            .ok_or_else(|| {
+                SetupError::new("readback", format!("{path} is outside the work dir"))
+            })?;
         match fsread::read_capped(&work, rel, spec.read_back_cap) {
             Ok((data, truncated)) => {
                 read_back.push(ReadBack::Read { truncated });
                 blobs.push(data);
             }
             Err(fsread::ReadError::Missing) => read_back.push(ReadBack::Missing),
-            Err(e) => read_back.push(ReadBack::Refused { reason: e.to_string() }),
+            Err(e) => read_back.push(ReadBack::Refused {
+                reason: e.to_string(),
+            }),
         }
     }
     let mut collected = Vec::new();
@@ -291,7 +335,14 @@ fn finish(spec: &LaunchSpec, status: ExitStatus, t_exit: u64, report: &mut File)
     let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
     write_frame(
         report,
-        &Report::Finished { mono_ns: t_exit, status, disk_full, read_back, collected, collect_error },
+        &Report::Finished {
+            mono_ns: t_exit,
+            status,
+            disk_full,
+            read_back,
+            collected,
+            collect_error,
+        },
         &refs,
     )
     .map_err(|e| SetupError::new("report", e.to_string()))
@@ -311,13 +362,17 @@ fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno
     if let Some(path) = &exec.stdin {
         step!(
             "stdin",
-            nix::fcntl::open(path.as_c_str(), nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty())
-                .and_then(|fd| {
-                    let fd: OwnedFd = fd;
-                    // SAFETY: dup2 onto descriptor 0, which this process owns.
-                    let rc = unsafe { libc::dup2(fd.as_raw_fd(), 0) };
-                    nix::errno::Errno::result(rc).map(drop)
-                })
+            nix::fcntl::open(
+                path.as_c_str(),
+                nix::fcntl::OFlag::O_RDONLY,
+                nix::sys::stat::Mode::empty()
+            )
+            .and_then(|fd| {
+                let fd: OwnedFd = fd;
+                // SAFETY: dup2 onto descriptor 0, which this process owns.
+                let rc = unsafe { libc::dup2(fd.as_raw_fd(), 0) };
+                nix::errno::Errno::result(rc).map(drop)
+            })
         );
     }
     step!("rlimits", rlimits::apply(&spec.rlimits));
@@ -340,5 +395,8 @@ fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno
         return ("seccomp", nix::errno::Errno::last());
     }
     let err = nix::unistd::execve(&exec.argv[0], &exec.argv, &exec.env);
-    ("execve", err.err().unwrap_or(nix::errno::Errno::UnknownErrno))
+    (
+        "execve",
+        err.err().unwrap_or(nix::errno::Errno::UnknownErrno),
+    )
 }

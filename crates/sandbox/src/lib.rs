@@ -9,8 +9,8 @@
 //! executor enforces the wall-clock and CPU-time limits, captures output with
 //! caps, and removes every trace afterwards.
 
-pub mod cgroup;
 mod capture;
+pub mod cgroup;
 mod frame;
 pub mod fsread;
 pub mod launcher;
@@ -26,4 +26,4 @@ pub use spawn::{
     CancelToken, LauncherCommand, ReadBackResult, RunOutcome, RunRequest, Sandbox, SandboxConfig,
     SandboxError, SandboxLimits, Termination,
 };
-pub use spec::{ExitStatus, RoMount, SandboxFile};
+pub use spec::{ExitStatus, RoMount, SandboxFile, signal_name};

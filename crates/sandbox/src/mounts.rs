@@ -34,7 +34,11 @@ pub(crate) const STAGING: &str = "/tmp";
 /// Device nodes bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
-fn fail(stage: &'static str, what: impl std::fmt::Display, e: impl std::fmt::Display) -> SetupError {
+fn fail(
+    stage: &'static str,
+    what: impl std::fmt::Display,
+    e: impl std::fmt::Display,
+) -> SetupError {
     SetupError::new(stage, format!("{what}: {e}"))
 }
 
@@ -75,7 +79,10 @@ pub(crate) fn safe_relative(path: &str) -> Result<&Path, SetupError> {
     if ok {
         Ok(Path::new(path))
     } else {
-        Err(SetupError::new("files", format!("unsafe file path {path:?}")))
+        Err(SetupError::new(
+            "files",
+            format!("unsafe file path {path:?}"),
+        ))
     }
 }
 
@@ -159,7 +166,11 @@ fn build_dev(root: &Path) -> Result<(), SetupError> {
     for name in DEVICES {
         let node = dev.join(name);
         fs::File::create(&node).map_err(|e| fail("mounts", node.display(), e))?;
-        bind(&Path::new("/dev").join(name), &node, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)?;
+        bind(
+            &Path::new("/dev").join(name),
+            &node,
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        )?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),

@@ -63,7 +63,11 @@ pub(crate) fn loopback_up() -> Result<(), SetupError> {
         }
         // SAFETY: as above; SIOCSIFFLAGS reads the flags from `req`.
         let rc = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) };
-        if rc < 0 { Err(fail("SIOCSIFFLAGS")) } else { Ok(()) }
+        if rc < 0 {
+            Err(fail("SIOCSIFFLAGS"))
+        } else {
+            Ok(())
+        }
     };
     // SAFETY: `sock` is owned here and closed exactly once.
     unsafe { libc::close(sock) };

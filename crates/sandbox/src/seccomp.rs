@@ -23,27 +23,69 @@ pub const DENIED: &[(&str, libc::c_long)] = &[
     ("unshare: no new namespaces", libc::SYS_unshare),
     ("setns: no joining namespaces", libc::SYS_setns),
     ("ptrace: no debugging other processes", libc::SYS_ptrace),
-    ("process_vm_readv: no reading other processes", libc::SYS_process_vm_readv),
-    ("process_vm_writev: no writing other processes", libc::SYS_process_vm_writev),
+    (
+        "process_vm_readv: no reading other processes",
+        libc::SYS_process_vm_readv,
+    ),
+    (
+        "process_vm_writev: no writing other processes",
+        libc::SYS_process_vm_writev,
+    ),
     ("kcmp: no comparing other processes", libc::SYS_kcmp),
-    ("pidfd_getfd: no stealing descriptors", libc::SYS_pidfd_getfd),
-    ("keyctl: kernel keyrings are not namespaced", libc::SYS_keyctl),
-    ("add_key: kernel keyrings are not namespaced", libc::SYS_add_key),
-    ("request_key: kernel keyrings are not namespaced", libc::SYS_request_key),
+    (
+        "pidfd_getfd: no stealing descriptors",
+        libc::SYS_pidfd_getfd,
+    ),
+    (
+        "keyctl: kernel keyrings are not namespaced",
+        libc::SYS_keyctl,
+    ),
+    (
+        "add_key: kernel keyrings are not namespaced",
+        libc::SYS_add_key,
+    ),
+    (
+        "request_key: kernel keyrings are not namespaced",
+        libc::SYS_request_key,
+    ),
     ("bpf: no BPF programs", libc::SYS_bpf),
-    ("perf_event_open: side channels and kernel attack surface", libc::SYS_perf_event_open),
+    (
+        "perf_event_open: side channels and kernel attack surface",
+        libc::SYS_perf_event_open,
+    ),
     ("kexec_load: no kernel replacement", libc::SYS_kexec_load),
-    ("kexec_file_load: no kernel replacement", libc::SYS_kexec_file_load),
+    (
+        "kexec_file_load: no kernel replacement",
+        libc::SYS_kexec_file_load,
+    ),
     ("reboot", libc::SYS_reboot),
     ("init_module: no kernel modules", libc::SYS_init_module),
     ("finit_module: no kernel modules", libc::SYS_finit_module),
     ("delete_module: no kernel modules", libc::SYS_delete_module),
-    ("userfaultfd: a classic exploit primitive", libc::SYS_userfaultfd),
-    ("io_uring_setup: large kernel attack surface", libc::SYS_io_uring_setup),
-    ("io_uring_enter: large kernel attack surface", libc::SYS_io_uring_enter),
-    ("io_uring_register: large kernel attack surface", libc::SYS_io_uring_register),
-    ("open_by_handle_at: escapes mount restrictions", libc::SYS_open_by_handle_at),
-    ("name_to_handle_at: pairs with open_by_handle_at", libc::SYS_name_to_handle_at),
+    (
+        "userfaultfd: a classic exploit primitive",
+        libc::SYS_userfaultfd,
+    ),
+    (
+        "io_uring_setup: large kernel attack surface",
+        libc::SYS_io_uring_setup,
+    ),
+    (
+        "io_uring_enter: large kernel attack surface",
+        libc::SYS_io_uring_enter,
+    ),
+    (
+        "io_uring_register: large kernel attack surface",
+        libc::SYS_io_uring_register,
+    ),
+    (
+        "open_by_handle_at: escapes mount restrictions",
+        libc::SYS_open_by_handle_at,
+    ),
+    (
+        "name_to_handle_at: pairs with open_by_handle_at",
+        libc::SYS_name_to_handle_at,
+    ),
     ("swapon", libc::SYS_swapon),
     ("swapoff", libc::SYS_swapoff),
     ("acct: host process accounting", libc::SYS_acct),
@@ -66,8 +108,14 @@ pub const DENIED: &[(&str, libc::c_long)] = &[
     ("iopl: raw port I/O", libc::SYS_iopl),
     ("ioperm: raw port I/O", libc::SYS_ioperm),
     ("uselib: obsolete", libc::SYS_uselib),
-    ("lookup_dcookie: obsolete kernel profiling", libc::SYS_lookup_dcookie),
-    ("fanotify_init: filesystem-wide monitoring", libc::SYS_fanotify_init),
+    (
+        "lookup_dcookie: obsolete kernel profiling",
+        libc::SYS_lookup_dcookie,
+    ),
+    (
+        "fanotify_init: filesystem-wide monitoring",
+        libc::SYS_fanotify_init,
+    ),
 ];
 
 /// Namespace flags refused in `clone` (CLONE_NEWTIME only exists for clone3).
@@ -114,9 +162,14 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
     let clone_rules = CLONE_NAMESPACE_FLAGS
         .iter()
         .map(|&flag| {
-            SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
-                .and_then(|c| SeccompRule::new(vec![c]))
-                .map_err(err)
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(err)
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
@@ -176,7 +229,10 @@ mod tests {
     fn filters_build_and_cover_the_required_calls() {
         let filters = build_filters().expect("filters build");
         assert_eq!(filters.len(), 2);
-        assert!(filters[0].len() > DENIED.len(), "every denied call has instructions");
+        assert!(
+            filters[0].len() > DENIED.len(),
+            "every denied call has instructions"
+        );
         for required in [
             libc::SYS_mount,
             libc::SYS_umount2,
@@ -201,7 +257,10 @@ mod tests {
             libc::SYS_swapon,
             libc::SYS_swapoff,
         ] {
-            assert!(DENIED.iter().any(|&(_, nr)| nr == required), "{required} denied");
+            assert!(
+                DENIED.iter().any(|&(_, nr)| nr == required),
+                "{required} denied"
+            );
         }
     }
 }

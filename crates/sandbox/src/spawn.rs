@@ -19,7 +19,9 @@ use crate::capture::Capped;
 use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupStats, TaskCgroup};
 use crate::frame::write_frame;
 use crate::launcher::{LAUNCHER_ARG, REPORT_FD, SPEC_FD, mono_ns};
-use crate::spec::{ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, RlimitSpec, RoMount, SandboxFile};
+use crate::spec::{
+    ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, RlimitSpec, RoMount, SandboxFile,
+};
 
 /// How to start the launcher: our own binary with [`LAUNCHER_ARG`], normally.
 #[derive(Debug, Clone)]
@@ -32,7 +34,9 @@ impl LauncherCommand {
     /// The currently running executable (which must call
     /// [`crate::run_if_launcher`] first thing in `main`).
     pub fn current_exe() -> std::io::Result<Self> {
-        Ok(Self { program: std::env::current_exe()? })
+        Ok(Self {
+            program: std::env::current_exe()?,
+        })
     }
 }
 
@@ -211,7 +215,10 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
 }
 
 fn nix_io(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> SandboxError {
-    move |e| SandboxError::Io { what, source: e.into() }
+    move |e| SandboxError::Io {
+        what,
+        source: e.into(),
+    }
 }
 
 /// A handle that cancels a run from another thread. Cheap to clone.
@@ -231,7 +238,13 @@ impl CancelToken {
     /// A token that is not cancelled.
     pub fn new() -> std::io::Result<Self> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        Ok(Self { inner: Arc::new(CancelInner { cancelled: AtomicBool::new(false), read, write }) })
+        Ok(Self {
+            inner: Arc::new(CancelInner {
+                cancelled: AtomicBool::new(false),
+                read,
+                write,
+            }),
+        })
     }
 
     /// Cancels: a run watching this token kills its sandbox at once.
@@ -254,12 +267,27 @@ impl CancelToken {
 /// Synthetic /etc files: the task sees only itself and root, never the
 /// host's accounts.
 fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
-    let f = |path: &str, content: String| SandboxFile { path: path.into(), content: content.into_bytes(), executable: false };
+    let f = |path: &str, content: String| SandboxFile {
+        path: path.into(),
+        content: content.into_bytes(),
+        executable: false,
+    };
     vec![
-        f("passwd", format!("root:x:0:0:root:/root:/bin/false\nsandbox:x:{uid}:{gid}:sandbox:/work:/bin/false\n")),
+        f(
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/bin/false\nsandbox:x:{uid}:{gid}:sandbox:/work:/bin/false\n"
+            ),
+        ),
         f("group", format!("root:x:0:\nsandbox:x:{gid}:\n")),
-        f("hosts", format!("127.0.0.1 localhost {hostname}\n::1 localhost\n")),
-        f("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n".into()),
+        f(
+            "hosts",
+            format!("127.0.0.1 localhost {hostname}\n::1 localhost\n"),
+        ),
+        f(
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nhosts: files\n".into(),
+        ),
     ]
 }
 
@@ -315,7 +343,11 @@ fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
 impl Sandbox {
     /// A sandbox using `cgroups` for limits.
     pub fn new(config: SandboxConfig, cgroups: Box<dyn CgroupDriver>) -> Self {
-        Self { config, cgroups, counter: AtomicU64::new(0) }
+        Self {
+            config,
+            cgroups,
+            counter: AtomicU64::new(0),
+        }
     }
 
     /// The cgroup driver in use.
@@ -325,7 +357,11 @@ impl Sandbox {
 
     /// Runs one task to its end and cleans up: afterwards no process, mount,
     /// cgroup or temp dir of the run remains.
-    pub fn run(&self, req: &RunRequest, cancel: Option<&CancelToken>) -> Result<RunOutcome, SandboxError> {
+    pub fn run(
+        &self,
+        req: &RunRequest,
+        cancel: Option<&CancelToken>,
+    ) -> Result<RunOutcome, SandboxError> {
         let t0 = Instant::now();
         let mut phases: Vec<(&'static str, Duration)> = Vec::new();
         let limits = &req.limits;
@@ -359,7 +395,13 @@ impl Sandbox {
         Ok(outcome)
     }
 
-    fn spawn(&self, spec_r: OwnedFd, report_w: OwnedFd, out_w: OwnedFd, err_w: OwnedFd) -> Result<Launcher, SandboxError> {
+    fn spawn(
+        &self,
+        spec_r: OwnedFd,
+        report_w: OwnedFd,
+        out_w: OwnedFd,
+        err_w: OwnedFd,
+    ) -> Result<Launcher, SandboxError> {
         let (spec_raw, report_raw) = (spec_r.as_raw_fd(), report_w.as_raw_fd());
         let mut cmd = Command::new(&self.config.launcher.program);
         cmd.arg(LAUNCHER_ARG)
@@ -386,7 +428,11 @@ impl Sandbox {
         let child = cmd.spawn().map_err(io("spawning the launcher"))?;
         drop((spec_r, report_w));
         let pidfd = pidfd_open(child.id()).map_err(io("pidfd_open"))?;
-        Ok(Launcher { child, pidfd, exited: false })
+        Ok(Launcher {
+            child,
+            pidfd,
+            exited: false,
+        })
     }
 
     fn run_in(
@@ -422,7 +468,11 @@ impl Sandbox {
             ro_mounts: req.ro_mounts.clone(),
             work_files: metas(&req.work_files),
             support_files: metas(&req.support_files),
-            etc_files: metas(&etc_files(self.config.uid, self.config.gid, &self.config.hostname)),
+            etc_files: metas(&etc_files(
+                self.config.uid,
+                self.config.gid,
+                &self.config.hostname,
+            )),
             work_dir: self.config.work_dir.clone(),
             support_dir: self.config.support_dir.clone(),
             disk_bytes: limits.disk_bytes,
@@ -460,7 +510,8 @@ impl Sandbox {
 
         // Watch the run.
         for fd in [&out_r, &err_r, &report_r] {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(nix_io("fcntl"))?;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(nix_io("fcntl"))?;
         }
         let mut stdout = Capped::new(limits.output_bytes);
         let mut stderr = Capped::new(limits.output_bytes);
@@ -500,7 +551,11 @@ impl Sandbox {
                     break;
                 }
             }
-            let mut wait = if killed.is_some() { Duration::from_millis(50) } else { deadline.saturating_duration_since(now) };
+            let mut wait = if killed.is_some() {
+                Duration::from_millis(50)
+            } else {
+                deadline.saturating_duration_since(now)
+            };
             if let Some(p) = cpu_poll {
                 wait = wait.min(p);
             }
@@ -510,7 +565,11 @@ impl Sandbox {
                 fds.push(PollFd::new(launcher.pidfd.as_fd(), PollFlags::POLLIN));
                 tags.push(0);
             }
-            for (tag, open, fd) in [(1, out_open, &out_r), (2, err_open, &err_r), (3, rep_open, &report_r)] {
+            for (tag, open, fd) in [
+                (1, out_open, &out_r),
+                (2, err_open, &err_r),
+                (3, rep_open, &report_r),
+            ] {
                 if open {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                     tags.push(tag);
@@ -536,7 +595,10 @@ impl Sandbox {
             for tag in ready {
                 match tag {
                     0 => {
-                        launcher.child.wait().map_err(io("waiting for the launcher"))?;
+                        launcher
+                            .child
+                            .wait()
+                            .map_err(io("waiting for the launcher"))?;
                         launcher.exited = true;
                     }
                     1 => out_open = drain(&out_r, |d| stdout.push(d)),
@@ -567,7 +629,11 @@ impl Sandbox {
         let mut finished = None;
         for (report, blobs) in reports {
             match report {
-                Report::Ready { mono_ns: start, ns_done_ns, mounts_done_ns } => {
+                Report::Ready {
+                    mono_ns: start,
+                    ns_done_ns,
+                    mounts_done_ns,
+                } => {
                     phases.push(("launcherStart", ns_delta(spawned_mono, start)));
                     phases.push(("namespaces", ns_delta(start, ns_done_ns)));
                     phases.push(("mounts", ns_delta(ns_done_ns, mounts_done_ns)));
@@ -581,8 +647,23 @@ impl Sandbox {
                     phases.push(("exec", ns_delta(attached_mono, mono_ns)));
                     started = Some(mono_ns);
                 }
-                Report::Finished { mono_ns, status, disk_full, read_back, collected, collect_error } => {
-                    finished = Some((mono_ns, status, disk_full, read_back, collected, collect_error, blobs));
+                Report::Finished {
+                    mono_ns,
+                    status,
+                    disk_full,
+                    read_back,
+                    collected,
+                    collect_error,
+                } => {
+                    finished = Some((
+                        mono_ns,
+                        status,
+                        disk_full,
+                        read_back,
+                        collected,
+                        collect_error,
+                        blobs,
+                    ));
                 }
             }
         }
@@ -623,20 +704,29 @@ impl Sandbox {
                     outcome.read_back.push(match rb {
                         ReadBack::Missing => ReadBackResult::Missing,
                         ReadBack::Read { truncated } => ReadBackResult::Read {
-                            data: blobs.next().ok_or_else(|| SandboxError::Protocol("missing read-back blob".into()))?,
+                            data: blobs.next().ok_or_else(|| {
+                                SandboxError::Protocol("missing read-back blob".into())
+                            })?,
                             truncated,
                         },
                         ReadBack::Refused { reason } => ReadBackResult::Refused { reason },
                     });
                 }
                 for name in collected {
-                    let data = blobs.next().ok_or_else(|| SandboxError::Protocol("missing collected blob".into()))?;
+                    let data = blobs
+                        .next()
+                        .ok_or_else(|| SandboxError::Protocol("missing collected blob".into()))?;
                     outcome.collected.push((name, data));
                 }
                 outcome.collect_error = collect_error;
             }
             (None, None) => {
-                let code = launcher.child.try_wait().ok().flatten().and_then(|s| s.code());
+                let code = launcher
+                    .child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.code());
                 return Err(SandboxError::Protocol(format!(
                     "the launcher ended (exit {code:?}) without a final report"
                 )));
@@ -647,7 +737,13 @@ impl Sandbox {
 }
 
 fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
-    files.iter().map(|f| FileMeta { path: f.path.clone(), executable: f.executable }).collect()
+    files
+        .iter()
+        .map(|f| FileMeta {
+            path: f.path.clone(),
+            executable: f.executable,
+        })
+        .collect()
 }
 
 fn ns_delta(from: u64, to: u64) -> Duration {

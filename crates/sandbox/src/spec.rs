@@ -101,7 +101,11 @@ pub enum ExitStatus {
 #[serde(tag = "event", rename_all = "camelCase")]
 pub(crate) enum Report {
     /// Namespaces and mounts are ready; waiting for the cgroup attach.
-    Ready { mono_ns: u64, ns_done_ns: u64, mounts_done_ns: u64 },
+    Ready {
+        mono_ns: u64,
+        ns_done_ns: u64,
+        mounts_done_ns: u64,
+    },
     /// Sandbox construction failed at `stage` (an environment problem of ours).
     SetupFailed { stage: String, message: String },
     /// The task process was forked and is about to exec.
@@ -135,4 +139,11 @@ pub enum ReadBack {
         /// Why.
         reason: String,
     },
+}
+
+/// The conventional name of a signal number ("SIGKILL"), or "signal N".
+pub fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
 }

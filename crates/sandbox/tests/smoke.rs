@@ -4,7 +4,9 @@ use taskexec_sandbox::*;
 #[test]
 fn smoke() {
     let sb = Sandbox::new(
-        SandboxConfig::new(LauncherCommand { program: env!("CARGO_BIN_EXE_taskexec-launcher").into() }),
+        SandboxConfig::new(LauncherCommand {
+            program: env!("CARGO_BIN_EXE_taskexec-launcher").into(),
+        }),
         cgroup::detect(None).expect("cgroups"),
     );
     let req = RunRequest {
@@ -20,7 +22,13 @@ fn smoke() {
     };
     for _ in 0..3 {
         let out = sb.run(&req, None).expect("run");
-        eprintln!("{:?}\nstdout={}\nstderr={}\n{:?}", out.termination, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), out.read_back);
+        eprintln!(
+            "{:?}\nstdout={}\nstderr={}\n{:?}",
+            out.termination,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.read_back
+        );
         eprintln!("{:?} wall={:?}", out.phases, out.wall_time);
     }
 }

@@ -97,8 +97,15 @@ pub enum CgroupError {
     },
 }
 
-pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io { op, path: path.to_path_buf(), source }
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -111,7 +118,10 @@ pub(crate) fn read(path: &Path) -> Result<String, CgroupError> {
 
 pub(crate) fn read_u64(path: &Path) -> Result<u64, CgroupError> {
     let s = read(path)?;
-    s.trim().parse().map_err(|_| CgroupError::Parse { path: path.to_path_buf(), contents: s })
+    s.trim().parse().map_err(|_| CgroupError::Parse {
+        path: path.to_path_buf(),
+        contents: s,
+    })
 }
 
 /// Value of `key` in a flat-keyed file ("key value" per line), 0 if absent.
@@ -155,7 +165,10 @@ pub(crate) fn kill_procs(procs: &Path) -> Result<(), CgroupError> {
             return Ok(());
         }
         for pid in pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -167,7 +180,8 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
     /// The version this driver speaks.
     fn version(&self) -> CgroupVersion;
     /// Creates a task cgroup named `name` with `limits` applied.
-    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn TaskCgroup>, CgroupError>;
+    fn create(&self, name: &str, limits: &CgroupLimits)
+    -> Result<Box<dyn TaskCgroup>, CgroupError>;
 }
 
 /// One task's cgroup.
@@ -220,7 +234,11 @@ pub(crate) fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
             let _id = parts.next()?;
             let ctrls = parts.next()?;
             let path = parts.next()?;
-            let ctrls = if ctrls.is_empty() { Vec::new() } else { ctrls.split(',').map(str::to_string).collect() };
+            let ctrls = if ctrls.is_empty() {
+                Vec::new()
+            } else {
+                ctrls.split(',').map(str::to_string).collect()
+            };
             Some((ctrls, path.to_string()))
         })
         .collect()
@@ -233,13 +251,22 @@ pub(crate) fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
 pub fn detect(parent: Option<&str>) -> Result<Box<dyn CgroupDriver>, CgroupError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
         .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
-    let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
     let mounts = parse_mountinfo(&mountinfo);
     let own = parse_proc_cgroup(&own);
     let mut detail = Vec::new();
     if let Some(m) = mounts.iter().find(|m| m.fs_type == "cgroup2") {
-        let own_path = own.iter().find(|(c, _)| c.is_empty()).map(|(_, p)| p.as_str()).unwrap_or("/");
-        match V2Driver::new(&m.mount_point, parent.unwrap_or(own_path), std::process::id()) {
+        let own_path = own
+            .iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| p.as_str())
+            .unwrap_or("/");
+        match V2Driver::new(
+            &m.mount_point,
+            parent.unwrap_or(own_path),
+            std::process::id(),
+        ) {
             Ok(d) => return Ok(Box::new(d)),
             Err(e) => detail.push(format!("v2 at {}: {e}", m.mount_point.display())),
         }
@@ -248,7 +275,9 @@ pub fn detect(parent: Option<&str>) -> Result<Box<dyn CgroupDriver>, CgroupError
         Ok(d) => Ok(Box::new(d)),
         Err(e) => {
             detail.push(format!("v1: {e}"));
-            Err(CgroupError::Unavailable { detail: detail.join("; ") })
+            Err(CgroupError::Unavailable {
+                detail: detail.join("; "),
+            })
         }
     }
 }
@@ -274,7 +303,10 @@ mod tests {
     fn parses_proc_self_cgroup() {
         let text = "4:memory:/process_api/abc\n2:cpu,cpuacct:/\n0::/user.slice\n";
         let p = parse_proc_cgroup(text);
-        assert_eq!(p[0], (vec!["memory".to_string()], "/process_api/abc".to_string()));
+        assert_eq!(
+            p[0],
+            (vec!["memory".to_string()], "/process_api/abc".to_string())
+        );
         assert_eq!(p[1].0, vec!["cpu".to_string(), "cpuacct".to_string()]);
         assert_eq!(p[2], (Vec::new(), "/user.slice".to_string()));
     }

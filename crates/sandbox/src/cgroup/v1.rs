@@ -2,9 +2,9 @@
 //! each task cgroup a directory of the same name in each.
 
 use std::fs;
-use std::path::PathBuf;
 #[cfg(test)]
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
@@ -27,7 +27,12 @@ pub struct V1Driver {
 impl V1Driver {
     /// Uses explicit parent directories (one per controller).
     pub fn with_dirs(memory: PathBuf, pids: PathBuf, cpu: PathBuf, cpuacct: PathBuf) -> Self {
-        Self { memory, pids, cpu, cpuacct }
+        Self {
+            memory,
+            pids,
+            cpu,
+            cpuacct,
+        }
     }
 
     pub(crate) fn from_mounts(
@@ -53,9 +58,15 @@ impl V1Driver {
             }
             dirs.push(dir);
         }
-        let [memory, pids, cpu, cpuacct]: [PathBuf; 4] =
-            dirs.try_into().map_err(|_| "internal: controller count".to_string())?;
-        Ok(Self { memory, pids, cpu, cpuacct })
+        let [memory, pids, cpu, cpuacct]: [PathBuf; 4] = dirs
+            .try_into()
+            .map_err(|_| "internal: controller count".to_string())?;
+        Ok(Self {
+            memory,
+            pids,
+            cpu,
+            cpuacct,
+        })
     }
 }
 
@@ -64,7 +75,11 @@ impl CgroupDriver for V1Driver {
         CgroupVersion::V1
     }
 
-    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn TaskCgroup>, CgroupError> {
+    fn create(
+        &self,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Box<dyn TaskCgroup>, CgroupError> {
         let mut dirs: Vec<PathBuf> = Vec::new();
         for parent in [&self.memory, &self.pids, &self.cpu, &self.cpuacct] {
             let dir = parent.join(name);
@@ -103,7 +118,10 @@ impl V1Cgroup {
         for dir in &self.dirs {
             fs::create_dir(dir).map_err(io_err("create", dir))?;
         }
-        write(&self.memory.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+        write(
+            &self.memory.join("memory.limit_in_bytes"),
+            &limits.memory_bytes.to_string(),
+        )?;
         // Swap off: memsw exists only with swap accounting; without it the host
         // has no swap accounting to bypass, and swappiness 0 is the next best.
         let memsw = self.memory.join("memory.memsw.limit_in_bytes");
@@ -115,7 +133,10 @@ impl V1Cgroup {
         let shares = (u64::from(limits.cpu_request_millis) * 1024 / 1000).max(2);
         write(&self.cpu.join("cpu.shares"), &shares.to_string())?;
         if let Some(limit) = limits.cpu_limit_millis {
-            write(&self.cpu.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+            write(
+                &self.cpu.join("cpu.cfs_period_us"),
+                &CFS_PERIOD_US.to_string(),
+            )?;
             let quota = (u64::from(limit) * CFS_PERIOD_US / 1000).max(1000);
             write(&self.cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
         }
@@ -177,7 +198,12 @@ mod tests {
     use super::*;
 
     fn limits() -> CgroupLimits {
-        CgroupLimits { memory_bytes: 64 << 20, pids: 16, cpu_request_millis: 500, cpu_limit_millis: Some(250) }
+        CgroupLimits {
+            memory_bytes: 64 << 20,
+            pids: 16,
+            cpu_request_millis: 500,
+            cpu_limit_millis: Some(250),
+        }
     }
 
     #[test]
@@ -188,7 +214,10 @@ mod tests {
         let f = |c: &str, file: &str| {
             fs::read_to_string(root.path().join(c).join("parent/t1").join(file)).expect("read")
         };
-        assert_eq!(f("memory", "memory.limit_in_bytes"), (64u64 << 20).to_string());
+        assert_eq!(
+            f("memory", "memory.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
         assert_eq!(f("pids", "pids.max"), "16");
         assert_eq!(f("cpu", "cpu.shares"), "512");
         assert_eq!(f("cpu", "cpu.cfs_quota_us"), "25000");
@@ -202,7 +231,11 @@ mod tests {
         let p = |c: &str, file: &str| root.path().join(c).join("parent/t2").join(file);
         fs::write(p("cpuacct", "cpuacct.usage"), "1500000\n").expect("w");
         fs::write(p("memory", "memory.max_usage_in_bytes"), "4096\n").expect("w");
-        fs::write(p("memory", "memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").expect("w");
+        fs::write(
+            p("memory", "memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .expect("w");
         fs::write(p("pids", "pids.events"), "max 7\n").expect("w");
         let s = cg.stats().expect("stats");
         assert_eq!(

@@ -46,7 +46,10 @@ impl V2Driver {
             });
         }
         let enabled = read(&parent.join("cgroup.subtree_control")).unwrap_or_default();
-        if NEEDED.iter().all(|c| enabled.split_whitespace().any(|e| e == *c)) {
+        if NEEDED
+            .iter()
+            .all(|c| enabled.split_whitespace().any(|e| e == *c))
+        {
             return Ok(Self { parent });
         }
         let control = parent.join("cgroup.subtree_control");
@@ -87,8 +90,14 @@ impl CgroupDriver for V2Driver {
         CgroupVersion::V2
     }
 
-    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn TaskCgroup>, CgroupError> {
-        let cg = V2Cgroup { dir: self.parent.join(name) };
+    fn create(
+        &self,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Box<dyn TaskCgroup>, CgroupError> {
+        let cg = V2Cgroup {
+            dir: self.parent.join(name),
+        };
         fs::create_dir(&cg.dir).map_err(io_err("create", &cg.dir))?;
         let made = cg.apply(limits);
         if made.is_err() {
@@ -106,7 +115,10 @@ struct V2Cgroup {
 
 impl V2Cgroup {
     fn apply(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
-        write(&self.dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+        write(
+            &self.dir.join("memory.max"),
+            &limits.memory_bytes.to_string(),
+        )?;
         let swap = self.dir.join("memory.swap.max");
         if swap.exists() {
             write(&swap, "0")?;
@@ -121,7 +133,10 @@ impl V2Cgroup {
         write(&self.dir.join("cpu.weight"), &weight.to_string())?;
         if let Some(limit) = limits.cpu_limit_millis {
             let quota = (u64::from(limit) * CPU_PERIOD_US / 1000).max(1000);
-            write(&self.dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            write(
+                &self.dir.join("cpu.max"),
+                &format!("{quota} {CPU_PERIOD_US}"),
+            )?;
         }
         Ok(())
     }
@@ -172,7 +187,12 @@ mod tests {
     }
 
     fn limits(cpu_limit: Option<u32>) -> CgroupLimits {
-        CgroupLimits { memory_bytes: 128 << 20, pids: 64, cpu_request_millis: 500, cpu_limit_millis: cpu_limit }
+        CgroupLimits {
+            memory_bytes: 128 << 20,
+            pids: 64,
+            cpu_request_millis: 500,
+            cpu_limit_millis: cpu_limit,
+        }
     }
 
     #[test]
@@ -186,7 +206,8 @@ mod tests {
     #[test]
     fn refuses_a_parent_without_the_controllers() {
         let root = fake_tree("cpu io\n", "");
-        let err = V2Driver::new(root.path(), "/system.slice/taskexec.service", 1).expect_err("must fail");
+        let err =
+            V2Driver::new(root.path(), "/system.slice/taskexec.service", 1).expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("memory,pids"), "{msg}");
     }
@@ -224,9 +245,17 @@ mod tests {
         let d = V2Driver::new(root.path(), "system.slice/taskexec.service", 1).expect("driver");
         let cg = d.create("task-3", &limits(None)).expect("create");
         let dir = d.parent().join("task-3");
-        fs::write(dir.join("cpu.stat"), "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n").expect("w");
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n",
+        )
+        .expect("w");
         fs::write(dir.join("memory.peak"), "1048576\n").expect("w");
-        fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n").expect("w");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+        )
+        .expect("w");
         fs::write(dir.join("pids.events"), "max 0\n").expect("w");
         let s = cg.stats().expect("stats");
         assert_eq!(s.cpu_time, Duration::from_micros(2500));

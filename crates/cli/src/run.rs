@@ -1,0 +1,350 @@
+//! `taskexec run`: one task now, in a sandbox, no server.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::Value;
+use taskexec_engine::Cancellation;
+use taskexec_model::{
+    Mode, QuantityValue, RetryPolicy, TaskDefinition, TaskInstance, TaskResult, TaskStatus,
+    parse_bytes, parse_cpu_millis, parse_duration,
+};
+
+/// Task mode flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// The program reads $TASK_INPUT (or stdin) and writes $TASK_OUTPUT.
+    Script,
+    /// A function `main(input)` whose return value is the output.
+    Handler,
+}
+
+/// Arguments of `taskexec run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The task's source file (the runtime is inferred from its extension).
+    #[arg(required_unless_present = "task", conflicts_with = "task")]
+    pub file: Option<PathBuf>,
+    /// A whole TaskInstance as JSON (a file path, or - for stdin).
+    #[arg(long)]
+    pub task: Option<PathBuf>,
+    /// Runtime (python, node, java, bash, ...); default: from the file extension.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// script or handler.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// Input JSON, or @file.json.
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Memory limit, e.g. 128Mi.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Size of the work dir and /tmp together, e.g. 64Mi.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Wall-clock limit, e.g. 5s, 500ms, 2m.
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// CPU-time limit of the whole process tree, e.g. 2s.
+    #[arg(long)]
+    pub cpu_time: Option<String>,
+    /// CPU request (cgroup weight), e.g. 1, 0.5, 500m.
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Hard CPU quota, e.g. 1 (off unless given).
+    #[arg(long)]
+    pub cpu_limit: Option<String>,
+    /// Maximum processes and threads.
+    #[arg(long)]
+    pub pids: Option<i64>,
+    /// Cap of stdout, stderr and the output file, e.g. 1Mi.
+    #[arg(long)]
+    pub output_bytes: Option<String>,
+    /// Environment variable for the task, K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// JSON Schema of the input: JSON or @file.
+    #[arg(long)]
+    pub input_schema: Option<String>,
+    /// JSON Schema of the output: JSON or @file.
+    #[arg(long)]
+    pub output_schema: Option<String>,
+    /// Retries after a retryable failure (default policy otherwise).
+    #[arg(long)]
+    pub max_retries: Option<i64>,
+    /// Print the TaskResult as one JSON document on stdout, and nothing else there.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads `JSON` or `@file` into a JSON value; errors name the flag.
+fn json_arg(flag: &str, raw: &str) -> anyhow::Result<Value> {
+    let (text, from) = match raw.strip_prefix('@') {
+        Some(path) => (
+            std::fs::read_to_string(path).with_context(|| format!("{flag}: cannot read {path}"))?,
+            format!(" in {path}"),
+        ),
+        None => (raw.to_string(), String::new()),
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("{flag}: not valid JSON{from} ({e}); expected a JSON document, or @path to a file holding one")
+    })
+}
+
+fn quantity(
+    flag: &str,
+    raw: &Option<String>,
+    check: fn(&str) -> Result<u64, String>,
+) -> anyhow::Result<Option<QuantityValue>> {
+    match raw {
+        None => Ok(None),
+        Some(v) => {
+            check(v).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))?;
+            Ok(Some(QuantityValue::Text(v.clone())))
+        }
+    }
+}
+
+fn seconds(flag: &str, raw: &Option<String>) -> anyhow::Result<Option<f64>> {
+    raw.as_ref()
+        .map(|v| {
+            parse_duration(v)
+                .map(|d| d.as_secs_f64())
+                .map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))
+        })
+        .transpose()
+}
+
+fn bytes(v: &str) -> Result<u64, String> {
+    parse_bytes(v).map_err(|e| e.to_string())
+}
+
+fn cpu(v: &str) -> Result<u64, String> {
+    parse_cpu_millis(v)
+        .map(u64::from)
+        .map_err(|e| e.to_string())
+}
+
+/// Builds the TaskInstance from the flags (bad flags are exit-2 errors).
+fn build_task(args: &RunArgs) -> anyhow::Result<TaskInstance> {
+    let mut task: TaskInstance = match (&args.task, &args.file) {
+        (Some(path), _) => {
+            let text = if path == Path::new("-") {
+                std::io::read_to_string(std::io::stdin()).context("--task: reading stdin")?
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--task: cannot read {}", path.display()))?
+            };
+            serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("--task {}: not a valid TaskInstance: {e}", path.display())
+            })?
+        }
+        (None, Some(file)) => {
+            let code = std::fs::read_to_string(file)
+                .with_context(|| format!("FILE: cannot read {}", file.display()))?;
+            let catalogue = taskexec_runtimes::Catalogue::builtin();
+            let runtime = match &args.runtime {
+                Some(r) => r.clone(),
+                None => catalogue
+                    .infer_from_path(file)
+                    .map(|r| r.name.clone())
+                    .with_context(|| {
+                        format!(
+                            "FILE {}: cannot infer the runtime from the extension; pass --runtime (one of: {})",
+                            file.display(),
+                            catalogue.names().collect::<Vec<_>>().join(", ")
+                        )
+                    })?,
+            };
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("main")
+                .to_string();
+            let mut t: TaskInstance = serde_json::from_value(serde_json::json!({
+                "definition": {"name": name, "code": "placeholder"},
+            }))
+            .context("building the task")?;
+            t.definition = TaskDefinition {
+                code: Some(code),
+                ..t.definition
+            };
+            // Keep the file's own name, so Java finds its class and stack traces name the file.
+            if runtime == "java" {
+                t.definition.code = None;
+                t.definition.files = vec![taskexec_model::TaskFile {
+                    name: name.clone(),
+                    content: std::fs::read_to_string(file)?,
+                }];
+                t.definition.entrypoint = Some(name);
+            }
+            t.execution_config.runtime = Some(runtime);
+            t
+        }
+        (None, None) => bail!("FILE or --task is required"),
+    };
+    if args.task.is_some() {
+        if let Some(r) = &args.runtime {
+            task.execution_config.runtime = Some(r.clone());
+        }
+    }
+    if let Some(m) = args.mode {
+        task.definition.mode = match m {
+            ModeArg::Script => Mode::Script,
+            ModeArg::Handler => Mode::Handler,
+        };
+    }
+    if let Some(input) = &args.input {
+        task.input = json_arg("--input", input)?;
+    }
+    if let Some(s) = &args.input_schema {
+        task.definition.input_schema = Some(json_arg("--input-schema", s)?);
+    }
+    if let Some(s) = &args.output_schema {
+        task.definition.output_schema = Some(json_arg("--output-schema", s)?);
+    }
+    let rr = &mut task.execution_config.resource_requirements;
+    if let Some(q) = quantity("--memory", &args.memory, bytes)? {
+        rr.memory = Some(q);
+    }
+    if let Some(q) = quantity("--disk", &args.disk, bytes)? {
+        rr.disk = Some(q);
+    }
+    if let Some(q) = quantity("--output-bytes", &args.output_bytes, bytes)? {
+        rr.output_bytes = Some(q);
+    }
+    if let Some(q) = quantity("--cpu", &args.cpu, cpu)? {
+        rr.cpu = Some(q);
+    }
+    if let Some(q) = quantity("--cpu-limit", &args.cpu_limit, cpu)? {
+        rr.cpu_limit = Some(q);
+    }
+    if let Some(s) = seconds("--timeout", &args.timeout)? {
+        rr.timeout_seconds = Some(s);
+    }
+    if let Some(s) = seconds("--cpu-time", &args.cpu_time)? {
+        rr.cpu_time_seconds = Some(s);
+    }
+    if let Some(p) = args.pids {
+        rr.pids = Some(p);
+    }
+    let env: &mut BTreeMap<String, String> = &mut task.execution_config.environment_variables;
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv:?}: expected K=V"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    if let Some(n) = args.max_retries {
+        let mut policy = task
+            .retry_policy
+            .clone()
+            .unwrap_or_else(RetryPolicy::default);
+        policy.max_retries = n;
+        task.retry_policy = Some(policy);
+    }
+    Ok(task)
+}
+
+/// `taskexec run`.
+pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let task = build_task(&args)?;
+    let engine = crate::setup::engine(g)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(async {
+        let cancel = Cancellation::new()?;
+        let on_signal = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_signal.cancel();
+            }
+        });
+        anyhow::Ok(engine.execute(task, &cancel).await)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print_summary(&result);
+    }
+    Ok(ExitCode::from(match result.status {
+        TaskStatus::Completed => 0,
+        TaskStatus::Rejected => 2,
+        _ => 1,
+    }))
+}
+
+fn print_summary(r: &TaskResult) {
+    let m = &r.execution_metadata;
+    let attempts = m.attempts.len();
+    println!(
+        "{} in {:.1} ms ({}, {} attempt{})",
+        r.status,
+        m.duration,
+        m.execution_environment,
+        attempts,
+        if attempts == 1 { "" } else { "s" }
+    );
+    if let Some(e) = &r.error {
+        println!("error: {} {}", e.error_type, e.message);
+        if let Some(field) = e
+            .details
+            .as_ref()
+            .and_then(|d| d.get("field"))
+            .and_then(Value::as_str)
+        {
+            println!("field: {field}");
+        }
+        if let Some(v) = e
+            .details
+            .as_ref()
+            .and_then(|d| d.get("violations"))
+            .and_then(Value::as_array)
+        {
+            for v in v {
+                println!(
+                    "  at {:?}: {}",
+                    v["path"].as_str().unwrap_or(""),
+                    v["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    if r.status == TaskStatus::Completed {
+        println!("output: {}", r.output);
+    }
+    let p = &m.phases;
+    if attempts > 0 {
+        println!(
+            "timings: prepare {:.1} ms, compile {:.1} ms, run {:.1} ms, output {:.1} ms, cleanup {:.1} ms",
+            p.prepare_ms, p.compile_ms, p.run_ms, p.output_validation_ms, p.cleanup_ms
+        );
+    }
+    if let (Some(cpu), Some(mem)) = (m.cpu_time_ms, m.peak_memory_bytes) {
+        println!(
+            "resources: cpu {cpu} ms, peak memory {}",
+            taskexec_model::format_bytes(mem)
+        );
+    }
+    for (name, text, cut) in [
+        ("stdout", &r.stdout, r.stdout_truncated),
+        ("stderr", &r.stderr, r.stderr_truncated),
+    ] {
+        if !text.is_empty() {
+            let tail = taskexec_engine::classify::tail(text.as_bytes(), 2000);
+            println!(
+                "{name}{}:\n{}",
+                if cut { " (truncated)" } else { "" },
+                tail.trim_end()
+            );
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Shared start-up: global flags, logging, and building the engine (cgroup
+//! detection, runtime catalogue, sandbox). The environment is read here and
+//! nowhere else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use taskexec_engine::{Engine, EngineConfig, SystemClock};
+use taskexec_runtimes::Catalogue;
+use taskexec_sandbox::{LauncherCommand, Sandbox, SandboxConfig, cgroup};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags shared by every command.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TASKEXEC_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. "info" or "taskexec_engine=debug".
+    #[arg(long, global = true, default_value = "warn", env = "TASKEXEC_LOG")]
+    pub log: String,
+    /// Parent cgroup for task cgroups, relative to the hierarchy root
+    /// (default: the executor's own cgroup).
+    #[arg(long, global = true, env = "TASKEXEC_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+    /// A runtime catalogue (TOML) laid over the built-in one.
+    #[arg(long, global = true, env = "TASKEXEC_RUNTIMES")]
+    pub runtimes_file: Option<PathBuf>,
+    /// Override a runtime's interpreter: NAME=/abs/path (repeatable).
+    #[arg(long = "interpreter", global = true, value_name = "NAME=PATH")]
+    pub interpreters: Vec<String>,
+}
+
+/// Arguments of `taskexec runtimes`.
+#[derive(Debug, Args)]
+pub struct RuntimesArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sets up tracing on stderr.
+pub fn init_logging(g: &GlobalArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&g.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match g.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+/// The runtime catalogue with the operator's overrides.
+pub fn catalogue(g: &GlobalArgs) -> anyhow::Result<Catalogue> {
+    let mut cat = Catalogue::builtin();
+    if let Some(path) = &g.runtimes_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--runtimes-file: cannot read {}", path.display()))?;
+        cat = cat
+            .overlay_toml_str(&text)
+            .with_context(|| format!("--runtimes-file {}", path.display()))?;
+    }
+    for spec in &g.interpreters {
+        let (name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--interpreter {spec:?}: expected NAME=/absolute/path"))?;
+        cat.set_interpreter(name, PathBuf::from(path))
+            .with_context(|| format!("--interpreter {spec:?}"))?;
+    }
+    Ok(cat)
+}
+
+/// The engine over a real sandbox.
+pub fn engine(g: &GlobalArgs) -> anyhow::Result<Engine> {
+    let cgroups = cgroup::detect(g.cgroup_parent.as_deref()).context("cgroups")?;
+    let launcher = LauncherCommand::current_exe().context("locating the taskexec binary")?;
+    let sandbox = Sandbox::new(SandboxConfig::new(launcher), cgroups);
+    Ok(Engine::new(
+        EngineConfig::default(),
+        catalogue(g)?,
+        Arc::new(sandbox),
+        Arc::new(SystemClock::default()),
+    ))
+}
+
+/// `taskexec runtimes`.
+pub fn runtimes(g: &GlobalArgs, args: RuntimesArgs) -> anyhow::Result<ExitCode> {
+    let cat = catalogue(g)?;
+    let mut rows = Vec::new();
+    for name in cat.names() {
+        let row = match cat.resolve(name) {
+            Ok(rt) => {
+                let version = rt.version().unwrap_or_else(|e| format!("unknown ({e})"));
+                serde_json::json!({
+                    "name": name,
+                    "available": true,
+                    "version": version,
+                    "interpreter": rt.interpreter,
+                    "compiler": rt.compiler,
+                    "handlerMode": rt.spec.handler.is_some(),
+                    "extensions": rt.spec.extensions,
+                })
+            }
+            Err(e) => serde_json::json!({"name": name, "available": false, "error": e.to_string()}),
+        };
+        rows.push(row);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<8} {:<10} {:<22} {:<8} INTERPRETER",
+            "RUNTIME", "AVAILABLE", "VERSION", "HANDLER"
+        );
+        for r in &rows {
+            let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+            if r["available"] == true {
+                println!(
+                    "{:<8} {:<10} {:<22} {:<8} {}",
+                    s("name"),
+                    "yes",
+                    s("version"),
+                    if r["handlerMode"] == true {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    s("interpreter")
+                );
+            } else {
+                println!("{:<8} {:<10} {}", s("name"), "no", s("error"));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,627 @@
+//! The task lifecycle pipeline of taskexec: validate, prepare, run in the
+//! sandbox, classify, validate output, retry with backoff, cancel; every
+//! transition on the record.
+//!
+//! [`Engine::execute`] is the one entry point, used by `taskexec run` and by
+//! the service. It never returns an `Err`: whatever happens becomes a
+//! [`TaskResult`] with a final status and, unless completed, an error of the
+//! seed's table.
+
+pub mod classify;
+pub mod clock;
+pub mod prepare;
+pub mod schema;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use taskexec_model::{
+    AttemptRecord, ErrorType, FieldError, Lifecycle, Limits, LimitsConfig, Method, PhaseTimings,
+    RetryLimits, TaskError, TaskInstance, TaskResult, TaskStatus, ValidRetryPolicy,
+};
+use taskexec_runtimes::{Catalogue, Plan, ResolvedRuntime, RuntimeError};
+use taskexec_sandbox::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError, Termination};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use classify::{Verdict, classify};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use schema::{SchemaCache, Violation};
+
+use crate::prepare::CompileCache;
+
+/// Runs one sandboxed process. The real implementation is [`Sandbox`]; tests
+/// script failures (environment setup errors) that a real host cannot be
+/// made to produce on demand.
+pub trait AttemptRunner: Send + Sync + Debug {
+    /// Runs `req` to its end (blocking).
+    fn run(&self, req: &RunRequest, cancel: &CancelToken) -> Result<RunOutcome, SandboxError>;
+    /// Describes the environment, e.g. "container (cgroup v1)".
+    fn describe(&self) -> String;
+}
+
+impl AttemptRunner for Sandbox {
+    fn run(&self, req: &RunRequest, cancel: &CancelToken) -> Result<RunOutcome, SandboxError> {
+        Sandbox::run(self, req, Some(cancel))
+    }
+
+    fn describe(&self) -> String {
+        format!("container ({})", self.cgroups().version())
+    }
+}
+
+/// Operator settings of the engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// Resource defaults and maxima.
+    pub limits: LimitsConfig,
+    /// Retry policy maxima.
+    pub retry_limits: RetryLimits,
+}
+
+/// A cancellation handle for one task: cancels the running sandbox at once
+/// and wakes a task waiting out a backoff delay. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Cancellation {
+    token: CancelToken,
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Cancellation {
+    /// A fresh, uncancelled handle.
+    pub fn new() -> std::io::Result<Self> {
+        let (tx, _rx) = watch::channel(false);
+        Ok(Self {
+            token: CancelToken::new()?,
+            tx: Arc::new(tx),
+        })
+    }
+
+    /// Cancels the task.
+    pub fn cancel(&self) {
+        self.token.cancel();
+        self.tx.send_replace(true);
+    }
+
+    /// Whether the task was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    async fn cancelled(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+/// A task refused before anything ran.
+#[derive(Debug, Clone)]
+struct Rejection {
+    error: TaskError,
+}
+
+impl Rejection {
+    fn field(e: FieldError) -> Self {
+        let error = TaskError::new(ErrorType::InputValidation, e.to_string())
+            .with_details(json!({"field": e.field}));
+        Self { error }
+    }
+}
+
+/// What was decided before the first attempt.
+#[derive(Debug)]
+struct Prepared {
+    limits: Limits,
+    retry: ValidRetryPolicy,
+    runtime: ResolvedRuntime,
+    plan: Plan,
+    output_schema: Option<Arc<jsonschema::Validator>>,
+}
+
+/// The lifecycle pipeline.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    catalogue: Catalogue,
+    runner: Arc<dyn AttemptRunner>,
+    clock: Arc<dyn Clock>,
+    schemas: SchemaCache,
+    compiled: CompileCache,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Engine {
+    /// An engine running tasks through `runner`.
+    pub fn new(
+        config: EngineConfig,
+        catalogue: Catalogue,
+        runner: Arc<dyn AttemptRunner>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            config,
+            catalogue,
+            runner,
+            clock,
+            schemas: SchemaCache::default(),
+            compiled: CompileCache::default(),
+        }
+    }
+
+    /// The runtime catalogue.
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    /// The compiled-schema cache.
+    pub fn schemas(&self) -> &SchemaCache {
+        &self.schemas
+    }
+
+    /// Checks a task without running it: `Err` is the REJECTED result's error.
+    pub fn check(&self, task: &TaskInstance) -> Result<(), TaskError> {
+        self.prepare(task).map(drop).map_err(|r| r.error)
+    }
+
+    fn prepare(&self, task: &TaskInstance) -> Result<Prepared, Rejection> {
+        let validated = task
+            .validate(&self.config.limits, &self.config.retry_limits)
+            .map_err(Rejection::field)?;
+        match task.execution_config.method {
+            Method::Auto | Method::Container => {}
+            other => {
+                return Err(Rejection::field(FieldError::new(
+                    "executionConfig.method",
+                    format!(
+                        "{other:?} is not available on this executor; expected AUTO or CONTAINER"
+                    ),
+                )));
+            }
+        }
+        let names = || self.catalogue.names().collect::<Vec<_>>().join(", ");
+        let name = task.runtime().ok_or_else(|| {
+            Rejection::field(FieldError::new(
+                "executionConfig.runtime",
+                format!("no runtime given; expected one of: {}", names()),
+            ))
+        })?;
+        let runtime = self.catalogue.resolve(name).map_err(|e| match e {
+            RuntimeError::Unknown { .. } => Rejection::field(FieldError::new(
+                "executionConfig.runtime",
+                format!("unknown runtime {name:?}; expected one of: {}", names()),
+            )),
+            other => Rejection {
+                error: TaskError::new(ErrorType::EnvironmentSetup, other.to_string())
+                    .with_details(json!({"field": "executionConfig.runtime"})),
+            },
+        })?;
+        let compile = |field: &str, schema: &Value| {
+            self.schemas
+                .compile(schema)
+                .map_err(|e| Rejection::field(FieldError::new(field, format!("{e}"))))
+        };
+        if let Some(schema) = &task.definition.input_schema {
+            let v = compile("definition.inputSchema", schema)?;
+            let violations = schema::violations(&v, &task.input);
+            if !violations.is_empty() {
+                let n = violations.len();
+                return Err(Rejection {
+                    error: TaskError::new(
+                        ErrorType::InputValidation,
+                        format!(
+                            "the input does not match definition.inputSchema ({n} violation{})",
+                            if n == 1 { "" } else { "s" }
+                        ),
+                    )
+                    .with_details(json!({"field": "input", "violations": violations})),
+                });
+            }
+        }
+        let output_schema = task
+            .definition
+            .output_schema
+            .as_ref()
+            .map(|s| compile("definition.outputSchema", s))
+            .transpose()?;
+        let plan =
+            taskexec_runtimes::plan(&runtime, &task.definition, validated.limits.memory_bytes)
+                .map_err(|e| Rejection::field(FieldError::new(plan_field(&e), e.to_string())))?;
+        Ok(Prepared {
+            limits: validated.limits,
+            retry: validated.retry,
+            runtime,
+            plan,
+            output_schema,
+        })
+    }
+
+    /// Runs a task through its whole lifecycle.
+    pub async fn execute(&self, mut task: TaskInstance, cancel: &Cancellation) -> TaskResult {
+        if task.id.is_empty() {
+            task.id = uuid::Uuid::new_v4().to_string();
+        }
+        let clock = &self.clock;
+        let start = clock.now();
+        let t_start = Instant::now();
+        let mut lc = Lifecycle::new(start);
+        let mut result = TaskResult::new(task.id.clone(), TaskStatus::Received);
+        result.execution_metadata.method = Method::Container;
+        result.execution_metadata.execution_environment = self.runner.describe();
+        result.execution_metadata.start_time = Some(start);
+        let step = |lc: &mut Lifecycle, to: TaskStatus, reason: String| {
+            if let Err(e) = lc.transition(to, clock.now(), reason) {
+                // The pipeline below only makes legal moves; log if not.
+                warn!(task_id = %task.id, error = %e, "illegal lifecycle transition");
+            }
+        };
+        step(&mut lc, TaskStatus::Preparing, "validating the task".into());
+
+        let t_prep = Instant::now();
+        let prepared = match self.prepare(&task) {
+            Ok(p) => p,
+            Err(r) => {
+                info!(task_id = %task.id, error = %r.error.message, "task rejected");
+                step(&mut lc, TaskStatus::Rejected, r.error.message.clone());
+                result.status = TaskStatus::Rejected;
+                result.error = Some(r.error);
+                result.execution_metadata.phases.prepare_ms = ms(t_prep.elapsed());
+                return self.finish(result, lc, t_start);
+            }
+        };
+        let prepare_ms = ms(t_prep.elapsed());
+        result.execution_metadata.execution_environment =
+            format!("{}/{}", self.runner.describe(), prepared.runtime.spec.name);
+        result.execution_metadata.phases.prepare_ms = prepare_ms;
+
+        let mut attempt_errors: Vec<TaskError> = Vec::new();
+        loop {
+            let attempt = lc.attempt();
+            step(
+                &mut lc,
+                TaskStatus::Running,
+                format!("attempt {attempt} started"),
+            );
+            let a_start = clock.now();
+            let t_attempt = Instant::now();
+            let (verdict, outcome, mut phases) =
+                self.attempt(&task, &prepared, attempt, cancel).await;
+            let verdict = match verdict {
+                Verdict::Completed { output } => {
+                    let t_val = Instant::now();
+                    let v = match &prepared.output_schema {
+                        Some(schema) => {
+                            let violations = schema::violations(schema, &output);
+                            if violations.is_empty() {
+                                Verdict::Completed { output }
+                            } else {
+                                Verdict::Failed(
+                                    TaskError::new(
+                                        ErrorType::OutputValidation,
+                                        format!("the output does not match definition.outputSchema ({} violations)", violations.len()),
+                                    )
+                                    .with_details(json!({"violations": violations, "output": output})),
+                                )
+                            }
+                        }
+                        None => Verdict::Completed { output },
+                    };
+                    phases.output_validation_ms = ms(t_val.elapsed());
+                    v
+                }
+                failed => failed,
+            };
+            let record_status = match &verdict {
+                Verdict::Completed { .. } => TaskStatus::Completed,
+                Verdict::Failed(e) if e.error_type == ErrorType::Cancelled => TaskStatus::Cancelled,
+                Verdict::Failed(_) => TaskStatus::Failed,
+            };
+            let mut record = AttemptRecord {
+                attempt,
+                status: record_status,
+                error: None,
+                start_time: a_start,
+                end_time: clock.now(),
+                duration_ms: ms(t_attempt.elapsed()),
+                exit_code: None,
+                signal: None,
+                stderr_tail: String::new(),
+                phases: phases.clone(),
+            };
+            add_phases(&mut result.execution_metadata.phases, &phases);
+            if let Some(o) = &outcome {
+                if let Termination::Exited(status) = o.termination {
+                    match status {
+                        taskexec_sandbox::ExitStatus::Code(c) => record.exit_code = Some(c),
+                        taskexec_sandbox::ExitStatus::Signal(s) => {
+                            record.signal = Some(taskexec_sandbox::signal_name(s))
+                        }
+                    }
+                }
+                record.stderr_tail = classify::tail(&o.stderr, 1024);
+                result.stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+                result.stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+                result.stdout_truncated = o.stdout_truncated;
+                result.stderr_truncated = o.stderr_truncated;
+                result.exit_code = record.exit_code;
+                result.signal = record.signal.clone();
+                result.execution_metadata.cpu_time_ms = Some(o.stats.cpu_time.as_millis() as u64);
+                result.execution_metadata.peak_memory_bytes = o.stats.peak_memory_bytes;
+            }
+            match verdict {
+                Verdict::Completed { output } => {
+                    result.execution_metadata.attempts.push(record);
+                    step(
+                        &mut lc,
+                        TaskStatus::Completed,
+                        format!("attempt {attempt} completed"),
+                    );
+                    result.status = TaskStatus::Completed;
+                    result.output = output;
+                    result.error = None;
+                    break;
+                }
+                Verdict::Failed(error) => {
+                    record.error = Some(error.clone());
+                    result.execution_metadata.attempts.push(record);
+                    attempt_errors.push(error.clone());
+                    if error.error_type == ErrorType::Cancelled || cancel.is_cancelled() {
+                        step(
+                            &mut lc,
+                            TaskStatus::Cancelled,
+                            "cancelled while running".into(),
+                        );
+                        result.status = TaskStatus::Cancelled;
+                        result.error = Some(TaskError::new(
+                            ErrorType::Cancelled,
+                            "the task was cancelled",
+                        ));
+                        break;
+                    }
+                    if prepared.retry.should_retry(error.error_type, attempt) {
+                        let delay = prepared.retry.delay(attempt - 1, clock.random_unit());
+                        warn!(
+                            task_id = %task.id,
+                            attempt,
+                            error_type = %error.error_type,
+                            delay_ms = delay.as_millis() as u64,
+                            "retrying task {} (attempt {}) after {}: {}",
+                            task.id, attempt, error.error_type, error.message
+                        );
+                        step(
+                            &mut lc,
+                            TaskStatus::Preparing,
+                            format!(
+                                "retry after {} (backoff {} ms)",
+                                error.error_type,
+                                delay.as_millis()
+                            ),
+                        );
+                        let cancelled = tokio::select! {
+                            () = clock.sleep(delay) => false,
+                            () = cancel.cancelled() => true,
+                        };
+                        if cancelled {
+                            step(
+                                &mut lc,
+                                TaskStatus::Cancelled,
+                                "cancelled during the backoff wait".into(),
+                            );
+                            result.status = TaskStatus::Cancelled;
+                            result.error = Some(TaskError::new(
+                                ErrorType::Cancelled,
+                                "the task was cancelled",
+                            ));
+                            break;
+                        }
+                        continue;
+                    }
+                    let final_error = if attempt > 1 && !error.error_type.never_retried() {
+                        max_retries_exceeded(&error, &attempt_errors)
+                    } else {
+                        error
+                    };
+                    step(&mut lc, TaskStatus::Failed, final_error.message.clone());
+                    result.status = TaskStatus::Failed;
+                    result.error = Some(final_error);
+                    break;
+                }
+            }
+        }
+        self.finish(result, lc, t_start)
+    }
+
+    fn finish(&self, mut result: TaskResult, lc: Lifecycle, t_start: Instant) -> TaskResult {
+        result.execution_metadata.end_time = Some(self.clock.now());
+        result.execution_metadata.duration = ms(t_start.elapsed());
+        result.history = lc.into_history();
+        info!(
+            task_id = %result.task_id,
+            status = %result.status,
+            error_type = result.error.as_ref().map(|e| e.error_type.as_str()).unwrap_or(""),
+            duration_ms = result.execution_metadata.duration,
+            "task finished"
+        );
+        result
+    }
+
+    /// One attempt: compile when needed (cached), then run, then classify.
+    async fn attempt(
+        &self,
+        task: &TaskInstance,
+        p: &Prepared,
+        attempt: u32,
+        cancel: &Cancellation,
+    ) -> (Verdict, Option<RunOutcome>, PhaseTimings) {
+        let mut phases = PhaseTimings::default();
+        let mut classes = None;
+        if let Some(step) = &p.plan.compile {
+            let t = Instant::now();
+            let key = CompileCache::key(step, &p.plan, p.runtime.compiler.as_deref());
+            let artifacts = match self.compiled.get(&key) {
+                Some(a) => a,
+                None => {
+                    let req = prepare::compile_request(task, &p.runtime, &p.plan, step, &p.limits);
+                    let outcome = match self.run_blocking(req, cancel).await {
+                        Ok(o) => o,
+                        Err(e) => return (Verdict::Failed(setup_error(&e)), None, phases),
+                    };
+                    phases.compile_ms = ms(t.elapsed());
+                    match compile_verdict(&outcome, &p.limits) {
+                        Some(err) => return (Verdict::Failed(err), Some(outcome), phases),
+                        None => {
+                            let a = Arc::new(outcome.collected);
+                            self.compiled.put(key, Arc::clone(&a));
+                            a
+                        }
+                    }
+                }
+            };
+            phases.compile_ms = ms(t.elapsed());
+            classes = Some((step.output_dir.clone(), artifacts));
+        }
+        let t = Instant::now();
+        let req = prepare::run_request(
+            task,
+            &p.runtime,
+            &p.plan,
+            &p.limits,
+            attempt,
+            classes
+                .as_ref()
+                .map(|(dir, files)| (relative(dir), files.as_slice())),
+        );
+        phases.prepare_ms = ms(t.elapsed());
+        match self.run_blocking(req, cancel).await {
+            Ok(outcome) => {
+                for (name, d) in &outcome.phases {
+                    phases.sandbox.insert((*name).to_string(), ms(*d));
+                }
+                let sandbox_ms = |k: &str| phases.sandbox.get(k).copied().unwrap_or(0.0);
+                phases.prepare_ms += [
+                    "cgroupCreate",
+                    "spawn",
+                    "cgroupAttach",
+                    "launcherStart",
+                    "namespaces",
+                    "mounts",
+                    "exec",
+                ]
+                .iter()
+                .map(|k| sandbox_ms(k))
+                .sum::<f64>();
+                phases.run_ms = ms(outcome.run_time);
+                phases.cleanup_ms = sandbox_ms("teardown") + sandbox_ms("cleanup");
+                (classify(&outcome, &p.limits), Some(outcome), phases)
+            }
+            Err(e) => (Verdict::Failed(setup_error(&e)), None, phases),
+        }
+    }
+
+    async fn run_blocking(
+        &self,
+        req: RunRequest,
+        cancel: &Cancellation,
+    ) -> Result<RunOutcome, SandboxError> {
+        let runner = Arc::clone(&self.runner);
+        let token = cancel.token.clone();
+        match tokio::task::spawn_blocking(move || runner.run(&req, &token)).await {
+            Ok(r) => r,
+            Err(e) => Err(SandboxError::Protocol(format!(
+                "sandbox thread failed: {e}"
+            ))),
+        }
+    }
+}
+
+fn relative(dir: &str) -> &str {
+    dir.trim_start_matches(taskexec_model::protocol::WORK_DIR)
+        .trim_start_matches('/')
+}
+
+fn plan_field(e: &taskexec_runtimes::PlanError) -> &'static str {
+    match e {
+        taskexec_runtimes::PlanError::HandlerUnsupported { .. } => "definition.mode",
+        _ => "definition.entrypoint",
+    }
+}
+
+/// Our own failures: setting up the sandbox is ENVIRONMENT_SETUP (retried
+/// with backoff); a confused launcher is INTERNAL.
+fn setup_error(e: &SandboxError) -> TaskError {
+    let kind = match e {
+        SandboxError::Protocol(_) => ErrorType::Internal,
+        _ => ErrorType::EnvironmentSetup,
+    };
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    TaskError::new(kind, chain)
+}
+
+/// A compile run's failure, if it failed: a non-zero compiler exit is
+/// COMPILATION_ERROR with the compiler's output; limits hit keep their type.
+fn compile_verdict(outcome: &RunOutcome, limits: &Limits) -> Option<TaskError> {
+    match classify(outcome, limits) {
+        Verdict::Completed { .. } if outcome.collect_error.is_none() => None,
+        Verdict::Completed { .. } => Some(TaskError::new(
+            ErrorType::CompilationError,
+            format!(
+                "the compiler's output could not be collected: {}",
+                outcome.collect_error.clone().unwrap_or_default()
+            ),
+        )),
+        Verdict::Failed(e) if e.error_type == ErrorType::RuntimeError => {
+            let mut out = String::from_utf8_lossy(&outcome.stdout).into_owned();
+            out.push_str(&String::from_utf8_lossy(&outcome.stderr));
+            let first = out
+                .lines()
+                .find(|l| l.contains("error"))
+                .unwrap_or("compilation failed")
+                .to_string();
+            Some(
+                TaskError::new(ErrorType::CompilationError, first.trim().to_string())
+                    .with_details(json!({"compilerOutput": out, "exitCode": e.details.as_ref().and_then(|d| d.get("exitCode")).cloned()})),
+            )
+        }
+        Verdict::Failed(mut e) => {
+            e.message = format!("while compiling: {}", e.message);
+            Some(e)
+        }
+    }
+}
+
+fn max_retries_exceeded(last: &TaskError, all: &[TaskError]) -> TaskError {
+    TaskError::new(
+        ErrorType::MaxRetriesExceeded,
+        format!(
+            "gave up after {} attempts; last error {}: {}",
+            all.len(),
+            last.error_type,
+            last.message
+        ),
+    )
+    .with_details(json!({
+        "lastError": last,
+        "attemptErrors": all,
+    }))
+}
+
+fn add_phases(total: &mut PhaseTimings, p: &PhaseTimings) {
+    total.compile_ms += p.compile_ms;
+    total.run_ms += p.run_ms;
+    total.output_validation_ms += p.output_validation_ms;
+    total.cleanup_ms += p.cleanup_ms;
+    total.prepare_ms += p.prepare_ms;
+    for (k, v) in &p.sandbox {
+        *total.sandbox.entry(k.clone()).or_insert(0.0) += v;
+    }
+}
