@@ -225,6 +225,7 @@ mod tests {
             stats: CgroupStats::default(),
             wall_time: Duration::ZERO,
             run_time: Duration::ZERO,
+            setup_time: Duration::ZERO,
             phases: Vec::new(),
         }
     }

@@ -502,18 +502,7 @@ impl Engine {
                     phases.sandbox.insert((*name).to_string(), ms(*d));
                 }
                 let sandbox_ms = |k: &str| phases.sandbox.get(k).copied().unwrap_or(0.0);
-                phases.prepare_ms += [
-                    "cgroupCreate",
-                    "spawn",
-                    "cgroupAttach",
-                    "launcherStart",
-                    "namespaces",
-                    "mounts",
-                    "exec",
-                ]
-                .iter()
-                .map(|k| sandbox_ms(k))
-                .sum::<f64>();
+                phases.prepare_ms += ms(outcome.setup_time);
                 phases.run_ms = ms(outcome.run_time);
                 phases.cleanup_ms = sandbox_ms("teardown") + sandbox_ms("cleanup");
                 (classify(&outcome, &p.limits), Some(outcome), phases)

@@ -15,7 +15,7 @@ use taskexec_runtimes::{CompileStep, Plan, PlanFile, ResolvedRuntime};
 use taskexec_sandbox::{RoMount, RunRequest, SandboxFile, SandboxLimits};
 
 /// Environment variable with the attempt number (1, 2, ...).
-pub const ENV_TASK_ATTEMPT: &str = "TASK_ATTEMPT";
+pub use taskexec_model::protocol::ENV_TASK_ATTEMPT;
 /// Descriptors a task may hold open at once (RLIMIT_NOFILE).
 pub const TASK_NOFILE: u64 = 256;
 
@@ -40,16 +40,20 @@ fn mounts(rt: &ResolvedRuntime) -> Vec<RoMount> {
         .collect()
 }
 
-/// The task process's whole environment.
+/// The task process's whole environment, each name once: the runtime's
+/// defaults, overridden by the task's own variables, overridden by the
+/// protocol variables (an environment block with a name twice is read
+/// differently by different programs: C's getenv takes the first, Python's
+/// os.environ the last).
 pub fn environment(task: &TaskInstance, plan: &Plan, attempt: u32) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = plan.env.clone();
-    env.extend(
+    let mut env: Vec<(String, String)> = Vec::new();
+    let layers = plan.env.iter().cloned().chain(
         task.execution_config
             .environment_variables
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
-    env.extend([
+    let protocol = [
         ("PATH".to_string(), SANDBOX_PATH.to_string()),
         ("HOME".to_string(), SANDBOX_HOME.to_string()),
         ("LANG".to_string(), SANDBOX_LANG.to_string()),
@@ -62,7 +66,13 @@ pub fn environment(task: &TaskInstance, plan: &Plan, attempt: u32) -> Vec<(Strin
         (ENV_TASK_OUTPUT.to_string(), OUTPUT_FILE.to_string()),
         (ENV_TASK_ERROR.to_string(), ERROR_FILE.to_string()),
         (ENV_TASK_ATTEMPT.to_string(), attempt.to_string()),
-    ]);
+    ];
+    for (name, value) in layers.chain(protocol) {
+        match env.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => env.push((name, value)),
+        }
+    }
     env
 }
 

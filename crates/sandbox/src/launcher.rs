@@ -228,17 +228,21 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
 
 /// PID 1 of the sandbox.
 fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupError> {
+    let t_init = mono_ns();
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|e| SetupError::new("init", format!("pdeathsig: {e}")))?;
     mounts::mount_proc()?;
     namespaces::set_hostname(&spec.hostname)?;
+    let t_proc = mono_ns();
     if !spec.share_network {
         namespaces::loopback_up()?;
     }
+    let t_net = mono_ns();
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SetupError::new("init", format!("pipe: {e}")))?;
 
     // SAFETY: single-threaded process (see `launch`).
+    let t_fork = mono_ns();
     let task = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(err_r);
@@ -259,7 +263,11 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
         kill_all_and_reap();
         return Err(SetupError::new("exec", exec_error));
     }
-    let _ = write_frame(report, &Report::Started { mono_ns: mono_ns() }, &[]);
+    let _ = write_frame(
+        report,
+        &Report::Started { mono_ns: mono_ns(), init_ns: t_init, proc_ns: t_proc, net_ns: t_net, fork_ns: t_fork },
+        &[],
+    );
 
     let status = loop {
         match waitpid(Pid::from_raw(-1), None) {
@@ -378,9 +386,11 @@ fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno
     step!("rlimits", rlimits::apply(&spec.rlimits));
     // Drop the capability bounding set while we still hold CAP_SETPCAP.
     for cap in 0..=63 {
-        // SAFETY: prctl with integer arguments; EINVAL past the last
-        // capability is expected and ignored.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        // SAFETY: prctl with integer arguments; it fails with EINVAL past
+        // the last capability the kernel knows, which ends the loop.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            break;
+        }
     }
     step!("setgroups", nix::unistd::setgroups(&[]));
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));

@@ -3,7 +3,7 @@
 //! (launcher exit via pidfd, stdout, stderr, reports, cancellation, wall-clock
 //! deadline, cgroup CPU time) and clean up whatever happens.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -175,8 +175,11 @@ pub struct RunOutcome {
     pub stats: CgroupStats,
     /// Wall time from spawn to the end of cleanup.
     pub wall_time: Duration,
-    /// Time the task ran (fork of the task to its exit).
+    /// Time the task ran (exec of the task to the exit of its main process).
     pub run_time: Duration,
+    /// Time from the start of `run` to the task's exec: the sandbox's cost
+    /// before the task's own code starts.
+    pub setup_time: Duration,
     /// Per-phase breakdown, in order.
     pub phases: Vec<(&'static str, Duration)>,
 }
@@ -363,6 +366,7 @@ impl Sandbox {
         cancel: Option<&CancelToken>,
     ) -> Result<RunOutcome, SandboxError> {
         let t0 = Instant::now();
+        let t0_mono = mono_ns();
         let mut phases: Vec<(&'static str, Duration)> = Vec::new();
         let limits = &req.limits;
         let name = format!(
@@ -380,7 +384,7 @@ impl Sandbox {
             },
         )?;
         phases.push(("cgroupCreate", t0.elapsed()));
-        let result = self.run_in(req, cancel, cgroup.as_ref(), &mut phases, t0);
+        let result = self.run_in(req, cancel, cgroup.as_ref(), &mut phases, t0, t0_mono);
         let t_clean = Instant::now();
         let kill = cgroup.kill_all();
         let stats = cgroup.stats();
@@ -442,6 +446,7 @@ impl Sandbox {
         cgroup: &dyn TaskCgroup,
         phases: &mut Vec<(&'static str, Duration)>,
         t0: Instant,
+        t0_mono: u64,
     ) -> Result<RunOutcome, SandboxError> {
         let limits = &req.limits;
         let cloexec = OFlag::O_CLOEXEC;
@@ -643,8 +648,11 @@ impl Sandbox {
                         return Err(SandboxError::Setup { stage, message });
                     }
                 }
-                Report::Started { mono_ns } => {
-                    phases.push(("exec", ns_delta(attached_mono, mono_ns)));
+                Report::Started { mono_ns, init_ns, proc_ns, net_ns, fork_ns } => {
+                    phases.push(("initStart", ns_delta(attached_mono, init_ns)));
+                    phases.push(("proc", ns_delta(init_ns, proc_ns)));
+                    phases.push(("network", ns_delta(proc_ns, net_ns)));
+                    phases.push(("exec", ns_delta(fork_ns, mono_ns)));
                     started = Some(mono_ns);
                 }
                 Report::Finished {
@@ -685,6 +693,7 @@ impl Sandbox {
             stats: CgroupStats::default(),
             wall_time: t0.elapsed(),
             run_time: Duration::ZERO,
+            setup_time: started.map(|s| ns_delta(t0_mono, s)).unwrap_or_default(),
             phases: Vec::new(),
         };
         match (killed, finished) {
@@ -750,10 +759,3 @@ fn ns_delta(from: u64, to: u64) -> Duration {
     Duration::from_nanos(to.saturating_sub(from))
 }
 
-/// Drains a reader fully (used by tests and helpers).
-#[allow(dead_code)]
-fn read_all(mut r: impl Read) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    r.read_to_end(&mut v)?;
-    Ok(v)
-}

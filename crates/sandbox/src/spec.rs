@@ -108,8 +108,10 @@ pub(crate) enum Report {
     },
     /// Sandbox construction failed at `stage` (an environment problem of ours).
     SetupFailed { stage: String, message: String },
-    /// The task process was forked and is about to exec.
-    Started { mono_ns: u64 },
+    /// The task process has exec'd its program (`mono_ns`); the other
+    /// stamps time the init's steps: start, /proc and host name done,
+    /// loopback done, task forked.
+    Started { mono_ns: u64, init_ns: u64, proc_ns: u64, net_ns: u64, fork_ns: u64 },
     /// The task's main process ended and every other process was reaped.
     /// Blobs: one per `read_back` path that existed (see `read_back`), then
     /// collected files.

@@ -1,0 +1,571 @@
+//! The security suite: hostile tasks run through the real `taskexec` binary.
+//! Each hostile program runs only inside the sandbox under test; every run
+//! is followed by the host checks of `util::taskexec` (no task cgroup, no
+//! sandbox mount left).
+
+mod util;
+
+use std::io::ErrorKind;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use util::{Run, processes_with, run_code, unique};
+
+/// Runs Python `code` with `--max-retries 0` and `extra` flags.
+fn py(code: &str, extra: &[&str]) -> Run {
+    py_env(code, extra, &[])
+}
+
+fn py_env(code: &str, extra: &[&str], envs: &[(&str, &str)]) -> Run {
+    let mut args = vec!["--max-retries", "0"];
+    args.extend_from_slice(extra);
+    run_code(code, "python", &args, envs)
+}
+
+/// Python prelude: `attempt(name, fn)` records fn's result or its errno name
+/// in `seen`; `sc(nr, *args)` is a raw syscall returning [ret, errno name];
+/// `done()` writes `seen` as the output.
+const PRELUDE: &str = r#"
+import ctypes, errno, json, os, signal, socket, sys, time
+seen = {}
+def attempt(name, fn):
+    try:
+        seen[name] = {"ok": fn()}
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, e.errno) if e.errno and e.errno > 0 else type(e).__name__
+        seen[name] = {"errno": code}
+libc = ctypes.CDLL(None, use_errno=True)
+def sc(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    return [r, errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno())]
+def done():
+    with open(os.environ["TASK_OUTPUT"], "w") as f:
+        json.dump(seen, f)
+"#;
+
+fn script(body: &str) -> String {
+    format!("{PRELUDE}\n{body}\ndone()\n")
+}
+
+fn errno_of<'a>(r: &'a Run, key: &str) -> &'a Value {
+    &r.output()[key]["errno"]
+}
+
+#[test]
+fn fork_bomb_hits_the_pids_limit() {
+    let r = py(
+        "import os\nwhile True:\n    os.fork()\n",
+        &["--pids", "32", "--memory", "256Mi", "--timeout", "10s"],
+    );
+    r.expect_exhausted("pids");
+    assert_eq!(r.details()["limit"], 32);
+}
+
+#[test]
+fn memory_bomb_hits_the_memory_limit() {
+    let r = py(
+        "chunks = []\nwhile True:\n    chunks.append(b'\\x01' * (8 << 20))\n",
+        &["--memory", "64Mi", "--timeout", "10s"],
+    );
+    r.expect_exhausted("memory");
+    assert_eq!(r.details()["limit"], 64 << 20);
+    assert_eq!(r.result["signal"], "SIGKILL", "killed by the OOM killer");
+}
+
+#[test]
+fn cpu_spin_hits_the_cpu_time_limit_before_the_wall_clock() {
+    let r = py(
+        "while True:\n    pass\n",
+        &["--cpu-time", "1s", "--timeout", "10s"],
+    );
+    r.expect_timeout("cpuTimeSeconds");
+    assert!(r.elapsed < Duration::from_secs(6), "{:?}", r.elapsed);
+    let cpu = r.result["executionMetadata"]["cpuTimeMs"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(cpu >= 1000, "used its second of CPU: {cpu} ms");
+}
+
+#[test]
+fn sleep_past_the_timeout_is_killed_at_the_wall_clock_limit() {
+    let r = py("import time\ntime.sleep(30)\n", &["--timeout", "1s"]);
+    r.expect_timeout("timeoutSeconds");
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+}
+
+#[test]
+fn endless_stdout_is_capped_and_timed_out() {
+    let r = py(
+        "import sys\nline = 'x' * 1023 + '\\n'\nwhile True:\n    sys.stdout.write(line)\n",
+        &["--output-bytes", "64Ki", "--timeout", "2s"],
+    );
+    r.expect_timeout("timeoutSeconds");
+    assert_eq!(r.result["stdoutTruncated"], true);
+    let stdout = r.result["stdout"].as_str().unwrap_or("");
+    assert_eq!(stdout.len(), 65536);
+    assert!(stdout.bytes().all(|b| b == b'x' || b == b'\n'));
+}
+
+#[test]
+fn filling_the_work_dir_and_tmp_exhausts_disk() {
+    let body = r#"
+block = b"\xab" * (1 << 16)
+for path in ("/work/fill.bin", "/tmp/fill.bin"):
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(block)
+                f.flush()
+    except OSError as e:
+        print(path, errno.errorcode.get(e.errno), flush=True)
+sys.exit(1)
+"#;
+    let r = py(
+        &format!("{PRELUDE}\n{body}"),
+        &["--disk", "8Mi", "--memory", "256Mi", "--timeout", "10s"],
+    );
+    r.expect_exhausted("disk");
+    assert_eq!(r.details()["limit"], 8 << 20);
+    assert_eq!(
+        r.result["stdout"], "/work/fill.bin ENOSPC\n/tmp/fill.bin ENOSPC\n",
+        "the work dir and /tmp share the limit"
+    );
+}
+
+#[test]
+fn opening_files_until_emfile_stops_below_the_descriptor_limit() {
+    let body = r#"
+fds = []
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as e:
+    seen["errno"] = errno.errorcode[e.errno]
+seen["count"] = len(fds)
+for fd in fds:
+    os.close(fd)
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    assert_eq!(r.output()["errno"], "EMFILE");
+    let count = r.output()["count"].as_u64().unwrap_or(0);
+    assert!((200..300).contains(&count), "opened {count}");
+}
+
+/// The top-level entries of the sandbox's root: the runtime's read-only
+/// binds that exist on this host, plus the sandbox's own directories.
+fn expected_root() -> Vec<String> {
+    let mut names: Vec<String> = ["dev", "etc", "opt", "proc", "tmp", "usr", "work"]
+        .map(String::from)
+        .to_vec();
+    for optional in ["bin", "lib", "lib64", "sbin"] {
+        if std::fs::symlink_metadata(format!("/{optional}")).is_ok() {
+            names.push(optional.to_string());
+        }
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn host_secrets_are_not_visible_inside() {
+    let body = r#"
+attempt("shadow", lambda: open("/etc/shadow").read())
+attempt("root", lambda: os.listdir("/root"))
+attempt("environ1", lambda: open("/proc/1/environ", "rb").read().decode("latin-1"))
+attempt("mountinfo1", lambda: open("/proc/1/mountinfo").read())
+seen["slash"] = sorted(os.listdir("/"))
+seen["procs"] = sorted(p for p in os.listdir("/proc") if p.isdigit())
+seen["ids"] = [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups()]
+seen["hostname"] = os.uname().nodename
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    let out = r.output();
+    assert_eq!(errno_of(&r, "shadow"), "ENOENT", "{out}");
+    assert_eq!(errno_of(&r, "root"), "ENOENT", "{out}");
+    // PID 1 inside is the sandbox's init (root); hidepid hides it.
+    let environ = &out["environ1"];
+    assert!(
+        environ["errno"].is_string() || environ["ok"] == "",
+        "init's environ must be unreadable or empty: {environ}"
+    );
+    assert!(out["mountinfo1"]["errno"].is_string(), "{out}");
+    assert_eq!(out["slash"], json!(expected_root()));
+    assert_eq!(out["ids"], json!([65534, 65534, 65534, 65534, []]));
+    assert_eq!(out["hostname"], "sandbox");
+    assert_eq!(out["procs"].as_array().map(Vec::len), Some(1), "only itself");
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    if !host_name.trim().is_empty() && host_name.trim() != "sandbox" {
+        assert!(!r.stdout.contains(host_name.trim()), "host name leaked");
+    }
+}
+
+#[test]
+fn writes_to_usr_and_etc_fail_read_only() {
+    let marker = unique("pwned");
+    let body = format!(
+        r#"
+def w(p):
+    with open(p, "a") as f:
+        f.write("{marker}")
+attempt("usr_new", lambda: w("/usr/{marker}"))
+attempt("usr_bin", lambda: w("/usr/bin/env"))
+attempt("etc_new", lambda: w("/etc/{marker}"))
+attempt("etc_passwd", lambda: w("/etc/passwd"))
+attempt("etc_ld_cache", lambda: w("/etc/ld.so.cache"))
+attempt("mkdir_root", lambda: os.mkdir("/{marker}"))
+attempt("chmod_usr", lambda: os.chmod("/usr/bin/env", 0o777))
+"#
+    );
+    let env_before = std::fs::read("/usr/bin/env").expect("read /usr/bin/env");
+    let passwd_before = std::fs::read("/etc/passwd").expect("read /etc/passwd");
+    let r = py(&script(&body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    for key in [
+        "usr_new",
+        "usr_bin",
+        "etc_new",
+        "etc_passwd",
+        "etc_ld_cache",
+        "mkdir_root",
+        "chmod_usr",
+    ] {
+        let e = errno_of(&r, key);
+        assert!(
+            *e == "EROFS" || *e == "EACCES" || *e == "EPERM",
+            "{key}: {}",
+            r.output()
+        );
+    }
+    assert_eq!(errno_of(&r, "usr_bin"), "EROFS");
+    assert_eq!(errno_of(&r, "etc_passwd"), "EROFS");
+    for p in [
+        format!("/usr/{marker}"),
+        format!("/etc/{marker}"),
+        format!("/{marker}"),
+    ] {
+        assert!(std::fs::symlink_metadata(&p).is_err(), "{p} created on the host");
+    }
+    assert_eq!(std::fs::read("/usr/bin/env").expect("read"), env_before);
+    assert_eq!(std::fs::read("/etc/passwd").expect("read"), passwd_before);
+}
+
+#[test]
+fn symlink_to_etc_passwd_reads_only_the_synthetic_file() {
+    let body = r#"
+os.symlink("/etc/passwd", "/work/pw")
+attempt("passwd", lambda: open("/work/pw").read())
+os.symlink("/", "/work/rootlink")
+attempt("rootlink", lambda: sorted(os.listdir("/work/rootlink")))
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    let passwd = r.output()["passwd"]["ok"].as_str().unwrap_or("");
+    let users: Vec<&str> = passwd
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    assert_eq!(users, ["root", "sandbox"], "{passwd}");
+    let host = std::fs::read_to_string("/etc/passwd").expect("host passwd");
+    let host_users: Vec<&str> = host.lines().filter_map(|l| l.split(':').next()).collect();
+    assert!(
+        host_users.iter().any(|u| *u == "daemon" || *u == "bin"),
+        "precondition: the host has system users: {host_users:?}"
+    );
+    assert!(!passwd.contains("daemon") && !passwd.contains("\nbin:"));
+    assert_eq!(r.output()["rootlink"]["ok"], json!(expected_root()));
+}
+
+#[test]
+fn hardlinks_from_the_read_only_root_into_the_work_dir_fail() {
+    let body = r#"
+attempt("etc_passwd", lambda: os.link("/etc/passwd", "/work/x"))
+attempt("ld_cache", lambda: os.link("/etc/ld.so.cache", "/work/y"))
+attempt("usr_env", lambda: os.link("/usr/bin/env", "/work/z"))
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    for key in ["etc_passwd", "ld_cache", "usr_env"] {
+        let e = errno_of(&r, key);
+        assert!(*e == "EXDEV" || *e == "EPERM", "{key}: {}", r.output());
+    }
+}
+
+#[test]
+fn ptrace_is_refused_with_eperm() {
+    let body = r#"
+seen["traceme"] = sc(101, 0, 0, 0, 0)
+seen["attach_init"] = sc(101, 16, 1, 0, 0)
+seen["attach_self_parent"] = sc(101, 16, os.getppid(), 0, 0)
+seen["seize_init"] = sc(101, 0x4206, 1, 0, 0)
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    for key in ["traceme", "attach_init", "attach_self_parent", "seize_init"] {
+        assert_eq!(r.output()[key], json!([-1, "EPERM"]), "{key}");
+    }
+}
+
+#[test]
+fn kill_minus_one_from_the_task_spares_host_processes() {
+    let mut sleeper = Command::new("/bin/sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start a host sleeper");
+    let pid = sleeper.id().to_string();
+    let body = r#"
+attempt("kill_all", lambda: os.kill(-1, signal.SIGKILL))
+attempt("kill_host_pid", lambda: os.kill(int(os.environ["HOST_PID"]), signal.SIGKILL))
+attempt("kill_init", lambda: os.kill(1, signal.SIGKILL))
+"#;
+    let r = py(&script(body), &["--timeout", "10s", "--env", &format!("HOST_PID={pid}")]);
+    let alive = sleeper.try_wait().expect("try_wait").is_none();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    r.expect(0, "COMPLETED", None);
+    assert!(alive, "the host sleeper was killed");
+    assert_eq!(errno_of(&r, "kill_all"), "ESRCH", "{}", r.output());
+    // The host pid means nothing (or a process of its own) in the sandbox.
+    assert!(errno_of(&r, "kill_host_pid").is_string(), "{}", r.output());
+    assert!(errno_of(&r, "kill_init").is_string(), "{}", r.output());
+}
+
+#[test]
+fn tcp_connect_to_a_host_listener_fails_and_is_never_accepted() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let body = r#"
+def connect():
+    s = socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=2)
+    s.sendall(b"hello from the sandbox")
+    return "connected"
+attempt("connect", connect)
+"#;
+    let r = py(&script(body), &["--timeout", "10s", "--env", &format!("PORT={port}")]);
+    r.expect(0, "COMPLETED", None);
+    assert_eq!(errno_of(&r, "connect"), "ECONNREFUSED", "{}", r.output());
+    match listener.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("the host listener saw a connection: {other:?}"),
+    }
+}
+
+#[test]
+fn dns_lookup_fails() {
+    let body = r#"
+attempt("dns", lambda: socket.getaddrinfo("example.com", 80))
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    assert!(
+        r.output()["dns"]["ok"].is_null() && !r.output()["dns"]["errno"].is_null(),
+        "{}",
+        r.output()
+    );
+}
+
+#[test]
+fn mount_unshare_keyctl_and_bpf_fail_with_eperm() {
+    let body = r#"
+seen["mount"] = sc(165, b"none", b"/work", b"tmpfs", 0, 0)
+seen["unshare_user"] = sc(272, 0x10000000)
+seen["unshare_ns"] = sc(272, 0x00020000)
+seen["keyctl"] = sc(250, 0, 0, 0, 0, 0)
+seen["bpf"] = sc(321, 0, 0, 0)
+seen["getpid"] = sc(39)
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    for key in ["mount", "unshare_user", "unshare_ns", "keyctl", "bpf"] {
+        assert_eq!(r.output()[key], json!([-1, "EPERM"]), "{key}: {}", r.output());
+    }
+    // The harness itself works: an allowed call succeeds.
+    assert!(r.output()["getpid"][0].as_i64().is_some_and(|p| p > 0));
+}
+
+#[test]
+fn double_forked_daemon_does_not_outlive_the_task() {
+    let marker = unique("MARKER");
+    let body = r#"
+marker = os.environ["MARKER"]
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    pid = os.fork()
+    if pid == 0:
+        os.execv("/usr/bin/python3", ["python3", "-c", "import time; time.sleep(1000)", marker])
+    os.write(w, str(pid).encode())
+    os._exit(0)
+os.close(w)
+os.wait()
+daemon = int(os.read(r, 64))
+for _ in range(100):
+    try:
+        if marker.encode() in open("/proc/%d/cmdline" % daemon, "rb").read():
+            break
+    except OSError:
+        pass
+    time.sleep(0.02)
+seen["pid"] = daemon
+seen["cmdline"] = open("/proc/%d/cmdline" % daemon, "rb").read().decode().split("\0")
+"#;
+    let r = py(
+        &script(body),
+        &["--timeout", "10s", "--env", &format!("MARKER={marker}")],
+    );
+    r.expect(0, "COMPLETED", None);
+    assert!(r.output()["pid"].as_u64().is_some_and(|p| p > 1));
+    assert!(
+        r.output()["cmdline"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == marker.as_str())),
+        "the daemon ran: {}",
+        r.output()
+    );
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+}
+
+#[test]
+fn task_output_symlinked_to_a_host_file_is_not_read() {
+    let secret = unique("TOPSECRET");
+    let host = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(host.path(), json!({"secret": secret}).to_string()).expect("write");
+    let host_path = host.path().to_string_lossy().into_owned();
+    for target in [host_path.as_str(), "/etc/hostname", "/etc/passwd"] {
+        let body = r#"os.symlink(os.environ["TARGET"], os.environ["TASK_OUTPUT"])"#;
+        let r = py(
+            &format!("import os\n{body}\n"),
+            &["--timeout", "10s", "--env", &format!("TARGET={target}")],
+        );
+        r.expect(1, "FAILED", Some("OUTPUT_VALIDATION"));
+        assert!(r.message().contains("symbolic link"), "{target}: {}", r.message());
+        assert!(r.details().get("head").is_none(), "{target}: nothing read");
+        assert!(!r.stdout.contains(&secret), "{target}: the secret leaked");
+        assert!(!r.stdout.contains("root:x:0:0"), "{target}: passwd leaked");
+        assert_eq!(r.attempts().len(), 1);
+    }
+}
+
+#[test]
+fn symlink_to_a_host_dir_left_in_the_work_dir_survives_cleanup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let canary = dir.path().join("canary.txt");
+    std::fs::write(&canary, "still here").expect("write");
+    let body = r#"
+os.symlink(os.environ["HOSTDIR"], "/work/evil")
+os.symlink(os.environ["HOSTDIR"] + "/canary.txt", "/work/evil-file")
+os.symlink(os.environ["HOSTDIR"], "/tmp/evil")
+attempt("through", lambda: os.listdir("/work/evil"))
+"#;
+    let r = py(
+        &script(body),
+        &[
+            "--timeout",
+            "10s",
+            "--env",
+            &format!("HOSTDIR={}", dir.path().display()),
+        ],
+    );
+    r.expect(0, "COMPLETED", None);
+    assert_eq!(errno_of(&r, "through"), "ENOENT", "the host dir is not inside");
+    assert!(dir.path().is_dir(), "host dir removed");
+    assert_eq!(
+        std::fs::read_to_string(&canary).expect("canary"),
+        "still here"
+    );
+}
+
+#[test]
+fn process_ignoring_sigterm_is_killed_at_the_timeout() {
+    let marker = unique("STUBBORN");
+    let body = r#"
+import os, signal, subprocess, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen(["/usr/bin/python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)", os.environ["MARKER"]])
+time.sleep(1000)
+"#;
+    let start = Instant::now();
+    let r = py(
+        body,
+        &["--timeout", "1s", "--env", &format!("MARKER={marker}")],
+    );
+    r.expect_timeout("timeoutSeconds");
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+}
+
+#[test]
+fn executor_environment_is_invisible_to_the_task() {
+    let secret = unique("s3cr3t");
+    let r = py_env(
+        "import os\nprint(os.environ)\nprint(open('/proc/self/environ', 'rb').read())\n",
+        &["--timeout", "10s"],
+        &[("TASKEXEC_TEST_SECRET", &secret)],
+    );
+    r.expect(0, "COMPLETED", None);
+    let stdout = r.result["stdout"].as_str().unwrap_or("");
+    assert!(stdout.contains("TASK_OUTPUT"), "the task printed its environment");
+    assert!(!stdout.contains("TASKEXEC_TEST_SECRET"), "{stdout}");
+    assert!(!r.stdout.contains(&secret), "the secret is nowhere in the result");
+}
+
+#[test]
+fn no_process_mount_or_cgroup_outlives_a_run() {
+    let marker = unique("LEFTOVER");
+    let code = r#"
+import os, subprocess, time
+subprocess.Popen(["/usr/bin/python3", "-c", "import time; time.sleep(1000)", os.environ["MARKER"]], start_new_session=True)
+time.sleep(1.5)
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("main.py");
+    std::fs::write(&file, code).expect("write");
+    let mounts_before = util::sandbox_mounts();
+    let child = Command::new(env!("CARGO_BIN_EXE_taskexec"))
+        .args(["run", &file.to_string_lossy(), "--json", "--timeout", "10s"])
+        .args(["--env", &format!("MARKER={marker}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    // While the task runs, its cgroup and its marked process are visible
+    // from the host: the checks below look in the right places.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let (mut cgroups, mut procs) = (Vec::new(), Vec::new());
+    while Instant::now() < deadline && (cgroups.is_empty() || procs.is_empty()) {
+        cgroups = util::task_cgroups(pid);
+        procs = processes_with(&marker);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("wait");
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(result["status"], "COMPLETED", "{result}");
+    assert!(!cgroups.is_empty(), "the task cgroup was seen while running");
+    assert!(
+        cgroups
+            .iter()
+            .any(|c| c.starts_with("/sys/fs/cgroup/memory") || c.starts_with("/sys/fs/cgroup/pids"))
+            || cgroups.iter().all(|c| c.starts_with("/sys/fs/cgroup")),
+        "{cgroups:?}"
+    );
+    assert!(!procs.is_empty(), "the marked process was seen while running");
+    // And afterwards: nothing.
+    assert_eq!(util::task_cgroups(pid), Vec::<std::path::PathBuf>::new());
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+    util::assert_host_clean(pid, &mounts_before);
+    for file in ["/proc/1/mountinfo", "/proc/self/mountinfo"] {
+        let text = std::fs::read_to_string(file).expect("mountinfo");
+        for line in text.lines() {
+            let point = line.split(' ').nth(4).unwrap_or("");
+            assert!(!point.contains("taskexec"), "{file}: {line}");
+        }
+    }
+}
