@@ -299,8 +299,11 @@ fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
 pub struct Sandbox {
     config: SandboxConfig,
     cgroups: Box<dyn CgroupDriver>,
-    counter: AtomicU64,
 }
+
+/// Numbers task cgroups uniquely within this process (names carry the pid,
+/// so they are unique on the host), whatever the number of `Sandbox`es.
+static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A spawned launcher process, killed if dropped while running.
 struct Launcher {
@@ -346,11 +349,7 @@ fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
 impl Sandbox {
     /// A sandbox using `cgroups` for limits.
     pub fn new(config: SandboxConfig, cgroups: Box<dyn CgroupDriver>) -> Self {
-        Self {
-            config,
-            cgroups,
-            counter: AtomicU64::new(0),
-        }
+        Self { config, cgroups }
     }
 
     /// The cgroup driver in use.
@@ -372,7 +371,7 @@ impl Sandbox {
         let name = format!(
             "taskexec-{}-{}",
             std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
+            RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let cgroup = self.cgroups.create(
             &name,

@@ -1,0 +1,194 @@
+//! Privileged tests of the sandbox itself (run as root): a run's result and
+//! read-back, cancellation, the wall-clock kill of a whole process tree, a
+//! setup failure, and that nothing of a run is left behind.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use taskexec_sandbox::*;
+
+/// The leftover checks look at every task cgroup of this process, so the
+/// tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sandbox() -> Sandbox {
+    Sandbox::new(
+        SandboxConfig::new(LauncherCommand { program: env!("CARGO_BIN_EXE_taskexec-launcher").into() }),
+        cgroup::detect(None).expect("a usable cgroup hierarchy"),
+    )
+}
+
+fn request(code: &str) -> RunRequest {
+    RunRequest {
+        argv: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],
+        env: vec![("PATH".into(), "/usr/bin".into())],
+        ro_mounts: ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/python3", "/etc/python3.11"]
+            .iter()
+            .map(|p| RoMount { path: p.to_string(), optional: true })
+            .collect(),
+        work_files: vec![SandboxFile { path: "in.json".into(), content: b"{\"x\":2}".to_vec(), executable: false }],
+        support_files: vec![],
+        stdin_path: Some("/work/in.json".into()),
+        read_back: vec!["/work/out.json".into()],
+        collect_dir: None,
+        limits: SandboxLimits {
+            memory_bytes: 128 << 20,
+            disk_bytes: 16 << 20,
+            pids: 64,
+            cpu_request_millis: 1000,
+            cpu_limit_millis: None,
+            timeout: Duration::from_secs(20),
+            cpu_time: None,
+            output_bytes: 1 << 20,
+            nofile: 256,
+        },
+    }
+}
+
+/// Task cgroups of this test process that still exist, in any hierarchy.
+fn leftover_cgroups() -> Vec<String> {
+    let prefix = format!("taskexec-{}-", std::process::id());
+    let mut found = Vec::new();
+    let mut stack = vec![Path::new("/sys/fs/cgroup").to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    found.push(e.path().display().to_string());
+                }
+                stack.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// Host processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) && !cmd.contains("cargo") {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_task_runs_unprivileged_in_its_own_root_and_its_output_is_read_back() {
+    let _serial = serial();
+    let out = sandbox()
+        .run(
+            &request(
+                "import os, sys, json\n\
+                 json.dump({'uid': os.getuid(), 'gid': os.getgid(), 'pid': os.getpid(), 'root': sorted(os.listdir('/')),\n\
+                            'stdin': sys.stdin.read(), 'host': os.uname().nodename}, open('/work/out.json', 'w'))\n\
+                 print('hello')",
+            ),
+            None,
+        )
+        .expect("run");
+    assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(0)), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"hello\n");
+    let ReadBackResult::Read { data, truncated: false } = &out.read_back[0] else { panic!("{:?}", out.read_back) };
+    let v: serde_json::Value = serde_json::from_slice(data).expect("json");
+    assert_eq!(v["uid"], 65534);
+    assert_eq!(v["gid"], 65534);
+    assert_eq!(v["pid"], 2, "the task is the first child of the sandbox's init");
+    assert_eq!(v["stdin"], "{\"x\":2}");
+    assert_eq!(v["host"], "sandbox");
+    let root: Vec<&str> = v["root"].as_array().expect("list").iter().filter_map(|x| x.as_str()).collect();
+    assert_eq!(root, vec!["bin", "dev", "etc", "lib", "lib64", "opt", "proc", "tmp", "usr", "work"]);
+    assert!(out.stats.cpu_time > Duration::ZERO);
+    assert!(out.stats.peak_memory_bytes.unwrap_or(0) > 0);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn cancel_kills_the_whole_tree_and_leaves_nothing() {
+    let _serial = serial();
+    let marker = format!("cancel-marker-{}", std::process::id());
+    let sb = sandbox();
+    let token = CancelToken::new().expect("token");
+    let t2 = token.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        t2.cancel();
+        Instant::now()
+    });
+    let code = format!(
+        "import os, subprocess, time\n\
+         subprocess.Popen(['/usr/bin/python3', '-c', 'import time; time.sleep(60)', '{marker}'], start_new_session=True)\n\
+         time.sleep(60)"
+    );
+    let out = sb.run(&request(&code), Some(&token)).expect("run");
+    let returned = Instant::now();
+    let cancelled_at = canceller.join().expect("join");
+    assert_eq!(out.termination, Termination::Cancelled);
+    // Not a timing assertion on speed: the run must simply end on the cancel
+    // rather than at its 20 s wall-clock limit.
+    assert!(returned.duration_since(cancelled_at) < Duration::from_secs(5));
+    assert!(processes_with(&marker).is_empty(), "{:?}", processes_with(&marker));
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn the_wall_clock_limit_kills_processes_that_ignore_sigterm_and_daemons() {
+    let _serial = serial();
+    let marker = format!("timeout-marker-{}", std::process::id());
+    let mut req = request(&format!(
+        "import os, signal, time\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         if os.fork() == 0:\n\
+         \x20   os.setsid()\n\
+         \x20   if os.fork() == 0:\n\
+         \x20       os.execv('/usr/bin/python3', ['/usr/bin/python3', '-c', 'import time; time.sleep(60)', '{marker}'])\n\
+         \x20   os._exit(0)\n\
+         time.sleep(60)"
+    ));
+    req.limits.timeout = Duration::from_secs(1);
+    let out = sandbox().run(&req, None).expect("run");
+    assert_eq!(out.termination, Termination::TimedOut);
+    assert!(processes_with(&marker).is_empty(), "{:?}", processes_with(&marker));
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn a_missing_interpreter_is_a_setup_error_not_a_task_failure() {
+    let _serial = serial();
+    let mut req = request("");
+    req.argv = vec!["/usr/bin/no-such-interpreter".into()];
+    match sandbox().run(&req, None) {
+        Err(SandboxError::Setup { stage, message }) => {
+            assert_eq!(stage, "exec");
+            assert!(message.contains("ENOENT"), "{message}");
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn work_files_are_not_visible_on_the_host_and_vanish_with_the_run() {
+    let _serial = serial();
+    // The work dir lives only in the sandbox's mount namespace: the task
+    // writes a file, and no host path anywhere holds it afterwards.
+    let marker = format!("host-invisible-{}", std::process::id());
+    let code = format!("open('/work/{marker}', 'w').write('x'); open('/tmp/{marker}', 'w').write('x')");
+    let out = sandbox().run(&request(&code), None).expect("run");
+    assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(0)));
+    for dir in ["/tmp", "/work", "/var/tmp"] {
+        assert!(!Path::new(dir).join(&marker).exists(), "{dir}/{marker} exists on the host");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains("/.scratch"), "no sandbox mount is visible on the host");
+}
