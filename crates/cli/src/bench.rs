@@ -47,7 +47,10 @@ struct Series {
 
 impl Series {
     fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), ms: Vec::new() }
+        Self {
+            name: name.into(),
+            ms: Vec::new(),
+        }
     }
 
     fn summary(&self) -> serde_json::Value {
@@ -60,7 +63,11 @@ impl Series {
 
 fn time_command(cmd: &mut Command) -> anyhow::Result<f64> {
     let t = Instant::now();
-    let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
@@ -74,7 +81,10 @@ fn trivial(runtime: &str) -> anyhow::Result<(&'static str, &'static str)> {
         "python" => ("pass\n", "main.py"),
         "node" => ("\n", "main.js"),
         "bash" => ("true\n", "main.sh"),
-        "java" => ("public class Main { public static void main(String[] a) {} }\n", "Main.java"),
+        "java" => (
+            "public class Main { public static void main(String[] a) {} }\n",
+            "Main.java",
+        ),
         other => bail!("--runtime {other:?}: bench knows python, node, bash and java"),
     })
 }
@@ -83,7 +93,10 @@ fn trivial(runtime: &str) -> anyhow::Result<(&'static str, &'static str)> {
 pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let (code, file_name) = trivial(&args.runtime)?;
     let engine = crate::setup::engine(g)?;
-    let rt = engine.catalogue().resolve(&args.runtime).context("resolving the runtime")?;
+    let rt = engine
+        .catalogue()
+        .resolve(&args.runtime)
+        .context("resolving the runtime")?;
     let dir = tempfile::tempdir().context("temp dir")?;
     let file = dir.path().join(file_name);
     std::fs::write(&file, code)?;
@@ -91,7 +104,12 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
         let mut c = Command::new(&rt.interpreter);
         if args.runtime == "java" {
             // Bare JVM start on the same class, compiled once outside the loop.
-            c.arg("-XX:+UseSerialGC").arg("-XX:TieredStopAtLevel=1").arg("-XX:-UsePerfData").arg("-cp").arg(dir.path()).arg("Main");
+            c.arg("-XX:+UseSerialGC")
+                .arg("-XX:TieredStopAtLevel=1")
+                .arg("-XX:-UsePerfData")
+                .arg("-cp")
+                .arg(dir.path())
+                .arg("Main");
         } else {
             c.arg(f);
         }
@@ -99,7 +117,11 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
     };
     if args.runtime == "java" {
         let javac = rt.compiler.clone().context("java has no compiler")?;
-        let ok = Command::new(javac).arg("-d").arg(dir.path()).arg(&file).status()?;
+        let ok = Command::new(javac)
+            .arg("-d")
+            .arg(dir.path())
+            .arg(&file)
+            .status()?;
         if !ok.success() {
             bail!("javac failed");
         }
@@ -112,7 +134,10 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
         "executionConfig": {"runtime": args.runtime, "resourceRequirements": {"timeoutSeconds": 30, "disk": "16Mi", "cpu": "1"}},
         "retryPolicy": {"maxRetries": 0, "retryInterval": 0, "backoffMultiplier": 1.0},
     }))?;
-    let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let cancel = Cancellation::new()?;
 
     let mut bare = Series::new(format!("bare {} {}", rt.interpreter.display(), file_name));
@@ -142,7 +167,12 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
         }
         if args.cli {
             let mut c = Command::new(&exe);
-            c.arg("run").arg(&file).arg("--runtime").arg(&args.runtime).arg("--cpu").arg("1");
+            c.arg("run")
+                .arg(&file)
+                .arg("--runtime")
+                .arg(&args.runtime)
+                .arg("--cpu")
+                .arg("1");
             cli.ms.push(time_command(&mut c)?);
         }
         if i % 10 == 9 {
@@ -176,9 +206,15 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
     }
     println!(
         "taskexec bench: {} trivial {} tasks, one at a time ({}, {} cpus)",
-        args.tasks, args.runtime, report["cgroup"].as_str().unwrap_or("?"), report["cpus"]
+        args.tasks,
+        args.runtime,
+        report["cgroup"].as_str().unwrap_or("?"),
+        report["cpus"]
     );
-    println!("{:<48} {:>8} {:>8} {:>8} {:>10}", "series", "p50 ms", "p99 ms", "mean ms", "p50 ratio");
+    println!(
+        "{:<48} {:>8} {:>8} {:>8} {:>10}",
+        "series", "p50 ms", "p99 ms", "mean ms", "p50 ratio"
+    );
     for s in &report["series"].as_array().cloned().unwrap_or_default() {
         let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
         println!(
@@ -191,7 +227,10 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
         );
     }
     let sb = report["series"][1]["p50"].as_f64().unwrap_or(f64::NAN);
-    println!("sandbox overhead at p50: {:+.2} ms over the bare interpreter", sb - base);
+    println!(
+        "sandbox overhead at p50: {:+.2} ms over the bare interpreter",
+        sb - base
+    );
     println!("sandbox phases, p50 ms:");
     for (k, v) in &phase_p50 {
         println!("  {k:<14} {v:>7.3}");

@@ -79,7 +79,9 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
                 json!(limits.memory_bytes),
             ));
         }
-        if status == ExitStatus::Signal(SIGXCPU) {
+        // RLIMIT_CPU is only set with a CPU-time limit: without one, a
+        // SIGXCPU was sent by the task itself and is no limit of ours.
+        if status == ExitStatus::Signal(SIGXCPU) && limits.cpu_time.is_some() {
             return Verdict::Failed(cpu_time_error(limits));
         }
         if stats.pids_max_hits > 0 {

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use taskexec_model::{
     AttemptRecord, ErrorType, FieldError, Lifecycle, Limits, LimitsConfig, Method, PhaseTimings,
-    RetryLimits, TaskError, TaskInstance, TaskResult, TaskStatus, ValidRetryPolicy,
+    RetryLimits, RunAs, TaskError, TaskInstance, TaskResult, TaskStatus, ValidRetryPolicy,
 };
 use taskexec_runtimes::{Catalogue, Plan, ResolvedRuntime, RuntimeError};
 use taskexec_sandbox::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError, Termination};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 pub use classify::{Verdict, classify};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -118,6 +118,38 @@ struct Prepared {
     runtime: ResolvedRuntime,
     plan: Plan,
     output_schema: Option<Arc<jsonschema::Validator>>,
+    /// `securityContext.runAs`, resolved to (uid, gid).
+    user: Option<(u32, u32)>,
+}
+
+/// The unprivileged account tasks run as unless `runAs` names another.
+const NOBODY: u32 = 65534;
+
+/// Resolves `securityContext.runAs`: a non-zero uid (gid = uid), or the
+/// names "nobody" / "sandbox" (the default account). Root is refused.
+fn resolve_run_as(run_as: Option<&RunAs>) -> Result<Option<(u32, u32)>, FieldError> {
+    const FIELD: &str = "executionConfig.securityContext.runAs";
+    match run_as {
+        None => Ok(None),
+        Some(RunAs::Name(n)) if n == "nobody" || n == "sandbox" => Ok(Some((NOBODY, NOBODY))),
+        Some(RunAs::Name(n)) => Err(FieldError::new(
+            FIELD,
+            format!(
+                "unknown user {n:?}; expected a numeric uid from 1 to 4294967294, or \"nobody\""
+            ),
+        )),
+        Some(RunAs::Uid(uid)) => match u32::try_from(*uid) {
+            Ok(0) => Err(FieldError::new(
+                FIELD,
+                "tasks never run as root (uid 0); expected a uid from 1 to 4294967294",
+            )),
+            Ok(u) if u != u32::MAX => Ok(Some((u, u))),
+            _ => Err(FieldError::new(
+                FIELD,
+                format!("{uid} is out of range; expected a uid from 1 to 4294967294"),
+            )),
+        },
+    }
 }
 
 /// The lifecycle pipeline.
@@ -183,6 +215,20 @@ impl Engine {
                 )));
             }
         }
+        let security = &task.execution_config.security_context;
+        let user = resolve_run_as(security.run_as.as_ref()).map_err(Rejection::field)?;
+        if let Some(p) = security
+            .permissions
+            .iter()
+            .find(|p| p.as_str() == "network")
+        {
+            return Err(Rejection::field(FieldError::new(
+                "executionConfig.securityContext.permissions",
+                format!(
+                    "permission {p:?} is not available on this executor yet: tasks get a private network namespace with loopback only; expected no permissions"
+                ),
+            )));
+        }
         let names = || self.catalogue.names().collect::<Vec<_>>().join(", ");
         let name = task.runtime().ok_or_else(|| {
             Rejection::field(FieldError::new(
@@ -237,14 +283,21 @@ impl Engine {
             runtime,
             plan,
             output_schema,
+            user,
         })
     }
 
-    /// Runs a task through its whole lifecycle.
+    /// Runs a task through its whole lifecycle. Logs carry the task id
+    /// (span `task`) and, per attempt, the attempt number and phase timings.
     pub async fn execute(&self, mut task: TaskInstance, cancel: &Cancellation) -> TaskResult {
         if task.id.is_empty() {
             task.id = uuid::Uuid::new_v4().to_string();
         }
+        let span = tracing::info_span!("task", task_id = %task.id);
+        self.execute_inner(task, cancel).instrument(span).await
+    }
+
+    async fn execute_inner(&self, task: TaskInstance, cancel: &Cancellation) -> TaskResult {
         let clock = &self.clock;
         let start = clock.now();
         let t_start = Instant::now();
@@ -288,8 +341,10 @@ impl Engine {
             );
             let a_start = clock.now();
             let t_attempt = Instant::now();
-            let (verdict, outcome, mut phases) =
-                self.attempt(&task, &prepared, attempt, cancel).await;
+            let (verdict, outcome, mut phases) = self
+                .attempt(&task, &prepared, attempt, cancel)
+                .instrument(tracing::info_span!("attempt", attempt))
+                .await;
             let verdict = match verdict {
                 Verdict::Completed { output } => {
                     let t_val = Instant::now();
@@ -332,6 +387,16 @@ impl Engine {
                 stderr_tail: String::new(),
                 phases: phases.clone(),
             };
+            debug!(
+                attempt,
+                status = %record_status,
+                prepare_ms = phases.prepare_ms,
+                compile_ms = phases.compile_ms,
+                run_ms = phases.run_ms,
+                output_validation_ms = phases.output_validation_ms,
+                cleanup_ms = phases.cleanup_ms,
+                "attempt finished"
+            );
             add_phases(&mut result.execution_metadata.phases, &phases);
             if let Some(o) = &outcome {
                 if let Termination::Exited(status) = o.termination {
@@ -465,7 +530,9 @@ impl Engine {
             let artifacts = match self.compiled.get(&key) {
                 Some(a) => a,
                 None => {
-                    let req = prepare::compile_request(task, &p.runtime, &p.plan, step, &p.limits);
+                    let req = prepare::compile_request(
+                        task, p.user, &p.runtime, &p.plan, step, &p.limits,
+                    );
                     let outcome = match self.run_blocking(req, cancel).await {
                         Ok(o) => o,
                         Err(e) => return (Verdict::Failed(setup_error(&e)), None, phases),
@@ -487,6 +554,7 @@ impl Engine {
         let t = Instant::now();
         let req = prepare::run_request(
             task,
+            p.user,
             &p.runtime,
             &p.plan,
             &p.limits,

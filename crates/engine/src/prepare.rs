@@ -86,6 +86,7 @@ fn relative_to_work(path: &str) -> String {
 /// under the compile step's output dir.
 pub fn run_request(
     task: &TaskInstance,
+    user: Option<(u32, u32)>,
     rt: &ResolvedRuntime,
     plan: &Plan,
     limits: &Limits,
@@ -128,12 +129,14 @@ pub fn run_request(
             output_bytes: limits.output_bytes,
             nofile: TASK_NOFILE,
         },
+        user,
     }
 }
 
 /// The compile request: sources in, `output_dir` collected out.
 pub fn compile_request(
     task: &TaskInstance,
+    user: Option<(u32, u32)>,
     rt: &ResolvedRuntime,
     plan: &Plan,
     step: &CompileStep,
@@ -159,6 +162,7 @@ pub fn compile_request(
             output_bytes: limits.output_bytes,
             nofile: 1024,
         },
+        user,
     }
 }
 

@@ -38,7 +38,10 @@ struct Scripted {
 
 impl Scripted {
     fn new(steps: impl IntoIterator<Item = Step>) -> Arc<Self> {
-        Arc::new(Self { steps: Mutex::new(steps.into_iter().collect()), ..Self::default() })
+        Arc::new(Self {
+            steps: Mutex::new(steps.into_iter().collect()),
+            ..Self::default()
+        })
     }
 }
 
@@ -53,7 +56,10 @@ fn outcome(termination: Termination, output: &str) -> RunOutcome {
             if output.is_empty() {
                 ReadBackResult::Missing
             } else {
-                ReadBackResult::Read { data: output.as_bytes().to_vec(), truncated: false }
+                ReadBackResult::Read {
+                    data: output.as_bytes().to_vec(),
+                    truncated: false,
+                }
             },
             ReadBackResult::Missing,
         ],
@@ -72,10 +78,18 @@ impl AttemptRunner for Scripted {
     fn run(&self, _req: &RunRequest, cancel: &CancelToken) -> Result<RunOutcome, SandboxError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.started.notify_one();
-        let step = self.steps.lock().expect("lock").pop_front().unwrap_or(Step::Exit(0, "null"));
+        let step = self
+            .steps
+            .lock()
+            .expect("lock")
+            .pop_front()
+            .unwrap_or(Step::Exit(0, "null"));
         match step {
             Step::Exit(code, out) => Ok(outcome(Termination::Exited(ExitStatus::Code(code)), out)),
-            Step::SetupFails => Err(SandboxError::Setup { stage: "mounts".into(), message: "simulated".into() }),
+            Step::SetupFails => Err(SandboxError::Setup {
+                stage: "mounts".into(),
+                message: "simulated".into(),
+            }),
             Step::TimesOut => Ok(outcome(Termination::TimedOut, "")),
             Step::BlockUntilCancelled => {
                 while !cancel.is_cancelled() {
@@ -124,24 +138,54 @@ fn assert_one_final_state(r: &TaskResult) {
 
 #[tokio::test]
 async fn two_setup_failures_then_success_completes_on_attempt_three() {
-    let runner = Scripted::new([Step::SetupFails, Step::SetupFails, Step::Exit(0, r#"{"ok":true}"#)]);
+    let runner = Scripted::new([
+        Step::SetupFails,
+        Step::SetupFails,
+        Step::Exit(0, r#"{"ok":true}"#),
+    ]);
     let clock = Arc::new(ManualClock::new(0.5));
     let e = engine(Arc::clone(&runner), Arc::clone(&clock));
-    let r = e.execute(task(policy(&[])), &Cancellation::new().expect("cancel")).await;
+    let r = e
+        .execute(task(policy(&[])), &Cancellation::new().expect("cancel"))
+        .await;
     assert_eq!(r.status, TaskStatus::Completed, "{:?}", r.error);
     assert_eq!(r.output, json!({"ok": true}));
     assert_eq!(r.execution_metadata.attempts.len(), 3);
     assert_eq!(runner.calls.load(Ordering::SeqCst), 3);
-    let errors: Vec<_> = r.execution_metadata.attempts.iter().map(|a| a.error.as_ref().map(|e| e.error_type)).collect();
-    assert_eq!(errors, vec![Some(ErrorType::EnvironmentSetup), Some(ErrorType::EnvironmentSetup), None]);
+    let errors: Vec<_> = r
+        .execution_metadata
+        .attempts
+        .iter()
+        .map(|a| a.error.as_ref().map(|e| e.error_type))
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            Some(ErrorType::EnvironmentSetup),
+            Some(ErrorType::EnvironmentSetup),
+            None
+        ]
+    );
     use TaskStatus::*;
     assert_eq!(
         states(&r),
-        vec![(Received, 0), (Preparing, 1), (Running, 1), (Preparing, 2), (Running, 2), (Preparing, 3), (Running, 3), (Completed, 3)]
+        vec![
+            (Received, 0),
+            (Preparing, 1),
+            (Running, 1),
+            (Preparing, 2),
+            (Running, 2),
+            (Preparing, 3),
+            (Running, 3),
+            (Completed, 3)
+        ]
     );
     assert!(r.history.iter().all(|h| !h.reason.is_empty()));
     // Full jitter with r = 0.5: half of min(1000, 100 * 2^n).
-    assert_eq!(clock.sleeps(), vec![Duration::from_millis(50), Duration::from_millis(100)]);
+    assert_eq!(
+        clock.sleeps(),
+        vec![Duration::from_millis(50), Duration::from_millis(100)]
+    );
     assert_one_final_state(&r);
 }
 
@@ -151,7 +195,9 @@ async fn backoff_delays_stay_within_their_bounds() {
         let runner = Scripted::new([Step::SetupFails; 5]);
         let clock = Arc::new(ManualClock::new(r));
         let e = engine(runner, Arc::clone(&clock));
-        let t = task(json!({"maxRetries": 4, "retryInterval": 100, "backoffMultiplier": 3.0, "maxInterval": 1000}));
+        let t = task(
+            json!({"maxRetries": 4, "retryInterval": 100, "backoffMultiplier": 3.0, "maxInterval": 1000}),
+        );
         let result = e.execute(t, &Cancellation::new().expect("cancel")).await;
         assert_eq!(result.status, TaskStatus::Failed);
         let sleeps = clock.sleeps();
@@ -167,7 +213,9 @@ async fn backoff_delays_stay_within_their_bounds() {
 async fn exhausted_retries_fail_with_max_retries_exceeded_and_every_attempt() {
     let runner = Scripted::new([Step::SetupFails; 3]);
     let e = engine(runner, Arc::new(ManualClock::new(0.5)));
-    let r = e.execute(task(policy(&[])), &Cancellation::new().expect("cancel")).await;
+    let r = e
+        .execute(task(policy(&[])), &Cancellation::new().expect("cancel"))
+        .await;
     assert_eq!(r.status, TaskStatus::Failed);
     let err = r.error.expect("error");
     assert_eq!(err.error_type, ErrorType::MaxRetriesExceeded);
@@ -182,7 +230,12 @@ async fn a_runtime_error_not_listed_is_not_retried() {
     let runner = Scripted::new([Step::Exit(3, ""), Step::Exit(0, "1")]);
     let clock = Arc::new(ManualClock::new(0.5));
     let e = engine(Arc::clone(&runner), Arc::clone(&clock));
-    let r = e.execute(task(policy(&["TIMEOUT"])), &Cancellation::new().expect("cancel")).await;
+    let r = e
+        .execute(
+            task(policy(&["TIMEOUT"])),
+            &Cancellation::new().expect("cancel"),
+        )
+        .await;
     assert_eq!(r.status, TaskStatus::Failed);
     let err = r.error.expect("error");
     assert_eq!(err.error_type, ErrorType::RuntimeError);
@@ -195,12 +248,22 @@ async fn a_runtime_error_not_listed_is_not_retried() {
 async fn a_timeout_is_retried_only_when_the_policy_lists_it() {
     let runner = Scripted::new([Step::TimesOut, Step::Exit(0, "2")]);
     let e = engine(Arc::clone(&runner), Arc::new(ManualClock::new(0.5)));
-    let r = e.execute(task(policy(&["TIMEOUT"])), &Cancellation::new().expect("cancel")).await;
-    assert_eq!((r.status, r.output.clone()), (TaskStatus::Completed, json!(2)));
+    let r = e
+        .execute(
+            task(policy(&["TIMEOUT"])),
+            &Cancellation::new().expect("cancel"),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.output.clone()),
+        (TaskStatus::Completed, json!(2))
+    );
 
     let runner = Scripted::new([Step::TimesOut, Step::Exit(0, "2")]);
     let e = engine(Arc::clone(&runner), Arc::new(ManualClock::new(0.5)));
-    let r = e.execute(task(policy(&[])), &Cancellation::new().expect("cancel")).await;
+    let r = e
+        .execute(task(policy(&[])), &Cancellation::new().expect("cancel"))
+        .await;
     assert_eq!(r.status, TaskStatus::Failed);
     assert_eq!(r.error.expect("error").error_type, ErrorType::Timeout);
 }
@@ -210,7 +273,9 @@ async fn input_validation_rejects_before_anything_runs() {
     let runner = Scripted::new([]);
     let e = engine(Arc::clone(&runner), Arc::new(ManualClock::new(0.5)));
     let mut t = task(policy(&["INPUT_VALIDATION"]));
-    t.definition.input_schema = Some(json!({"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}));
+    t.definition.input_schema = Some(
+        json!({"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}),
+    );
     t.input = json!({"n": "x"});
     let r = e.execute(t, &Cancellation::new().expect("cancel")).await;
     assert_eq!(r.status, TaskStatus::Rejected);
@@ -219,22 +284,44 @@ async fn input_validation_rejects_before_anything_runs() {
     assert_eq!(err.details.expect("details")["violations"][0]["path"], "/n");
     assert_eq!(runner.calls.load(Ordering::SeqCst), 0);
     use TaskStatus::*;
-    assert_eq!(states(&r), vec![(Received, 0), (Preparing, 1), (Rejected, 1)]);
+    assert_eq!(
+        states(&r),
+        vec![(Received, 0), (Preparing, 1), (Rejected, 1)]
+    );
 }
 
 #[tokio::test]
 async fn absurd_retry_policies_are_rejected_naming_the_field() {
     let e = engine(Scripted::new([]), Arc::new(ManualClock::new(0.5)));
     for (policy, field) in [
-        (json!({"maxRetries": 1_000_000_000, "retryInterval": 10, "backoffMultiplier": 2.0}), "retryPolicy.maxRetries"),
-        (json!({"maxRetries": 1, "retryInterval": 10, "backoffMultiplier": 0.0}), "retryPolicy.backoffMultiplier"),
-        (json!({"maxRetries": 1, "retryInterval": 10, "backoffMultiplier": 0.5}), "retryPolicy.backoffMultiplier"),
-        (json!({"maxRetries": 1, "retryInterval": -1, "backoffMultiplier": 2.0}), "retryPolicy.retryInterval"),
+        (
+            json!({"maxRetries": 1_000_000_000, "retryInterval": 10, "backoffMultiplier": 2.0}),
+            "retryPolicy.maxRetries",
+        ),
+        (
+            json!({"maxRetries": 1, "retryInterval": 10, "backoffMultiplier": 0.0}),
+            "retryPolicy.backoffMultiplier",
+        ),
+        (
+            json!({"maxRetries": 1, "retryInterval": 10, "backoffMultiplier": 0.5}),
+            "retryPolicy.backoffMultiplier",
+        ),
+        (
+            json!({"maxRetries": 1, "retryInterval": -1, "backoffMultiplier": 2.0}),
+            "retryPolicy.retryInterval",
+        ),
     ] {
-        let r = e.execute(task(policy), &Cancellation::new().expect("cancel")).await;
+        let r = e
+            .execute(task(policy), &Cancellation::new().expect("cancel"))
+            .await;
         assert_eq!(r.status, TaskStatus::Rejected);
         let err = r.error.expect("error");
-        assert_eq!(err.details.expect("details")["field"], field, "{}", err.message);
+        assert_eq!(
+            err.details.expect("details")["field"],
+            field,
+            "{}",
+            err.message
+        );
     }
     let max = RetryLimits::default().max_retries;
     assert!(max < 1_000_000_000, "the documented maximum is {max}");
@@ -253,8 +340,15 @@ async fn cancel_while_running_kills_and_records_cancelled() {
     cancel.cancel();
     let r = handle.await.expect("join");
     assert_eq!(r.status, TaskStatus::Cancelled);
-    assert_eq!(r.error.as_ref().expect("error").error_type, ErrorType::Cancelled);
-    assert_eq!(runner.calls.load(Ordering::SeqCst), 1, "a cancelled task is not retried");
+    assert_eq!(
+        r.error.as_ref().expect("error").error_type,
+        ErrorType::Cancelled
+    );
+    assert_eq!(
+        runner.calls.load(Ordering::SeqCst),
+        1,
+        "a cancelled task is not retried"
+    );
     assert_one_final_state(&r);
 }
 
@@ -298,7 +392,11 @@ async fn cancel_racing_completion_yields_exactly_one_final_state() {
         }
         cancel.cancel();
         let r = handle.await.expect("join");
-        assert!(matches!(r.status, TaskStatus::Completed | TaskStatus::Cancelled), "{:?}", r.status);
+        assert!(
+            matches!(r.status, TaskStatus::Completed | TaskStatus::Cancelled),
+            "{:?}",
+            r.status
+        );
         assert_one_final_state(&r);
         seen.insert(r.status.as_str());
     }

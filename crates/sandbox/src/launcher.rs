@@ -265,7 +265,13 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     }
     let _ = write_frame(
         report,
-        &Report::Started { mono_ns: mono_ns(), init_ns: t_init, proc_ns: t_proc, net_ns: t_net, fork_ns: t_fork },
+        &Report::Started {
+            mono_ns: mono_ns(),
+            init_ns: t_init,
+            proc_ns: t_proc,
+            net_ns: t_net,
+            fork_ns: t_fork,
+        },
         &[],
     );
 

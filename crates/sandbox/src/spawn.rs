@@ -115,6 +115,8 @@ pub struct RunRequest {
     pub collect_dir: Option<String>,
     /// Limits.
     pub limits: SandboxLimits,
+    /// Run as this (uid, gid) instead of the configured default; never 0.
+    pub user: Option<(u32, u32)>,
 }
 
 /// Result of reading one file back.
@@ -463,10 +465,18 @@ impl Sandbox {
         // Hand over the spec first so the launcher builds namespaces and
         // mounts while we attach it to its cgroup (a cold attach on cgroup v1
         // waits for an RCU grace period).
+        let (uid, gid) = req.user.unwrap_or((self.config.uid, self.config.gid));
+        if uid == 0 || gid == 0 {
+            return Err(SandboxError::Setup {
+                stage: "spec".into(),
+                message: "tasks never run as root".into(),
+            });
+        }
+        let etc = etc_files(uid, gid, &self.config.hostname);
         let spec = LaunchSpec {
             hostname: self.config.hostname.clone(),
-            uid: self.config.uid,
-            gid: self.config.gid,
+            uid,
+            gid,
             argv: req.argv.clone(),
             env: req.env.clone(),
             ro_mounts: req.ro_mounts.clone(),
@@ -494,7 +504,6 @@ impl Sandbox {
             collect_cap: 64 << 20,
             share_network: false,
         };
-        let etc = etc_files(self.config.uid, self.config.gid, &self.config.hostname);
         let blobs: Vec<&[u8]> = req
             .work_files
             .iter()
@@ -647,7 +656,13 @@ impl Sandbox {
                         return Err(SandboxError::Setup { stage, message });
                     }
                 }
-                Report::Started { mono_ns, init_ns, proc_ns, net_ns, fork_ns } => {
+                Report::Started {
+                    mono_ns,
+                    init_ns,
+                    proc_ns,
+                    net_ns,
+                    fork_ns,
+                } => {
                     phases.push(("initStart", ns_delta(attached_mono, init_ns)));
                     phases.push(("proc", ns_delta(init_ns, proc_ns)));
                     phases.push(("network", ns_delta(proc_ns, net_ns)));
@@ -757,4 +772,3 @@ fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
 fn ns_delta(from: u64, to: u64) -> Duration {
     Duration::from_nanos(to.saturating_sub(from))
 }
-

@@ -111,7 +111,13 @@ pub(crate) enum Report {
     /// The task process has exec'd its program (`mono_ns`); the other
     /// stamps time the init's steps: start, /proc and host name done,
     /// loopback done, task forked.
-    Started { mono_ns: u64, init_ns: u64, proc_ns: u64, net_ns: u64, fork_ns: u64 },
+    Started {
+        mono_ns: u64,
+        init_ns: u64,
+        proc_ns: u64,
+        net_ns: u64,
+        fork_ns: u64,
+    },
     /// The task's main process ended and every other process was reaped.
     /// Blobs: one per `read_back` path that existed (see `read_back`), then
     /// collected files.

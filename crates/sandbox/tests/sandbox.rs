@@ -17,7 +17,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn sandbox() -> Sandbox {
     Sandbox::new(
-        SandboxConfig::new(LauncherCommand { program: env!("CARGO_BIN_EXE_taskexec-launcher").into() }),
+        SandboxConfig::new(LauncherCommand {
+            program: env!("CARGO_BIN_EXE_taskexec-launcher").into(),
+        }),
         cgroup::detect(None).expect("a usable cgroup hierarchy"),
     )
 }
@@ -26,11 +28,26 @@ fn request(code: &str) -> RunRequest {
     RunRequest {
         argv: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],
         env: vec![("PATH".into(), "/usr/bin".into())],
-        ro_mounts: ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/python3", "/etc/python3.11"]
-            .iter()
-            .map(|p| RoMount { path: p.to_string(), optional: true })
-            .collect(),
-        work_files: vec![SandboxFile { path: "in.json".into(), content: b"{\"x\":2}".to_vec(), executable: false }],
+        ro_mounts: [
+            "/usr",
+            "/lib",
+            "/lib64",
+            "/bin",
+            "/etc/ld.so.cache",
+            "/etc/python3",
+            "/etc/python3.11",
+        ]
+        .iter()
+        .map(|p| RoMount {
+            path: p.to_string(),
+            optional: true,
+        })
+        .collect(),
+        work_files: vec![SandboxFile {
+            path: "in.json".into(),
+            content: b"{\"x\":2}".to_vec(),
+            executable: false,
+        }],
         support_files: vec![],
         stdin_path: Some("/work/in.json".into()),
         read_back: vec!["/work/out.json".into()],
@@ -46,6 +63,7 @@ fn request(code: &str) -> RunRequest {
             output_bytes: 1 << 20,
             nofile: 256,
         },
+        user: None,
     }
 }
 
@@ -55,7 +73,9 @@ fn leftover_cgroups() -> Vec<String> {
     let mut found = Vec::new();
     let mut stack = vec![Path::new("/sys/fs/cgroup").to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -97,17 +117,41 @@ fn a_task_runs_unprivileged_in_its_own_root_and_its_output_is_read_back() {
             None,
         )
         .expect("run");
-    assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(0)), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.termination,
+        Termination::Exited(ExitStatus::Code(0)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"hello\n");
-    let ReadBackResult::Read { data, truncated: false } = &out.read_back[0] else { panic!("{:?}", out.read_back) };
+    let ReadBackResult::Read {
+        data,
+        truncated: false,
+    } = &out.read_back[0]
+    else {
+        panic!("{:?}", out.read_back)
+    };
     let v: serde_json::Value = serde_json::from_slice(data).expect("json");
     assert_eq!(v["uid"], 65534);
     assert_eq!(v["gid"], 65534);
-    assert_eq!(v["pid"], 2, "the task is the first child of the sandbox's init");
+    assert_eq!(
+        v["pid"], 2,
+        "the task is the first child of the sandbox's init"
+    );
     assert_eq!(v["stdin"], "{\"x\":2}");
     assert_eq!(v["host"], "sandbox");
-    let root: Vec<&str> = v["root"].as_array().expect("list").iter().filter_map(|x| x.as_str()).collect();
-    assert_eq!(root, vec!["bin", "dev", "etc", "lib", "lib64", "opt", "proc", "tmp", "usr", "work"]);
+    let root: Vec<&str> = v["root"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert_eq!(
+        root,
+        vec![
+            "bin", "dev", "etc", "lib", "lib64", "opt", "proc", "tmp", "usr", "work"
+        ]
+    );
     assert!(out.stats.cpu_time > Duration::ZERO);
     assert!(out.stats.peak_memory_bytes.unwrap_or(0) > 0);
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
@@ -137,7 +181,11 @@ fn cancel_kills_the_whole_tree_and_leaves_nothing() {
     // Not a timing assertion on speed: the run must simply end on the cancel
     // rather than at its 20 s wall-clock limit.
     assert!(returned.duration_since(cancelled_at) < Duration::from_secs(5));
-    assert!(processes_with(&marker).is_empty(), "{:?}", processes_with(&marker));
+    assert!(
+        processes_with(&marker).is_empty(),
+        "{:?}",
+        processes_with(&marker)
+    );
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
@@ -158,7 +206,11 @@ fn the_wall_clock_limit_kills_processes_that_ignore_sigterm_and_daemons() {
     req.limits.timeout = Duration::from_secs(1);
     let out = sandbox().run(&req, None).expect("run");
     assert_eq!(out.termination, Termination::TimedOut);
-    assert!(processes_with(&marker).is_empty(), "{:?}", processes_with(&marker));
+    assert!(
+        processes_with(&marker).is_empty(),
+        "{:?}",
+        processes_with(&marker)
+    );
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
@@ -183,12 +235,19 @@ fn work_files_are_not_visible_on_the_host_and_vanish_with_the_run() {
     // The work dir lives only in the sandbox's mount namespace: the task
     // writes a file, and no host path anywhere holds it afterwards.
     let marker = format!("host-invisible-{}", std::process::id());
-    let code = format!("open('/work/{marker}', 'w').write('x'); open('/tmp/{marker}', 'w').write('x')");
+    let code =
+        format!("open('/work/{marker}', 'w').write('x'); open('/tmp/{marker}', 'w').write('x')");
     let out = sandbox().run(&request(&code), None).expect("run");
     assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(0)));
     for dir in ["/tmp", "/work", "/var/tmp"] {
-        assert!(!Path::new(dir).join(&marker).exists(), "{dir}/{marker} exists on the host");
+        assert!(
+            !Path::new(dir).join(&marker).exists(),
+            "{dir}/{marker} exists on the host"
+        );
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    assert!(!mounts.contains("/.scratch"), "no sandbox mount is visible on the host");
+    assert!(
+        !mounts.contains("/.scratch"),
+        "no sandbox mount is visible on the host"
+    );
 }
