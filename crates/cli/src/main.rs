@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one task now, in a sandbox, and print its result.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List the runtimes found on this host, with their versions.
     Runtimes(setup::RuntimesArgs),
     /// Measure sandboxed task latency against the bare interpreter start.
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     setup::init_logging(&cli.global);
     let result = match cli.command {
-        Command::Run(args) => run::main(&cli.global, args),
+        Command::Run(args) => run::main(&cli.global, *args),
         Command::Runtimes(args) => setup::runtimes(&cli.global, args),
         Command::Bench(args) => bench::main(&cli.global, args),
     };

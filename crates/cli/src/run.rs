@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 use taskexec_engine::Cancellation;
 use taskexec_model::{
-    Mode, QuantityValue, RetryPolicy, TaskDefinition, TaskInstance, TaskResult, TaskStatus,
-    parse_bytes, parse_cpu_millis, parse_duration,
+    Mode, QuantityValue, TaskDefinition, TaskInstance, TaskResult, TaskStatus, parse_bytes,
+    parse_cpu_millis, parse_duration,
 };
 
 /// Task mode flag.
@@ -187,10 +187,10 @@ fn build_task(args: &RunArgs) -> anyhow::Result<TaskInstance> {
         }
         (None, None) => bail!("FILE or --task is required"),
     };
-    if args.task.is_some() {
-        if let Some(r) = &args.runtime {
-            task.execution_config.runtime = Some(r.clone());
-        }
+    if args.task.is_some()
+        && let Some(r) = &args.runtime
+    {
+        task.execution_config.runtime = Some(r.clone());
     }
     if let Some(m) = args.mode {
         task.definition.mode = match m {
@@ -240,10 +240,7 @@ fn build_task(args: &RunArgs) -> anyhow::Result<TaskInstance> {
         env.insert(k.to_string(), v.to_string());
     }
     if let Some(n) = args.max_retries {
-        let mut policy = task
-            .retry_policy
-            .clone()
-            .unwrap_or_else(RetryPolicy::default);
+        let mut policy = task.retry_policy.clone().unwrap_or_default();
         policy.max_retries = n;
         task.retry_policy = Some(policy);
     }

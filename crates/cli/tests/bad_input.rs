@@ -37,7 +37,11 @@ fn assert_rejected(r: &Run, field: &str, needles: &[&str]) {
         "never running: {history:?}"
     );
     assert_eq!(history.last().map(|h| &h["to"]), Some(&json!("REJECTED")));
-    assert!(r.stderr.is_empty(), "the message is in the result: {}", r.stderr);
+    assert!(
+        r.stderr.is_empty(),
+        "the message is in the result: {}",
+        r.stderr
+    );
 }
 
 fn run_hello(extra: &[&str]) -> Run {
@@ -53,7 +57,14 @@ fn unknown_runtime_is_rejected_listing_the_known_ones() {
     assert_rejected(
         &r,
         "executionConfig.runtime",
-        &["\"cobol\"", "expected one of:", "python", "node", "java", "bash"],
+        &[
+            "\"cobol\"",
+            "expected one of:",
+            "python",
+            "node",
+            "java",
+            "bash",
+        ],
     );
 }
 
@@ -69,7 +80,11 @@ fn missing_file_is_a_usage_error_naming_it() {
 #[test]
 fn input_that_is_not_json_is_a_usage_error() {
     let r = run_hello(&["--input", "{name: ada"]);
-    assert_usage_error(&r, "--input", &["not valid JSON", "expected a JSON document"]);
+    assert_usage_error(
+        &r,
+        "--input",
+        &["not valid JSON", "expected a JSON document"],
+    );
 }
 
 #[test]

@@ -67,7 +67,11 @@ fn python_handler_example_sums() {
 
 #[test]
 fn node_handler_example_sums() {
-    let r = run_example("node/handler.js", "input/numbers.json", &["--mode", "handler"]);
+    let r = run_example(
+        "node/handler.js",
+        "input/numbers.json",
+        &["--mode", "handler"],
+    );
     r.expect(0, "COMPLETED", None);
     assert_eq!(*r.output(), json!({"sum": 6}));
 }
@@ -92,18 +96,30 @@ fn java_compile_error_fails_with_the_javac_output() {
         "javac's own diagnostic in details: {}",
         r.stdout
     );
-    assert!(r.message().contains("incompatible types"), "{}", r.message());
+    assert!(
+        r.message().contains("incompatible types"),
+        "{}",
+        r.message()
+    );
     assert_eq!(r.attempts().len(), 1);
 }
 
 #[test]
 fn python_handler_exception_carries_the_traceback() {
     let code = "def helper(x):\n    return 1 / x\n\n\ndef main(input):\n    return helper(0)\n";
-    let r = run_code(code, "python", &["--mode", "handler", "--max-retries", "0"], &[]);
+    let r = run_code(
+        code,
+        "python",
+        &["--mode", "handler", "--max-retries", "0"],
+        &[],
+    );
     r.expect(1, "FAILED", Some("RUNTIME_ERROR"));
     assert_eq!(r.message(), "ZeroDivisionError: division by zero");
     let stack = r.details()["stackTrace"].as_str().unwrap_or("");
-    assert!(stack.starts_with("Traceback (most recent call last):"), "{stack}");
+    assert!(
+        stack.starts_with("Traceback (most recent call last):"),
+        "{stack}"
+    );
     assert!(stack.contains("line 2, in helper"), "{stack}");
     assert!(stack.contains("line 6, in main"), "{stack}");
     assert!(
@@ -115,27 +131,57 @@ fn python_handler_exception_carries_the_traceback() {
 #[test]
 fn node_handler_exception_carries_the_js_stack() {
     let code = "function helper() { throw new RangeError('bad range'); }\nmodule.exports = async (input) => helper();\n";
-    let r = run_code(code, "node", &["--mode", "handler", "--max-retries", "0"], &[]);
+    let r = run_code(
+        code,
+        "node",
+        &["--mode", "handler", "--max-retries", "0"],
+        &[],
+    );
     r.expect(1, "FAILED", Some("RUNTIME_ERROR"));
     assert_eq!(r.message(), "RangeError: bad range");
     let stack = r.details()["stackTrace"].as_str().unwrap_or("");
     assert!(stack.starts_with("RangeError: bad range"), "{stack}");
     assert!(stack.contains("at helper (/work/main.js:1:"), "{stack}");
-    assert!(!stack.contains("node_handler.js"), "no wrapper frames: {stack}");
+    assert!(
+        !stack.contains("node_handler.js"),
+        "no wrapper frames: {stack}"
+    );
 }
 
 #[test]
 fn non_serializable_handler_result_is_a_runtime_error_saying_so() {
     let code = "def main(input):\n    return {\"s\": {1, 2}}\n";
-    let r = run_code(code, "python", &["--mode", "handler", "--max-retries", "0"], &[]);
+    let r = run_code(
+        code,
+        "python",
+        &["--mode", "handler", "--max-retries", "0"],
+        &[],
+    );
     r.expect(1, "FAILED", Some("RUNTIME_ERROR"));
-    assert!(r.message().starts_with("NotSerializable:"), "{}", r.message());
-    assert!(r.message().contains("not JSON-serializable"), "{}", r.message());
+    assert!(
+        r.message().starts_with("NotSerializable:"),
+        "{}",
+        r.message()
+    );
+    assert!(
+        r.message().contains("not JSON-serializable"),
+        "{}",
+        r.message()
+    );
 
     let code = "module.exports = async () => ({ f: () => 1 });\n";
-    let r = run_code(code, "node", &["--mode", "handler", "--max-retries", "0"], &[]);
+    let r = run_code(
+        code,
+        "node",
+        &["--mode", "handler", "--max-retries", "0"],
+        &[],
+    );
     r.expect(1, "FAILED", Some("RUNTIME_ERROR"));
-    assert!(r.message().starts_with("NotSerializable:"), "{}", r.message());
+    assert!(
+        r.message().starts_with("NotSerializable:"),
+        "{}",
+        r.message()
+    );
     assert!(r.message().contains("is a function"), "{}", r.message());
 }
 
@@ -155,8 +201,14 @@ fn input_schema_violation_is_rejected_with_the_path() {
         &[],
     );
     r.expect(2, "REJECTED", Some("INPUT_VALIDATION"));
-    let violations = r.details()["violations"].as_array().cloned().unwrap_or_default();
-    let paths: Vec<&str> = violations.iter().filter_map(|v| v["path"].as_str()).collect();
+    let violations = r.details()["violations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let paths: Vec<&str> = violations
+        .iter()
+        .filter_map(|v| v["path"].as_str())
+        .collect();
     assert_eq!(paths, vec!["/numbers/1"], "{}", r.stdout);
     assert!(r.attempts().is_empty(), "nothing ran");
 }
@@ -177,7 +229,10 @@ fn output_schema_violation_fails_output_validation() {
         &[],
     );
     r.expect(1, "FAILED", Some("OUTPUT_VALIDATION"));
-    let violations = r.details()["violations"].as_array().cloned().unwrap_or_default();
+    let violations = r.details()["violations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(violations.len(), 1, "{}", r.stdout);
     assert_eq!(violations[0]["path"], "/sum");
     assert_eq!(r.attempts().len(), 1);
@@ -350,7 +405,12 @@ fn task_sees_exactly_its_variables_and_the_protocol_ones() {
         !r.stdout.contains(&secret),
         "the executor's environment leaked into the task"
     );
-    assert!(r.result["stdout"].as_str().unwrap_or("").contains("GREETING"));
+    assert!(
+        r.result["stdout"]
+            .as_str()
+            .unwrap_or("")
+            .contains("GREETING")
+    );
 }
 
 #[test]
@@ -368,7 +428,11 @@ fn task_variable_overrides_a_runtime_default_without_duplicates() {
 
 #[test]
 fn nonzero_exit_is_a_runtime_error_with_the_exit_code() {
-    let (code, result) = run_task("import sys\nsys.exit(4)\n", "python", &["--max-retries", "0"]);
+    let (code, result) = run_task(
+        "import sys\nsys.exit(4)\n",
+        "python",
+        &["--max-retries", "0"],
+    );
     assert_eq!(code, 1);
     assert_eq!(result["status"], "FAILED");
     assert_eq!(result["error"]["type"], "RUNTIME_ERROR");

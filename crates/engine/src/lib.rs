@@ -561,7 +561,7 @@ impl Engine {
             attempt,
             classes
                 .as_ref()
-                .map(|(dir, files)| (relative(dir), files.as_slice())),
+                .map(|(dir, files)| (relative(dir), files.as_ref())),
         );
         phases.prepare_ms = ms(t.elapsed());
         match self.run_blocking(req, cancel).await {

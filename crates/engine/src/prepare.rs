@@ -91,7 +91,7 @@ pub fn run_request(
     plan: &Plan,
     limits: &Limits,
     attempt: u32,
-    classes: Option<(&str, &[(String, Vec<u8>)])>,
+    classes: Option<(&str, &Artifacts)>,
 ) -> RunRequest {
     let mut work_files = to_sandbox_files(&plan.files);
     let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
@@ -166,11 +166,14 @@ pub fn compile_request(
     }
 }
 
+/// Compiled files: (path relative to the output dir, contents).
+pub type Artifacts = Vec<(String, Vec<u8>)>;
+
 /// Compiled artifacts, keyed by the SHA-256 of the compiler, its argv and
 /// every source file.
 #[derive(Debug, Default)]
 pub struct CompileCache {
-    map: Mutex<HashMap<[u8; 32], Arc<Vec<(String, Vec<u8>)>>>>,
+    map: Mutex<HashMap<[u8; 32], Arc<Artifacts>>>,
 }
 
 /// Entries kept at most; the cache is emptied when full.
@@ -200,7 +203,7 @@ impl CompileCache {
     }
 
     /// Cached artifacts for `key`.
-    pub fn get(&self, key: &[u8; 32]) -> Option<Arc<Vec<(String, Vec<u8>)>>> {
+    pub fn get(&self, key: &[u8; 32]) -> Option<Arc<Artifacts>> {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -209,7 +212,7 @@ impl CompileCache {
     }
 
     /// Stores artifacts.
-    pub fn put(&self, key: [u8; 32], files: Arc<Vec<(String, Vec<u8>)>>) {
+    pub fn put(&self, key: [u8; 32], files: Arc<Artifacts>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_COMPILED {
             map.clear();

@@ -52,14 +52,18 @@ pub const ENV_TASK_OUTPUT: &str = "TASK_OUTPUT";
 /// handler wrappers write `{type, message, stack}` there on an exception.
 pub const ENV_TASK_ERROR: &str = "TASK_ERROR";
 
+/// Environment variable holding the attempt number (1, 2, ...).
+pub const ENV_TASK_ATTEMPT: &str = "TASK_ATTEMPT";
+
 /// Environment variable names the executor sets itself; tasks may not set
 /// them through `executionConfig.environmentVariables`.
-pub const RESERVED_ENV_VARS: [&str; 8] = [
+pub const RESERVED_ENV_VARS: [&str; 9] = [
     ENV_TASK_ID,
     ENV_WORKFLOW_ID,
     ENV_TASK_INPUT,
     ENV_TASK_OUTPUT,
     ENV_TASK_ERROR,
+    ENV_TASK_ATTEMPT,
     "PATH",
     "HOME",
     "LANG",

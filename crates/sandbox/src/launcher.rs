@@ -241,8 +241,8 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SetupError::new("init", format!("pipe: {e}")))?;
 
-    // SAFETY: single-threaded process (see `launch`).
     let t_fork = mono_ns();
+    // SAFETY: single-threaded process (see `launch`).
     let task = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(err_r);

@@ -100,17 +100,16 @@ fn write_files(
     for f in files {
         let rel = safe_relative(&f.path)?;
         let path = base.join(rel);
-        if let Some(parent) = path.parent() {
-            if !parent.exists() {
-                mkdir_p(parent, 0o755)?;
-                if let Some((uid, gid)) = owner {
-                    // chown every directory we created between base and parent.
-                    let mut p = parent;
-                    while p != base {
-                        chown(p, Some(uid), Some(gid))
-                            .map_err(|e| fail("files", p.display(), e))?;
-                        p = p.parent().unwrap_or(base);
-                    }
+        if let Some(parent) = path.parent()
+            && !parent.exists()
+        {
+            mkdir_p(parent, 0o755)?;
+            if let Some((uid, gid)) = owner {
+                // chown every directory between base and parent (all ours).
+                let mut p = parent;
+                while p != base {
+                    chown(p, Some(uid), Some(gid)).map_err(|e| fail("files", p.display(), e))?;
+                    p = p.parent().unwrap_or(base);
                 }
             }
         }

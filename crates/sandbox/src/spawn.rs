@@ -588,11 +588,11 @@ impl Sandbox {
                     tags.push(tag);
                 }
             }
-            if let Some(c) = cancel {
-                if killed.is_none() {
-                    fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
-                    tags.push(4);
-                }
+            if let Some(c) = cancel
+                && killed.is_none()
+            {
+                fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
+                tags.push(4);
             }
             let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
             match poll(&mut fds, PollTimeout::from(ms)) {
