@@ -11,6 +11,7 @@ pub mod classify;
 pub mod clock;
 pub mod prepare;
 pub mod schema;
+pub mod service;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -110,9 +111,10 @@ impl Rejection {
     }
 }
 
-/// What was decided before the first attempt.
+/// A task that passed every check, ready for attempts: resolved limits,
+/// retry policy, runtime and plan, compiled output schema, user.
 #[derive(Debug)]
-struct Prepared {
+pub struct Prepared {
     limits: Limits,
     retry: ValidRetryPolicy,
     runtime: ResolvedRuntime,
@@ -150,6 +152,82 @@ fn resolve_run_as(run_as: Option<&RunAs>) -> Result<Option<(u32, u32)>, FieldErr
             )),
         },
     }
+}
+
+impl Prepared {
+    /// The resolved limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The validated retry policy.
+    pub fn retry(&self) -> &ValidRetryPolicy {
+        &self.retry
+    }
+
+    /// The runtime's name.
+    pub fn runtime_name(&self) -> &str {
+        &self.runtime.spec.name
+    }
+}
+
+/// Everything one attempt produced.
+#[derive(Debug, Clone)]
+pub struct AttemptOutput {
+    /// The verdict, after output validation.
+    pub verdict: Verdict,
+    /// The attempt's record (status, error, timings, stderr tail).
+    pub record: AttemptRecord,
+    /// Captured stdout (capped).
+    pub stdout: String,
+    /// Captured stderr (capped).
+    pub stderr: String,
+    /// Stdout went past its cap.
+    pub stdout_truncated: bool,
+    /// Stderr went past its cap.
+    pub stderr_truncated: bool,
+    /// CPU time of the attempt.
+    pub cpu_time_ms: Option<u64>,
+    /// Peak memory of the attempt.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// What follows a failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Try again after `delay`.
+    Retry {
+        /// The backoff delay (jitter applied).
+        delay: Duration,
+    },
+    /// Stop: the task ends with this status and error.
+    Final {
+        /// FAILED or CANCELLED.
+        status: TaskStatus,
+        /// The error to report.
+        error: TaskError,
+    },
+}
+
+/// Folds one attempt into the task's result (last attempt's output wins).
+pub fn apply_attempt(result: &mut TaskResult, out: &AttemptOutput) {
+    result.execution_metadata.attempts.push(out.record.clone());
+    add_phases(&mut result.execution_metadata.phases, &out.record.phases);
+    result.stdout = out.stdout.clone();
+    result.stderr = out.stderr.clone();
+    result.stdout_truncated = out.stdout_truncated;
+    result.stderr_truncated = out.stderr_truncated;
+    result.exit_code = out.record.exit_code;
+    result.signal = out.record.signal.clone();
+    if out.cpu_time_ms.is_some() {
+        result.execution_metadata.cpu_time_ms = out.cpu_time_ms;
+        result.execution_metadata.peak_memory_bytes = out.peak_memory_bytes;
+    }
+}
+
+/// The error of a cancelled task.
+pub fn cancelled_error() -> TaskError {
+    TaskError::new(ErrorType::Cancelled, "the task was cancelled")
 }
 
 /// The lifecycle pipeline.
@@ -197,10 +275,15 @@ impl Engine {
 
     /// Checks a task without running it: `Err` is the REJECTED result's error.
     pub fn check(&self, task: &TaskInstance) -> Result<(), TaskError> {
-        self.prepare(task).map(drop).map_err(|r| r.error)
+        self.prepare(task).map(drop)
     }
 
-    fn prepare(&self, task: &TaskInstance) -> Result<Prepared, Rejection> {
+    /// Validates and plans a task; `Err` is the error of a REJECTED task.
+    pub fn prepare(&self, task: &TaskInstance) -> Result<Prepared, TaskError> {
+        self.prepare_inner(task).map_err(|r| r.error)
+    }
+
+    fn prepare_inner(&self, task: &TaskInstance) -> Result<Prepared, Rejection> {
         let validated = task
             .validate(&self.config.limits, &self.config.retry_limits)
             .map_err(Rejection::field)?;
@@ -306,124 +389,39 @@ impl Engine {
         result.execution_metadata.method = Method::Container;
         result.execution_metadata.execution_environment = self.runner.describe();
         result.execution_metadata.start_time = Some(start);
-        let step = |lc: &mut Lifecycle, to: TaskStatus, reason: String| {
-            if let Err(e) = lc.transition(to, clock.now(), reason) {
-                // The pipeline below only makes legal moves; log if not.
-                warn!(task_id = %task.id, error = %e, "illegal lifecycle transition");
-            }
-        };
-        step(&mut lc, TaskStatus::Preparing, "validating the task".into());
+        self.step(&mut lc, TaskStatus::Preparing, "validating the task");
 
         let t_prep = Instant::now();
         let prepared = match self.prepare(&task) {
             Ok(p) => p,
-            Err(r) => {
-                info!(task_id = %task.id, error = %r.error.message, "task rejected");
-                step(&mut lc, TaskStatus::Rejected, r.error.message.clone());
+            Err(error) => {
+                info!(error = %error.message, "task rejected");
+                self.step(&mut lc, TaskStatus::Rejected, &error.message);
                 result.status = TaskStatus::Rejected;
-                result.error = Some(r.error);
+                result.error = Some(error);
                 result.execution_metadata.phases.prepare_ms = ms(t_prep.elapsed());
                 return self.finish(result, lc, t_start);
             }
         };
-        let prepare_ms = ms(t_prep.elapsed());
-        result.execution_metadata.execution_environment =
-            format!("{}/{}", self.runner.describe(), prepared.runtime.spec.name);
-        result.execution_metadata.phases.prepare_ms = prepare_ms;
+        result.execution_metadata.execution_environment = self.environment_of(&prepared);
+        result.execution_metadata.phases.prepare_ms = ms(t_prep.elapsed());
 
         let mut attempt_errors: Vec<TaskError> = Vec::new();
         loop {
             let attempt = lc.attempt();
-            step(
+            self.step(
                 &mut lc,
                 TaskStatus::Running,
-                format!("attempt {attempt} started"),
+                &format!("attempt {attempt} started"),
             );
-            let a_start = clock.now();
-            let t_attempt = Instant::now();
-            let (verdict, outcome, mut phases) = self
-                .attempt(&task, &prepared, attempt, cancel)
-                .instrument(tracing::info_span!("attempt", attempt))
-                .await;
-            let verdict = match verdict {
+            let out = self.run_attempt(&task, &prepared, attempt, cancel).await;
+            apply_attempt(&mut result, &out);
+            match out.verdict {
                 Verdict::Completed { output } => {
-                    let t_val = Instant::now();
-                    let v = match &prepared.output_schema {
-                        Some(schema) => {
-                            let violations = schema::violations(schema, &output);
-                            if violations.is_empty() {
-                                Verdict::Completed { output }
-                            } else {
-                                Verdict::Failed(
-                                    TaskError::new(
-                                        ErrorType::OutputValidation,
-                                        format!("the output does not match definition.outputSchema ({} violations)", violations.len()),
-                                    )
-                                    .with_details(json!({"violations": violations, "output": output})),
-                                )
-                            }
-                        }
-                        None => Verdict::Completed { output },
-                    };
-                    phases.output_validation_ms = ms(t_val.elapsed());
-                    v
-                }
-                failed => failed,
-            };
-            let record_status = match &verdict {
-                Verdict::Completed { .. } => TaskStatus::Completed,
-                Verdict::Failed(e) if e.error_type == ErrorType::Cancelled => TaskStatus::Cancelled,
-                Verdict::Failed(_) => TaskStatus::Failed,
-            };
-            let mut record = AttemptRecord {
-                attempt,
-                status: record_status,
-                error: None,
-                start_time: a_start,
-                end_time: clock.now(),
-                duration_ms: ms(t_attempt.elapsed()),
-                exit_code: None,
-                signal: None,
-                stderr_tail: String::new(),
-                phases: phases.clone(),
-            };
-            debug!(
-                attempt,
-                status = %record_status,
-                prepare_ms = phases.prepare_ms,
-                compile_ms = phases.compile_ms,
-                run_ms = phases.run_ms,
-                output_validation_ms = phases.output_validation_ms,
-                cleanup_ms = phases.cleanup_ms,
-                "attempt finished"
-            );
-            add_phases(&mut result.execution_metadata.phases, &phases);
-            if let Some(o) = &outcome {
-                if let Termination::Exited(status) = o.termination {
-                    match status {
-                        taskexec_sandbox::ExitStatus::Code(c) => record.exit_code = Some(c),
-                        taskexec_sandbox::ExitStatus::Signal(s) => {
-                            record.signal = Some(taskexec_sandbox::signal_name(s))
-                        }
-                    }
-                }
-                record.stderr_tail = classify::tail(&o.stderr, 1024);
-                result.stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-                result.stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-                result.stdout_truncated = o.stdout_truncated;
-                result.stderr_truncated = o.stderr_truncated;
-                result.exit_code = record.exit_code;
-                result.signal = record.signal.clone();
-                result.execution_metadata.cpu_time_ms = Some(o.stats.cpu_time.as_millis() as u64);
-                result.execution_metadata.peak_memory_bytes = o.stats.peak_memory_bytes;
-            }
-            match verdict {
-                Verdict::Completed { output } => {
-                    result.execution_metadata.attempts.push(record);
-                    step(
+                    self.step(
                         &mut lc,
                         TaskStatus::Completed,
-                        format!("attempt {attempt} completed"),
+                        &format!("attempt {attempt} completed"),
                     );
                     result.status = TaskStatus::Completed;
                     result.output = output;
@@ -431,73 +429,210 @@ impl Engine {
                     break;
                 }
                 Verdict::Failed(error) => {
-                    record.error = Some(error.clone());
-                    result.execution_metadata.attempts.push(record);
                     attempt_errors.push(error.clone());
-                    if error.error_type == ErrorType::Cancelled || cancel.is_cancelled() {
-                        step(
-                            &mut lc,
-                            TaskStatus::Cancelled,
-                            "cancelled while running".into(),
-                        );
-                        result.status = TaskStatus::Cancelled;
-                        result.error = Some(TaskError::new(
-                            ErrorType::Cancelled,
-                            "the task was cancelled",
-                        ));
-                        break;
-                    }
-                    if prepared.retry.should_retry(error.error_type, attempt) {
-                        let delay = prepared.retry.delay(attempt - 1, clock.random_unit());
-                        warn!(
-                            task_id = %task.id,
-                            attempt,
-                            error_type = %error.error_type,
-                            delay_ms = delay.as_millis() as u64,
-                            "retrying task {} (attempt {}) after {}: {}",
-                            task.id, attempt, error.error_type, error.message
-                        );
-                        step(
-                            &mut lc,
-                            TaskStatus::Preparing,
-                            format!(
-                                "retry after {} (backoff {} ms)",
-                                error.error_type,
-                                delay.as_millis()
-                            ),
-                        );
-                        let cancelled = tokio::select! {
-                            () = clock.sleep(delay) => false,
-                            () = cancel.cancelled() => true,
-                        };
-                        if cancelled {
-                            step(
+                    match self.decide(
+                        &prepared,
+                        &error,
+                        attempt,
+                        &attempt_errors,
+                        cancel.is_cancelled(),
+                    ) {
+                        Decision::Retry { delay } => {
+                            self.step(
                                 &mut lc,
-                                TaskStatus::Cancelled,
-                                "cancelled during the backoff wait".into(),
+                                TaskStatus::Preparing,
+                                &format!(
+                                    "retry after {} (backoff {} ms)",
+                                    error.error_type,
+                                    delay.as_millis()
+                                ),
                             );
-                            result.status = TaskStatus::Cancelled;
-                            result.error = Some(TaskError::new(
-                                ErrorType::Cancelled,
-                                "the task was cancelled",
-                            ));
+                            let cancelled = tokio::select! {
+                                () = clock.sleep(delay) => false,
+                                () = cancel.cancelled() => true,
+                            };
+                            if cancelled {
+                                self.step(
+                                    &mut lc,
+                                    TaskStatus::Cancelled,
+                                    "cancelled during the backoff wait",
+                                );
+                                result.status = TaskStatus::Cancelled;
+                                result.error = Some(cancelled_error());
+                                break;
+                            }
+                        }
+                        Decision::Final { status, error } => {
+                            self.step(&mut lc, status, &error.message);
+                            result.status = status;
+                            result.error = Some(error);
                             break;
                         }
-                        continue;
                     }
-                    let final_error = if attempt > 1 && !error.error_type.never_retried() {
-                        max_retries_exceeded(&error, &attempt_errors)
-                    } else {
-                        error
-                    };
-                    step(&mut lc, TaskStatus::Failed, final_error.message.clone());
-                    result.status = TaskStatus::Failed;
-                    result.error = Some(final_error);
-                    break;
                 }
             }
         }
         self.finish(result, lc, t_start)
+    }
+
+    fn step(&self, lc: &mut Lifecycle, to: TaskStatus, reason: &str) {
+        if let Err(e) = lc.transition(to, self.clock.now(), reason) {
+            // The pipeline only makes legal moves; a bug if not.
+            warn!(error = %e, "illegal lifecycle transition");
+        }
+    }
+
+    /// The `executionEnvironment` string of a prepared task.
+    pub fn environment_of(&self, p: &Prepared) -> String {
+        format!("{}/{}", self.runner.describe(), p.runtime.spec.name)
+    }
+
+    /// What to do after a failed attempt: retry after a delay (per the
+    /// policy and the error table), or end with a final status and error
+    /// (MAX_RETRIES_EXCEEDED wraps the last error once retries ran out).
+    /// Logs a warning for each retry.
+    pub fn decide(
+        &self,
+        p: &Prepared,
+        error: &TaskError,
+        attempt: u32,
+        attempt_errors: &[TaskError],
+        cancelled: bool,
+    ) -> Decision {
+        if error.error_type == ErrorType::Cancelled || cancelled {
+            return Decision::Final {
+                status: TaskStatus::Cancelled,
+                error: cancelled_error(),
+            };
+        }
+        if p.retry.should_retry(error.error_type, attempt) {
+            let delay = p
+                .retry
+                .delay(attempt.saturating_sub(1), self.clock.random_unit());
+            warn!(
+                attempt,
+                error_type = %error.error_type,
+                delay_ms = delay.as_millis() as u64,
+                "retrying task (attempt {}) after {}: {}",
+                attempt,
+                error.error_type,
+                error.message
+            );
+            return Decision::Retry { delay };
+        }
+        let error = if attempt > 1 && !error.error_type.never_retried() {
+            max_retries_exceeded(error, attempt_errors)
+        } else {
+            error.clone()
+        };
+        Decision::Final {
+            status: TaskStatus::Failed,
+            error,
+        }
+    }
+
+    /// One attempt, start to verdict: compile when needed (cached), run in
+    /// the sandbox, classify, validate the output against the schema.
+    pub async fn run_attempt(
+        &self,
+        task: &TaskInstance,
+        p: &Prepared,
+        attempt: u32,
+        cancel: &Cancellation,
+    ) -> AttemptOutput {
+        let a_start = self.clock.now();
+        let t_attempt = Instant::now();
+        let (verdict, outcome, mut phases) = self
+            .attempt(task, p, attempt, cancel)
+            .instrument(tracing::info_span!("attempt", attempt))
+            .await;
+        let verdict = match verdict {
+            Verdict::Completed { output } => {
+                let t_val = Instant::now();
+                let v = match &p.output_schema {
+                    Some(schema) => {
+                        let violations = schema::violations(schema, &output);
+                        if violations.is_empty() {
+                            Verdict::Completed { output }
+                        } else {
+                            Verdict::Failed(
+                                TaskError::new(
+                                    ErrorType::OutputValidation,
+                                    format!(
+                                        "the output does not match definition.outputSchema ({} violations)",
+                                        violations.len()
+                                    ),
+                                )
+                                .with_details(json!({"violations": violations, "output": output})),
+                            )
+                        }
+                    }
+                    None => Verdict::Completed { output },
+                };
+                phases.output_validation_ms = ms(t_val.elapsed());
+                v
+            }
+            failed => failed,
+        };
+        let status = match &verdict {
+            Verdict::Completed { .. } => TaskStatus::Completed,
+            Verdict::Failed(e) if e.error_type == ErrorType::Cancelled => TaskStatus::Cancelled,
+            Verdict::Failed(_) => TaskStatus::Failed,
+        };
+        let mut record = AttemptRecord {
+            attempt,
+            status,
+            error: match &verdict {
+                Verdict::Failed(e) => Some(e.clone()),
+                Verdict::Completed { .. } => None,
+            },
+            start_time: a_start,
+            end_time: self.clock.now(),
+            duration_ms: ms(t_attempt.elapsed()),
+            exit_code: None,
+            signal: None,
+            stderr_tail: String::new(),
+            phases: phases.clone(),
+        };
+        let mut out = AttemptOutput {
+            verdict,
+            record: record.clone(),
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            cpu_time_ms: None,
+            peak_memory_bytes: None,
+        };
+        if let Some(o) = &outcome {
+            if let Termination::Exited(status) = o.termination {
+                match status {
+                    taskexec_sandbox::ExitStatus::Code(c) => record.exit_code = Some(c),
+                    taskexec_sandbox::ExitStatus::Signal(s) => {
+                        record.signal = Some(taskexec_sandbox::signal_name(s))
+                    }
+                }
+            }
+            record.stderr_tail = classify::tail(&o.stderr, 1024);
+            out.stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+            out.stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+            out.stdout_truncated = o.stdout_truncated;
+            out.stderr_truncated = o.stderr_truncated;
+            out.cpu_time_ms = Some(o.stats.cpu_time.as_millis() as u64);
+            out.peak_memory_bytes = o.stats.peak_memory_bytes;
+        }
+        debug!(
+            attempt,
+            status = %status,
+            prepare_ms = phases.prepare_ms,
+            compile_ms = phases.compile_ms,
+            run_ms = phases.run_ms,
+            output_validation_ms = phases.output_validation_ms,
+            cleanup_ms = phases.cleanup_ms,
+            "attempt finished"
+        );
+        out.record = record;
+        out
     }
 
     fn finish(&self, mut result: TaskResult, lc: Lifecycle, t_start: Instant) -> TaskResult {
@@ -672,7 +807,8 @@ fn max_retries_exceeded(last: &TaskError, all: &[TaskError]) -> TaskError {
     }))
 }
 
-fn add_phases(total: &mut PhaseTimings, p: &PhaseTimings) {
+/// Adds one attempt's phase timings to a running total.
+pub fn add_phases(total: &mut PhaseTimings, p: &PhaseTimings) {
     total.compile_ms += p.compile_ms;
     total.run_ms += p.run_ms;
     total.output_validation_ms += p.output_validation_ms;

@@ -2,108 +2,18 @@
 //! retries, backoff bounds, exhaustion, non-retryable errors, cancellation
 //! while running, during backoff, and racing completion.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::{Scripted, Step};
+
 use serde_json::json;
-use taskexec_engine::{AttemptRunner, Cancellation, Engine, EngineConfig, ManualClock};
+use taskexec_engine::{Cancellation, Engine, EngineConfig, ManualClock};
 use taskexec_model::{ErrorType, RetryLimits, TaskInstance, TaskResult, TaskStatus};
 use taskexec_runtimes::Catalogue;
-use taskexec_sandbox::cgroup::CgroupStats;
-use taskexec_sandbox::{
-    CancelToken, ExitStatus, ReadBackResult, RunOutcome, RunRequest, SandboxError, Termination,
-};
-
-/// What one scripted attempt does.
-#[derive(Debug, Clone, Copy)]
-enum Step {
-    /// Exit with this code, writing this output.
-    Exit(i32, &'static str),
-    /// Fail to set up the sandbox.
-    SetupFails,
-    /// Run until cancelled.
-    BlockUntilCancelled,
-    /// Hit the wall-clock limit.
-    TimesOut,
-}
-
-#[derive(Debug, Default)]
-struct Scripted {
-    steps: Mutex<VecDeque<Step>>,
-    calls: AtomicU32,
-    started: tokio::sync::Notify,
-}
-
-impl Scripted {
-    fn new(steps: impl IntoIterator<Item = Step>) -> Arc<Self> {
-        Arc::new(Self {
-            steps: Mutex::new(steps.into_iter().collect()),
-            ..Self::default()
-        })
-    }
-}
-
-fn outcome(termination: Termination, output: &str) -> RunOutcome {
-    RunOutcome {
-        termination,
-        stdout: Vec::new(),
-        stdout_truncated: false,
-        stderr: b"some stderr".to_vec(),
-        stderr_truncated: false,
-        read_back: vec![
-            if output.is_empty() {
-                ReadBackResult::Missing
-            } else {
-                ReadBackResult::Read {
-                    data: output.as_bytes().to_vec(),
-                    truncated: false,
-                }
-            },
-            ReadBackResult::Missing,
-        ],
-        collected: Vec::new(),
-        collect_error: None,
-        disk_full: false,
-        stats: CgroupStats::default(),
-        wall_time: Duration::from_millis(1),
-        run_time: Duration::from_millis(1),
-        setup_time: Duration::from_millis(1),
-        phases: vec![("namespaces", Duration::from_micros(500))],
-    }
-}
-
-impl AttemptRunner for Scripted {
-    fn run(&self, _req: &RunRequest, cancel: &CancelToken) -> Result<RunOutcome, SandboxError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.started.notify_one();
-        let step = self
-            .steps
-            .lock()
-            .expect("lock")
-            .pop_front()
-            .unwrap_or(Step::Exit(0, "null"));
-        match step {
-            Step::Exit(code, out) => Ok(outcome(Termination::Exited(ExitStatus::Code(code)), out)),
-            Step::SetupFails => Err(SandboxError::Setup {
-                stage: "mounts".into(),
-                message: "simulated".into(),
-            }),
-            Step::TimesOut => Ok(outcome(Termination::TimedOut, "")),
-            Step::BlockUntilCancelled => {
-                while !cancel.is_cancelled() {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok(outcome(Termination::Cancelled, ""))
-            }
-        }
-    }
-
-    fn describe(&self) -> String {
-        "scripted".into()
-    }
-}
 
 fn engine(runner: Arc<Scripted>, clock: Arc<ManualClock>) -> Engine {
     Engine::new(EngineConfig::default(), Catalogue::builtin(), runner, clock)

@@ -90,6 +90,13 @@ impl Lifecycle {
         }
     }
 
+    /// Resumes a lifecycle from a stored history (oldest first): the state
+    /// and attempt are those of the last record. `None` for an empty history.
+    pub fn resume(history: Vec<TransitionRecord>) -> Option<Self> {
+        let last = history.last()?;
+        Some(Lifecycle { state: last.to, attempt: last.attempt, history })
+    }
+
     /// Moves to `to` if [`can_transition`] allows it, recording the
     /// transition; entering `PREPARING` starts the next attempt. An illegal
     /// transition returns [`IllegalTransition`] and changes nothing.
@@ -148,6 +155,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use time::Duration;
+
+    #[test]
+    fn resume_continues_where_the_history_stopped() {
+        let t = OffsetDateTime::UNIX_EPOCH;
+        let mut lc = Lifecycle::new(t);
+        lc.transition(TaskStatus::Preparing, t, "p").expect("legal");
+        lc.transition(TaskStatus::Running, t, "r").expect("legal");
+        let mut resumed = Lifecycle::resume(lc.history().to_vec()).expect("non-empty");
+        assert_eq!((resumed.state(), resumed.attempt()), (TaskStatus::Running, 1));
+        resumed.transition(TaskStatus::Preparing, t, "retry").expect("legal");
+        assert_eq!(resumed.attempt(), 2);
+        assert_eq!(resumed.history().len(), 4);
+        assert!(Lifecycle::resume(Vec::new()).is_none());
+    }
     use time::macros::datetime;
 
     use TaskStatus::{Cancelled, Completed, Failed, Preparing, Received, Rejected, Running};

@@ -1,0 +1,948 @@
+//! The executor as a service: submission with admission checks, a queue in
+//! the store, workers that claim tasks the node can admit (CPU and memory
+//! bin-packing on declared requests, priority then FIFO), batched writes,
+//! live lifecycle events, cancellation, lease renewal, crash recovery and
+//! graceful shutdown.
+//!
+//! Retries are persisted: a retryable failure puts the task back in the
+//! queue with a `run_after` time, so a backoff never holds a worker slot and
+//! survives a restart.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use serde::Serialize;
+use taskexec_model::{
+    AttemptRecord, ErrorType, Lifecycle, TaskError, TaskInstance, TaskResult, TaskStatus,
+    TransitionRecord,
+};
+use taskexec_store::{
+    CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, StoreError, Submitted,
+    TaskRecord, TaskStore, Write,
+};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tracing::{Instrument, error, info, warn};
+
+use crate::{Cancellation, Decision, Engine, Verdict, apply_attempt};
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// This node's name in the store (claims and leases carry it).
+    pub node: String,
+    /// CPU and memory this node admits tasks against.
+    pub capacity: Capacity,
+    /// Tasks run at once at most.
+    pub workers: usize,
+    /// Queue bound; past it, submissions are refused.
+    pub max_queued: u64,
+    /// Most tasks in one batch submission.
+    pub max_batch: usize,
+    /// Lease of a claimed task, renewed while it runs.
+    pub lease: Duration,
+    /// Fallback poll of the queue when nothing wakes the scheduler.
+    pub poll_interval: Duration,
+    /// Group store writes into transactions (off: one transaction each).
+    pub batch_writes: bool,
+}
+
+impl ServiceConfig {
+    /// Defaults for a node with `capacity`: one worker per core, 10,000
+    /// queued tasks, batches of 1,000, 30 s leases, 500 ms fallback poll.
+    pub fn new(node: impl Into<String>, capacity: Capacity) -> Self {
+        let cores = (capacity.cpu_millis / 1000).max(1) as usize;
+        Self {
+            node: node.into(),
+            capacity,
+            workers: cores.max(2),
+            max_queued: 10_000,
+            max_batch: 1_000,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            batch_writes: true,
+        }
+    }
+}
+
+/// A lifecycle event, broadcast to SSE streams and waiters.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskEvent {
+    /// The task.
+    pub id: String,
+    /// Its status after the transition.
+    pub status: TaskStatus,
+    /// The transition.
+    pub record: TransitionRecord,
+    /// The status is final (and the result is stored).
+    pub is_final: bool,
+}
+
+/// A runtime as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeInfo {
+    /// Runtime name.
+    pub name: String,
+    /// Found on this host.
+    pub available: bool,
+    /// Interpreter path.
+    pub interpreter: Option<String>,
+    /// Supports handler mode.
+    pub handler_mode: bool,
+    /// File extensions.
+    pub extensions: Vec<String>,
+    /// Why it is unavailable.
+    pub error: Option<String>,
+}
+
+/// Why a submission was refused. Nothing was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Task `index` of the submission is invalid or can never run here.
+    #[error("task {index} rejected: {}", error.message)]
+    Rejected {
+        /// Position in the submission.
+        index: usize,
+        /// Why.
+        error: TaskError,
+    },
+    /// The queue is full.
+    #[error("the queue is full")]
+    QueueFull {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The store failed.
+    #[error("store")]
+    Store(#[source] StoreError),
+}
+
+/// An acknowledgement of a committed write.
+type Ack = oneshot::Sender<Result<(), String>>;
+
+/// What the writer is asked to do.
+#[derive(Debug)]
+enum Pending {
+    /// Commit a write; acknowledge if asked.
+    Write(Write, Option<Ack>),
+    /// Acknowledge once everything sent before is committed.
+    Flush(Ack),
+}
+
+/// A task running on this node.
+#[derive(Debug)]
+struct Running {
+    cancel: Cancellation,
+    cpu_millis: u64,
+    memory_bytes: u64,
+}
+
+/// The service.
+#[derive(Debug)]
+pub struct Service {
+    engine: Arc<Engine>,
+    store: Arc<dyn TaskStore>,
+    config: ServiceConfig,
+    running: Mutex<HashMap<String, Running>>,
+    wake: Notify,
+    idle: Notify,
+    events: broadcast::Sender<TaskEvent>,
+    writes: mpsc::UnboundedSender<Pending>,
+    stopping: AtomicBool,
+    scheduler_alive: AtomicBool,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn record(
+    from: Option<TaskStatus>,
+    to: TaskStatus,
+    attempt: u32,
+    reason: &str,
+) -> TransitionRecord {
+    TransitionRecord {
+        from,
+        to,
+        at: now(),
+        attempt,
+        reason: reason.to_string(),
+    }
+}
+
+impl Service {
+    /// Recovers tasks this node left running when it last stopped, then
+    /// starts the scheduler, the writer and the lease keeper.
+    pub async fn start(
+        engine: Arc<Engine>,
+        store: Arc<dyn TaskStore>,
+        config: ServiceConfig,
+    ) -> Result<Arc<Self>, StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let service = Arc::new(Self {
+            engine,
+            store,
+            config,
+            running: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            idle: Notify::new(),
+            events,
+            writes: tx,
+            stopping: AtomicBool::new(false),
+            scheduler_alive: AtomicBool::new(false),
+        });
+        tokio::spawn(writer(
+            Arc::clone(&service.store),
+            rx,
+            service.config.batch_writes,
+        ));
+        service.recover().await?;
+        service.scheduler_alive.store(true, Ordering::SeqCst);
+        tokio::spawn(Arc::clone(&service).schedule());
+        tokio::spawn(Arc::clone(&service).keep_leases());
+        gauge!("taskexec_cpu_capacity_millis").set(service.config.capacity.cpu_millis as f64);
+        gauge!("taskexec_memory_capacity_bytes").set(service.config.capacity.memory_bytes as f64);
+        Ok(service)
+    }
+
+    /// Most tasks accepted in one batch.
+    pub fn max_batch(&self) -> usize {
+        self.config.max_batch
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Validates and enqueues tasks, all or nothing.
+    pub async fn submit(&self, tasks: Vec<TaskInstance>) -> Result<Vec<Submitted>, SubmitError> {
+        let mut new = Vec::with_capacity(tasks.len());
+        for (index, mut task) in tasks.into_iter().enumerate() {
+            if task.id.is_empty() {
+                task.id = uuid::Uuid::new_v4().to_string();
+            }
+            let prepared = self.engine.prepare(&task).map_err(|error| {
+                counter!("taskexec_tasks_rejected_total", "error_type" => error.error_type.as_str()).increment(1);
+                SubmitError::Rejected { index, error }
+            })?;
+            let limits = prepared.limits();
+            let cap = self.config.capacity;
+            let too_big = if u64::from(limits.cpu_request_millis) > cap.cpu_millis {
+                Some((
+                    "cpu",
+                    format!("{}m CPU", limits.cpu_request_millis),
+                    format!("{}m", cap.cpu_millis),
+                ))
+            } else if limits.memory_bytes > cap.memory_bytes {
+                Some((
+                    "memory",
+                    taskexec_model::format_bytes(limits.memory_bytes),
+                    taskexec_model::format_bytes(cap.memory_bytes),
+                ))
+            } else {
+                None
+            };
+            if let Some((field, asked, have)) = too_big {
+                counter!("taskexec_tasks_rejected_total", "error_type" => "INPUT_VALIDATION")
+                    .increment(1);
+                let error = TaskError::new(
+                    ErrorType::InputValidation,
+                    format!(
+                        "the task requests {asked} but this node admits at most {have}: it can never run here"
+                    ),
+                )
+                .with_details(serde_json::json!({"field": format!("executionConfig.resourceRequirements.{field}")}));
+                return Err(SubmitError::Rejected { index, error });
+            }
+            new.push(NewTask {
+                runtime: prepared.runtime_name().to_string(),
+                cpu_millis: limits.cpu_request_millis,
+                memory_bytes: limits.memory_bytes,
+                received: record(None, TaskStatus::Received, 0, "received"),
+                task,
+            });
+        }
+        let runtimes: Vec<String> = new.iter().map(|t| t.runtime.clone()).collect();
+        let submitted = match self.store.submit(new, self.config.max_queued).await {
+            Ok(s) => s,
+            Err(StoreError::QueueFull { .. }) => {
+                counter!("taskexec_tasks_refused_queue_full_total").increment(1);
+                return Err(SubmitError::QueueFull {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            Err(e) => return Err(SubmitError::Store(e)),
+        };
+        for (s, rt) in submitted.iter().zip(runtimes) {
+            if matches!(s, Submitted::Created { .. }) {
+                counter!("taskexec_tasks_submitted_total", "runtime" => rt).increment(1);
+            }
+        }
+        self.wake.notify_one();
+        Ok(submitted)
+    }
+
+    /// One task.
+    pub async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        self.store.get(id).await
+    }
+
+    /// A page of tasks.
+    pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
+        self.store.list(q).await
+    }
+
+    /// Lifecycle events of every task, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+
+    /// Waits until task `id` is final or `timeout` passes; the record then
+    /// (None if there is no such task).
+    pub async fn wait_final(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Some(rec) = self.store.get(id).await? else {
+                return Ok(None);
+            };
+            if rec.status.is_final() {
+                return Ok(Some(rec));
+            }
+            // Wait for this task's final event (or any lag), then re-read.
+            let waited = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) if ev.id == id && ev.is_final => return,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            })
+            .await;
+            if waited.is_err() {
+                return self.store.get(id).await;
+            }
+        }
+    }
+
+    /// Cancels a task: a queued one at once, a running one by killing its
+    /// sandbox (here, or on the node running it via the store).
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
+        let outcome = self
+            .store
+            .request_cancel(
+                id,
+                record(None, TaskStatus::Cancelled, 0, "cancelled while queued"),
+            )
+            .await?;
+        match &outcome {
+            CancelOutcome::CancelledQueued => {
+                counter!("taskexec_tasks_finished_total", "status" => "CANCELLED", "error_type" => "CANCELLED")
+                    .increment(1);
+                if let Some(rec) = self.store.get(id).await?
+                    && let Some(last) = rec.history.last()
+                {
+                    let _ = self.events.send(TaskEvent {
+                        id: id.to_string(),
+                        status: TaskStatus::Cancelled,
+                        record: last.clone(),
+                        is_final: true,
+                    });
+                }
+            }
+            CancelOutcome::Requested { .. } => {
+                if let Some(r) = self.lock_running().get(id) {
+                    r.cancel.cancel();
+                }
+            }
+            CancelOutcome::NotFound | CancelOutcome::AlreadyFinal(_) => {}
+        }
+        Ok(outcome)
+    }
+
+    /// The runtime catalogue as found on this host.
+    pub fn runtimes(&self) -> Vec<RuntimeInfo> {
+        let cat = self.engine.catalogue();
+        cat.names()
+            .map(|name| match cat.resolve(name) {
+                Ok(rt) => RuntimeInfo {
+                    name: name.to_string(),
+                    available: true,
+                    interpreter: Some(rt.interpreter.display().to_string()),
+                    handler_mode: rt.spec.handler.is_some(),
+                    extensions: rt.spec.extensions.clone(),
+                    error: None,
+                },
+                Err(e) => RuntimeInfo {
+                    name: name.to_string(),
+                    available: false,
+                    interpreter: None,
+                    handler_mode: false,
+                    extensions: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            })
+            .collect()
+    }
+
+    /// Ready: the store answers and the scheduler runs.
+    pub async fn ready(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
+        if !self.scheduler_alive.load(Ordering::SeqCst) {
+            return Err("the scheduler is not running".into());
+        }
+        self.store.ping().await.map_err(|e| format!("store: {e}"))
+    }
+
+    /// Stops claiming, lets running tasks finish for up to `grace`, then
+    /// cancels the rest and waits for their results to be recorded.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.lock_running().is_empty() {
+            if tokio::time::timeout_at(deadline, self.idle.notified())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let left: Vec<Cancellation> = self
+            .lock_running()
+            .values()
+            .map(|r| r.cancel.clone())
+            .collect();
+        if !left.is_empty() {
+            info!(
+                tasks = left.len(),
+                "grace period over: cancelling running tasks"
+            );
+            for c in &left {
+                c.cancel();
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !self.lock_running().is_empty() {
+                if tokio::time::timeout_at(deadline, self.idle.notified())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        self.flush().await;
+    }
+
+    /// Waits until every write sent so far is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Pending::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn free(&self) -> (Capacity, usize) {
+        let running = self.lock_running();
+        let (cpu, mem) = running.values().fold((0u64, 0u64), |(c, m), r| {
+            (c + r.cpu_millis, m + r.memory_bytes)
+        });
+        gauge!("taskexec_cpu_admitted_millis").set(cpu as f64);
+        gauge!("taskexec_memory_admitted_bytes").set(mem as f64);
+        gauge!("taskexec_tasks_running").set(running.len() as f64);
+        let cap = self.config.capacity;
+        (
+            Capacity {
+                cpu_millis: cap.cpu_millis.saturating_sub(cpu),
+                memory_bytes: cap.memory_bytes.saturating_sub(mem),
+            },
+            self.config.workers.saturating_sub(running.len()),
+        )
+    }
+
+    /// Sends a write; waits for its commit when `ack`.
+    async fn write(&self, w: Write, ack: bool) {
+        if ack {
+            let (tx, rx) = oneshot::channel();
+            if self.writes.send(Pending::Write(w, Some(tx))).is_ok() {
+                match rx.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => error!(error = %e, "store write failed"),
+                    Err(_) => error!("store writer stopped"),
+                }
+            }
+        } else {
+            let _ = self.writes.send(Pending::Write(w, None));
+        }
+    }
+
+    /// Records a transition in the lifecycle, the store and the event stream.
+    async fn transition(
+        &self,
+        id: &str,
+        lc: &mut Lifecycle,
+        store_attempt: u32,
+        to: TaskStatus,
+        reason: &str,
+    ) {
+        if let Err(e) = lc.transition(to, now(), reason) {
+            warn!(task_id = id, error = %e, "illegal lifecycle transition");
+            return;
+        }
+        let rec = lc
+            .history()
+            .last()
+            .cloned()
+            .expect("a transition was just recorded");
+        self.write(
+            Write::Transition {
+                id: id.to_string(),
+                attempt: store_attempt,
+                record: rec.clone(),
+            },
+            false,
+        )
+        .await;
+        if !to.is_final() {
+            let _ = self.events.send(TaskEvent {
+                id: id.to_string(),
+                status: to,
+                record: rec,
+                is_final: false,
+            });
+        }
+    }
+
+    /// Ends a task: stores the result (waiting for the commit), then
+    /// announces the final transition.
+    async fn finish(&self, id: &str, store_attempt: u32, result: TaskResult) {
+        let status = result.status;
+        let error_type = result
+            .error
+            .as_ref()
+            .map(|e| e.error_type.as_str())
+            .unwrap_or("");
+        counter!("taskexec_tasks_finished_total", "status" => status.as_str(), "error_type" => error_type)
+            .increment(1);
+        let last = result.history.last().cloned();
+        self.write(
+            Write::Finish {
+                id: id.to_string(),
+                attempt: store_attempt,
+                result,
+            },
+            true,
+        )
+        .await;
+        if let Some(rec) = last {
+            let _ = self.events.send(TaskEvent {
+                id: id.to_string(),
+                status,
+                record: rec,
+                is_final: true,
+            });
+        }
+    }
+
+    /// Recovery at start: attempts this node was running when it died are
+    /// recorded as interrupted (INTERNAL, "executor restarted") and retried
+    /// or failed per the task's policy.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let orphans = self.store.claimed_by(&self.config.node).await?;
+        for c in orphans {
+            let id = c.record.task.id.clone();
+            warn!(task_id = %id, attempt = c.attempt, "recovering a task interrupted by a restart");
+            let error = TaskError::new(ErrorType::Internal, "executor restarted");
+            self.end_attempt_without_run(c, error).await;
+        }
+        self.flush().await;
+        Ok(())
+    }
+
+    /// An attempt that ended before it could run (interrupted, or the task no
+    /// longer prepares): record it and retry or fail per the policy.
+    async fn end_attempt_without_run(&self, c: ClaimedTask, error: TaskError) {
+        let id = c.record.task.id.clone();
+        let attempt = c.attempt;
+        let mut lc =
+            Lifecycle::resume(c.record.history.clone()).unwrap_or_else(|| Lifecycle::new(now()));
+        let rec = AttemptRecord {
+            attempt,
+            status: TaskStatus::Failed,
+            error: Some(error.clone()),
+            start_time: c.record.updated_at,
+            end_time: now(),
+            duration_ms: 0.0,
+            exit_code: None,
+            signal: None,
+            stderr_tail: String::new(),
+            phases: Default::default(),
+        };
+        self.write(
+            Write::AttemptDone {
+                id: id.clone(),
+                record: rec.clone(),
+            },
+            false,
+        )
+        .await;
+        let mut attempts = c.record.attempts.clone();
+        attempts.push(rec);
+        let errors: Vec<TaskError> = attempts.iter().filter_map(|a| a.error.clone()).collect();
+        let decision = match self.engine.prepare(&c.record.task) {
+            Ok(p) => self.engine.decide(&p, &error, attempt, &errors, false),
+            Err(e) => Decision::Final {
+                status: TaskStatus::Failed,
+                error: e,
+            },
+        };
+        self.conclude(&id, &mut lc, attempt, &c.record, attempts, decision, None)
+            .await;
+    }
+
+    /// Applies a decision after a failed attempt: requeue with backoff, or
+    /// store the final result.
+    #[allow(clippy::too_many_arguments)]
+    async fn conclude(
+        &self,
+        id: &str,
+        lc: &mut Lifecycle,
+        attempt: u32,
+        stored: &TaskRecord,
+        attempts: Vec<AttemptRecord>,
+        decision: Decision,
+        last: Option<&crate::AttemptOutput>,
+    ) {
+        match decision {
+            Decision::Retry { delay } => {
+                counter!("taskexec_retries_total").increment(1);
+                if lc.state() == TaskStatus::Received {
+                    self.transition(id, lc, attempt, TaskStatus::Preparing, "preparing")
+                        .await;
+                }
+                let reason = format!("retry (backoff {} ms)", delay.as_millis());
+                self.transition(id, lc, attempt, TaskStatus::Preparing, &reason)
+                    .await;
+                let run_after = now() + delay;
+                self.write(
+                    Write::Requeue {
+                        id: id.to_string(),
+                        attempt,
+                        run_after,
+                    },
+                    true,
+                )
+                .await;
+                self.wake.notify_one();
+            }
+            Decision::Final { status, error } => {
+                self.transition(id, lc, attempt, status, &error.message)
+                    .await;
+                let mut result = base_result(stored, attempts, last);
+                result.status = status;
+                result.error = Some(error);
+                result.history = lc.history().to_vec();
+                self.finish(id, attempt, result).await;
+            }
+        }
+    }
+
+    /// The scheduler: claims what this node can admit, runs it.
+    async fn schedule(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let (free, slots) = self.free();
+            let mut claimed = Vec::new();
+            if slots > 0 && free.cpu_millis > 0 && free.memory_bytes > 0 {
+                match self
+                    .store
+                    .claim(
+                        &self.config.node,
+                        free,
+                        slots.min(64),
+                        now(),
+                        self.config.lease,
+                    )
+                    .await
+                {
+                    Ok(c) => claimed = c,
+                    Err(e) => {
+                        error!(error = %e, "claiming tasks failed");
+                        tokio::time::sleep(self.config.poll_interval).await;
+                    }
+                }
+            }
+            if let Ok(stats) = self.store.stats().await {
+                gauge!("taskexec_queue_depth").set(stats.queued as f64);
+            }
+            let got = claimed.len();
+            for c in claimed {
+                let cancel = match Cancellation::new() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        error!(error = %e, "cannot create a cancellation handle");
+                        continue;
+                    }
+                };
+                self.lock_running().insert(
+                    c.record.task.id.clone(),
+                    Running {
+                        cancel: cancel.clone(),
+                        cpu_millis: c.cpu_millis.into(),
+                        memory_bytes: c.memory_bytes,
+                    },
+                );
+                let me = Arc::clone(&self);
+                let span = tracing::info_span!("task", task_id = %c.record.task.id);
+                tokio::spawn(async move { me.work(c, cancel).await }.instrument(span));
+            }
+            if got == 0 || got >= slots {
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
+        }
+        self.scheduler_alive.store(false, Ordering::SeqCst);
+    }
+
+    /// Runs one claimed attempt to its decision.
+    async fn work(self: Arc<Self>, c: ClaimedTask, cancel: Cancellation) {
+        let id = c.record.task.id.clone();
+        let attempt = c.attempt;
+        let queue_wait = (now() - c.queued_since).max(time::Duration::ZERO);
+        histogram!("taskexec_task_phase_seconds", "phase" => "queue_wait")
+            .record(queue_wait.as_seconds_f64());
+        let mut lc =
+            Lifecycle::resume(c.record.history.clone()).unwrap_or_else(|| Lifecycle::new(now()));
+        if lc.state() == TaskStatus::Received {
+            self.transition(&id, &mut lc, attempt, TaskStatus::Preparing, "claimed")
+                .await;
+        }
+        let t0 = Instant::now();
+        match self.engine.prepare(&c.record.task) {
+            Err(error) => {
+                self.transition(&id, &mut lc, attempt, TaskStatus::Rejected, &error.message)
+                    .await;
+                let mut result = base_result(&c.record, c.record.attempts.clone(), None);
+                result.status = TaskStatus::Rejected;
+                result.error = Some(error);
+                result.history = lc.history().to_vec();
+                self.finish(&id, attempt, result).await;
+            }
+            Ok(prepared) => {
+                self.transition(
+                    &id,
+                    &mut lc,
+                    attempt,
+                    TaskStatus::Running,
+                    &format!("attempt {attempt} started on {}", self.config.node),
+                )
+                .await;
+                let mut out = self
+                    .engine
+                    .run_attempt(&c.record.task, &prepared, attempt, &cancel)
+                    .await;
+                out.record.phases.queue_wait_ms = queue_wait.as_seconds_f64() * 1000.0;
+                for (phase, v) in [
+                    ("prepare", out.record.phases.prepare_ms),
+                    ("run", out.record.phases.run_ms),
+                    ("cleanup", out.record.phases.cleanup_ms),
+                ] {
+                    histogram!("taskexec_task_phase_seconds", "phase" => phase).record(v / 1000.0);
+                }
+                if let Some(e) = &out.record.error
+                    && e.error_type == ErrorType::EnvironmentSetup
+                {
+                    counter!("taskexec_sandbox_setup_failures_total").increment(1);
+                }
+                self.write(
+                    Write::AttemptDone {
+                        id: id.clone(),
+                        record: out.record.clone(),
+                    },
+                    false,
+                )
+                .await;
+                let mut attempts = c.record.attempts.clone();
+                attempts.push(out.record.clone());
+                match out.verdict.clone() {
+                    Verdict::Completed { output } => {
+                        self.transition(
+                            &id,
+                            &mut lc,
+                            attempt,
+                            TaskStatus::Completed,
+                            &format!("attempt {attempt} completed"),
+                        )
+                        .await;
+                        let mut result = base_result(&c.record, attempts, Some(&out));
+                        result.status = TaskStatus::Completed;
+                        result.output = output;
+                        result.history = lc.history().to_vec();
+                        self.finish(&id, attempt, result).await;
+                    }
+                    Verdict::Failed(error) => {
+                        let errors: Vec<TaskError> =
+                            attempts.iter().filter_map(|a| a.error.clone()).collect();
+                        let decision = self.engine.decide(
+                            &prepared,
+                            &error,
+                            attempt,
+                            &errors,
+                            cancel.is_cancelled(),
+                        );
+                        self.conclude(
+                            &id,
+                            &mut lc,
+                            attempt,
+                            &c.record,
+                            attempts,
+                            decision,
+                            Some(&out),
+                        )
+                        .await;
+                    }
+                }
+                histogram!("taskexec_task_phase_seconds", "phase" => "total")
+                    .record(t0.elapsed().as_secs_f64() + queue_wait.as_seconds_f64());
+            }
+        }
+        self.lock_running().remove(&id);
+        self.idle.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Renews the leases of running tasks and picks up cancel requests made
+    /// through the store (from another node's API).
+    async fn keep_leases(self: Arc<Self>) {
+        let every =
+            (self.config.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let cancel_poll = Duration::from_millis(500).min(every);
+        let mut last_renew = Instant::now();
+        loop {
+            tokio::time::sleep(cancel_poll).await;
+            let ids: Vec<String> = self.lock_running().keys().cloned().collect();
+            if ids.is_empty() {
+                if self.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                continue;
+            }
+            if let Ok(cancelled) = self.store.cancel_requested(&ids).await {
+                let running = self.lock_running();
+                for id in cancelled {
+                    if let Some(r) = running.get(&id) {
+                        r.cancel.cancel();
+                    }
+                }
+            }
+            if last_renew.elapsed() >= every {
+                last_renew = Instant::now();
+                let until = now() + self.config.lease;
+                if let Err(e) = self.store.renew(&self.config.node, &ids, until).await {
+                    warn!(error = %e, "renewing leases failed");
+                }
+            }
+        }
+    }
+}
+
+/// A result carrying every attempt so far (last attempt's output wins).
+fn base_result(
+    stored: &TaskRecord,
+    attempts: Vec<AttemptRecord>,
+    last: Option<&crate::AttemptOutput>,
+) -> TaskResult {
+    let mut result = TaskResult::new(stored.task.id.clone(), TaskStatus::Failed);
+    let meta = &mut result.execution_metadata;
+    meta.method = taskexec_model::Method::Container;
+    meta.start_time = attempts.first().map(|a| a.start_time);
+    meta.end_time = Some(now());
+    meta.duration = attempts.iter().map(|a| a.duration_ms).sum();
+    for a in &attempts {
+        crate::add_phases(&mut meta.phases, &a.phases);
+        meta.phases.queue_wait_ms += a.phases.queue_wait_ms;
+    }
+    meta.attempts = attempts;
+    if let Some(out) = last {
+        let kept = std::mem::take(&mut result.execution_metadata.attempts);
+        let phases = result.execution_metadata.phases.clone();
+        apply_attempt(&mut result, out);
+        result.execution_metadata.attempts = kept;
+        result.execution_metadata.phases = phases;
+    }
+    result.execution_metadata.execution_environment = format!("container/{}", stored.runtime);
+    result
+}
+
+/// The store writer: takes writes as they come and commits what has piled
+/// up in one transaction (batching costs no latency: a lone write goes at
+/// once, and under load a transaction carries everything that arrived
+/// while the previous one committed).
+async fn writer(store: Arc<dyn TaskStore>, mut rx: mpsc::UnboundedReceiver<Pending>, batch: bool) {
+    const MAX_BATCH: usize = 512;
+    while let Some(first) = rx.recv().await {
+        let mut pending = vec![first];
+        if batch {
+            while pending.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => pending.push(p),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut writes = Vec::with_capacity(pending.len());
+        let mut acks = Vec::new();
+        for p in pending {
+            match p {
+                Pending::Write(w, ack) => {
+                    writes.push(w);
+                    acks.extend(ack);
+                }
+                Pending::Flush(ack) => acks.push(ack),
+            }
+        }
+        histogram!("taskexec_store_batch_writes").record(writes.len() as f64);
+        let result = if writes.is_empty() {
+            Ok(())
+        } else {
+            store.apply(writes).await.map_err(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                error!(error = %msg, "store write failed");
+                msg
+            })
+        };
+        for ack in acks {
+            let _ = ack.send(result.clone());
+        }
+    }
+}

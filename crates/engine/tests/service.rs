@@ -1,0 +1,338 @@
+//! The service over a real SQLite store with a scripted runner: the whole
+//! path from submission to the stored result, persisted retries, admission,
+//! the queue bound, idempotency, cancellation, crash recovery and shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Scripted, Step};
+use serde_json::json;
+use taskexec_engine::service::{Service, ServiceConfig, SubmitError};
+use taskexec_engine::{Engine, EngineConfig, ManualClock};
+use taskexec_model::{ErrorType, TaskInstance, TaskStatus, TransitionRecord};
+use taskexec_runtimes::Catalogue;
+use taskexec_store::{CancelOutcome, Capacity, NewTask, SqliteStore, Submitted, TaskStore};
+use time::OffsetDateTime;
+
+fn task(extra: serde_json::Value) -> TaskInstance {
+    let mut v = json!({
+        "definition": {"name": "t", "code": "print(1)"},
+        "executionConfig": {"runtime": "python", "resourceRequirements": {"cpu": "1", "memory": "64Mi"}},
+        "retryPolicy": {"maxRetries": 2, "retryInterval": 10, "backoffMultiplier": 1.0, "retryableErrors": ["ENVIRONMENT_SETUP", "INTERNAL"]},
+    });
+    if let (Some(obj), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, val) in extra {
+            obj.insert(k.clone(), val.clone());
+        }
+    }
+    serde_json::from_value(v).expect("valid task")
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    url: String,
+    runner: Arc<Scripted>,
+}
+
+impl Fixture {
+    fn new(steps: impl IntoIterator<Item = Step>) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        Self {
+            _dir: dir,
+            url,
+            runner: Scripted::new(steps),
+        }
+    }
+
+    async fn store(&self) -> Arc<dyn TaskStore> {
+        Arc::new(SqliteStore::open(&self.url).await.expect("open store"))
+    }
+
+    async fn service(&self, cpu_millis: u64, workers: usize) -> Arc<Service> {
+        let engine = Arc::new(Engine::new(
+            EngineConfig::default(),
+            Catalogue::builtin(),
+            Arc::clone(&self.runner) as _,
+            Arc::new(ManualClock::new(0.5)),
+        ));
+        let mut config = ServiceConfig::new(
+            "node-a",
+            Capacity {
+                cpu_millis,
+                memory_bytes: 1 << 30,
+            },
+        );
+        config.workers = workers;
+        config.poll_interval = Duration::from_millis(50);
+        Service::start(engine, self.store().await, config)
+            .await
+            .expect("start")
+    }
+}
+
+async fn wait(service: &Service, id: &str) -> taskexec_store::TaskRecord {
+    service
+        .wait_final(id, Duration::from_secs(20))
+        .await
+        .expect("store")
+        .expect("task exists")
+}
+
+fn states(rec: &taskexec_store::TaskRecord) -> Vec<TaskStatus> {
+    rec.history.iter().map(|h| h.to).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_task_runs_and_its_result_and_history_are_stored() {
+    let f = Fixture::new([Step::Exit(0, r#"{"ok":1}"#)]);
+    let s = f.service(2000, 2).await;
+    let ids = s.submit(vec![task(json!({}))]).await.expect("submit");
+    let rec = wait(&s, ids[0].id()).await;
+    assert_eq!(rec.status, TaskStatus::Completed);
+    use TaskStatus::*;
+    assert_eq!(states(&rec), vec![Received, Preparing, Running, Completed]);
+    let result = rec.result.expect("result");
+    assert_eq!(result.output, json!({"ok": 1}));
+    assert_eq!(result.execution_metadata.attempts.len(), 1);
+    assert!(result.execution_metadata.phases.queue_wait_ms >= 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_failure_is_requeued_and_retried() {
+    let f = Fixture::new([Step::SetupFails, Step::Exit(0, "7")]);
+    let s = f.service(2000, 2).await;
+    let ids = s.submit(vec![task(json!({}))]).await.expect("submit");
+    let rec = wait(&s, ids[0].id()).await;
+    assert_eq!(rec.status, TaskStatus::Completed, "{:?}", rec.result);
+    assert_eq!(rec.attempts.len(), 2);
+    assert_eq!(
+        rec.attempts[0].error.as_ref().map(|e| e.error_type),
+        Some(ErrorType::EnvironmentSetup)
+    );
+    use TaskStatus::*;
+    assert_eq!(
+        states(&rec),
+        vec![Received, Preparing, Running, Preparing, Running, Completed]
+    );
+    assert_eq!(f.runner.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_are_admitted_only_within_the_node_cpu() {
+    let f = Fixture::new([Step::Sleep(50), Step::Sleep(50), Step::Sleep(50)]);
+    // 1 CPU of capacity, tasks of 1 CPU each, 4 worker slots: one at a time.
+    let s = f.service(1000, 4).await;
+    let ids = s
+        .submit(vec![task(json!({})), task(json!({})), task(json!({}))])
+        .await
+        .expect("submit");
+    for id in &ids {
+        assert_eq!(wait(&s, id.id()).await.status, TaskStatus::Completed);
+    }
+    assert_eq!(f.runner.max_running.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_can_never_fit_is_rejected_and_nothing_is_stored() {
+    let f = Fixture::new([]);
+    let s = f.service(1000, 2).await;
+    let big = task(
+        json!({"executionConfig": {"runtime": "python", "resourceRequirements": {"cpu": "2"}}}),
+    );
+    match s.submit(vec![task(json!({})), big]).await {
+        Err(SubmitError::Rejected { index, error }) => {
+            assert_eq!(index, 1);
+            assert!(
+                error.message.contains("can never run here"),
+                "{}",
+                error.message
+            );
+            assert_eq!(
+                error.details.expect("details")["field"],
+                "executionConfig.resourceRequirements.cpu"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let page = s
+        .list(&taskexec_store::ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(page.items.is_empty(), "the batch is all or nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_submissions() {
+    let f = Fixture::new([Step::BlockUntilCancelled]);
+    let engine = Arc::new(Engine::new(
+        EngineConfig::default(),
+        Catalogue::builtin(),
+        Arc::clone(&f.runner) as _,
+        Arc::new(ManualClock::new(0.5)),
+    ));
+    let mut config = ServiceConfig::new(
+        "node-a",
+        Capacity {
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+        },
+    );
+    config.max_queued = 2;
+    config.workers = 1;
+    let s = Service::start(engine, f.store().await, config)
+        .await
+        .expect("start");
+    let first = s.submit(vec![task(json!({}))]).await.expect("first");
+    f.runner.started.notified().await;
+    s.submit(vec![task(json!({})), task(json!({}))])
+        .await
+        .expect("two queued fit");
+    match s.submit(vec![task(json!({}))]).await {
+        Err(SubmitError::QueueFull { retry_after }) => assert!(retry_after > Duration::ZERO),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    s.cancel(first[0].id()).await.expect("cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_returns_the_same_task_and_runs_once() {
+    let f = Fixture::new([Step::Exit(0, "1"), Step::Exit(0, "2")]);
+    let s = f.service(2000, 2).await;
+    let a = s
+        .submit(vec![task(json!({"idempotencyKey": "k-1"}))])
+        .await
+        .expect("a");
+    let b = s
+        .submit(vec![task(json!({"idempotencyKey": "k-1"}))])
+        .await
+        .expect("b");
+    assert_eq!(a[0].id(), b[0].id());
+    assert!(matches!(b[0], Submitted::Existing { .. }));
+    wait(&s, a[0].id()).await;
+    s.flush().await;
+    assert_eq!(f.runner.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_works_on_queued_and_running_tasks() {
+    let f = Fixture::new([Step::BlockUntilCancelled]);
+    let s = f.service(1000, 1).await;
+    let ids = s
+        .submit(vec![task(json!({})), task(json!({}))])
+        .await
+        .expect("submit");
+    f.runner.started.notified().await;
+    // The second waits for the single worker: cancelled while queued.
+    assert_eq!(
+        s.cancel(ids[1].id()).await.expect("cancel"),
+        CancelOutcome::CancelledQueued
+    );
+    let queued = wait(&s, ids[1].id()).await;
+    assert_eq!(queued.status, TaskStatus::Cancelled);
+    assert!(queued.attempts.is_empty(), "it never ran");
+    // The first is running: its sandbox is killed.
+    assert!(matches!(
+        s.cancel(ids[0].id()).await.expect("cancel"),
+        CancelOutcome::Requested { .. }
+    ));
+    let running = wait(&s, ids[0].id()).await;
+    assert_eq!(running.status, TaskStatus::Cancelled);
+    assert_eq!(
+        running
+            .result
+            .expect("result")
+            .error
+            .expect("error")
+            .error_type,
+        ErrorType::Cancelled
+    );
+    assert_eq!(
+        s.cancel(ids[0].id()).await.expect("cancel"),
+        CancelOutcome::AlreadyFinal(TaskStatus::Cancelled)
+    );
+    assert_eq!(f.runner.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_recovers_tasks_left_running_and_retries_them() {
+    let f = Fixture::new([Step::Exit(0, "\"after restart\"")]);
+    // A previous life of node-a claimed the task and died while running it.
+    let store = f.store().await;
+    let t = {
+        let mut t = task(json!({}));
+        t.id = "crashed-1".into();
+        t
+    };
+    let received = TransitionRecord {
+        from: None,
+        to: TaskStatus::Received,
+        at: OffsetDateTime::now_utc(),
+        attempt: 0,
+        reason: "received".into(),
+    };
+    store
+        .submit(
+            vec![NewTask {
+                task: t,
+                runtime: "python".into(),
+                cpu_millis: 1000,
+                memory_bytes: 64 << 20,
+                received,
+            }],
+            100,
+        )
+        .await
+        .expect("submit");
+    let claimed = store
+        .claim(
+            "node-a",
+            Capacity {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+            },
+            1,
+            OffsetDateTime::now_utc(),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    drop(store);
+
+    let s = f.service(2000, 2).await;
+    let rec = wait(&s, "crashed-1").await;
+    assert_eq!(rec.status, TaskStatus::Completed, "{:?}", rec.result);
+    assert_eq!(rec.attempts.len(), 2);
+    let lost = rec.attempts[0]
+        .error
+        .as_ref()
+        .expect("the interrupted attempt is recorded");
+    assert_eq!(
+        (lost.error_type, lost.message.as_str()),
+        (ErrorType::Internal, "executor restarted")
+    );
+    assert_eq!(
+        f.runner.calls.load(Ordering::SeqCst),
+        1,
+        "ran once, after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_what_outlives_the_grace_period() {
+    let f = Fixture::new([Step::BlockUntilCancelled]);
+    let s = f.service(1000, 1).await;
+    let ids = s.submit(vec![task(json!({}))]).await.expect("submit");
+    f.runner.started.notified().await;
+    s.shutdown(Duration::from_millis(100)).await;
+    let rec = s.get(ids[0].id()).await.expect("get").expect("exists");
+    assert_eq!(rec.status, TaskStatus::Cancelled);
+    assert!(s.ready().await.is_err(), "a stopping service is not ready");
+}

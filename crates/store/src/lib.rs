@@ -1,0 +1,321 @@
+//! The durable store and queue of the taskexec service, behind one
+//! [`TaskStore`] trait: an embedded SQLite backend now, PostgreSQL next
+//! (the trait is kept honest for both: every method is one transaction, and
+//! nothing relies on a single writer).
+//!
+//! The queue lives in the `tasks` table: a task is *queued* while it waits
+//! to be claimed (first submission, or a retry whose backoff is persisted as
+//! `run_after`). Claiming takes queued tasks by priority, then FIFO, that fit
+//! in the claiming node's free CPU and memory, and starts their next attempt.
+//! Writes that change a task carry the attempt number they belong to, and are
+//! ignored when the task has moved on (fencing).
+
+pub mod sqlite;
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use taskexec_model::{AttemptRecord, TaskInstance, TaskResult, TaskStatus, TransitionRecord};
+use time::OffsetDateTime;
+
+pub use sqlite::SqliteStore;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Stored JSON could not be read back.
+    #[error("stored JSON of task {id}")]
+    Json {
+        /// The task.
+        id: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The queue holds `depth` tasks, the most allowed is `max`.
+    #[error("the queue is full ({depth} of {max} tasks waiting)")]
+    QueueFull {
+        /// Tasks waiting now.
+        depth: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// A listing cursor that no listing returned.
+    #[error("invalid listing cursor {0:?}")]
+    BadCursor(String),
+    /// A database URL the store does not understand.
+    #[error("unsupported database URL {0:?}: expected sqlite://PATH (or sqlite::memory:)")]
+    BadUrl(String),
+}
+
+/// A task to enqueue. The id is assigned by the caller.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// The whole task (id set).
+    pub task: TaskInstance,
+    /// Runtime name (for listing and metrics).
+    pub runtime: String,
+    /// CPU request in millicores (admission).
+    pub cpu_millis: u32,
+    /// Memory request in bytes (admission).
+    pub memory_bytes: u64,
+    /// The RECEIVED transition.
+    pub received: TransitionRecord,
+}
+
+/// What `submit` did with one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Stored and queued.
+    Created {
+        /// The task id.
+        id: String,
+    },
+    /// The idempotency key was seen before: this is the earlier task.
+    Existing {
+        /// The earlier task's id.
+        id: String,
+    },
+}
+
+impl Submitted {
+    /// The task id, new or earlier.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Created { id } | Self::Existing { id } => id,
+        }
+    }
+}
+
+/// Everything stored about one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    /// The task as submitted.
+    pub task: TaskInstance,
+    /// Current status.
+    pub status: TaskStatus,
+    /// Attempts started so far.
+    pub attempt: u32,
+    /// Runtime name.
+    pub runtime: String,
+    /// Waiting to be claimed.
+    pub queued: bool,
+    /// Node running it, if claimed.
+    pub node: Option<String>,
+    /// When it was submitted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub submitted_at: OffsetDateTime,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// A cancel was requested.
+    pub cancel_requested: bool,
+    /// Every transition so far.
+    pub history: Vec<TransitionRecord>,
+    /// Every finished attempt so far.
+    pub attempts: Vec<AttemptRecord>,
+    /// The final result, once final.
+    pub result: Option<TaskResult>,
+}
+
+/// A row of a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSummary {
+    /// Task id.
+    pub id: String,
+    /// Current status.
+    pub status: TaskStatus,
+    /// Runtime.
+    pub runtime: String,
+    /// Workflow, if any.
+    pub workflow_instance_id: Option<String>,
+    /// Priority.
+    pub priority: i32,
+    /// Attempts started.
+    pub attempt: u32,
+    /// Submission time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub submitted_at: OffsetDateTime,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// Filters of a listing; newest first, cursor-paginated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<TaskStatus>,
+    /// Only this runtime.
+    pub runtime: Option<String>,
+    /// Only this workflow.
+    pub workflow_instance_id: Option<String>,
+    /// Page size (1..=500).
+    pub limit: u32,
+    /// Opaque cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListPage {
+    /// The rows.
+    pub items: Vec<TaskSummary>,
+    /// Cursor of the next page, if there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// Free resources of a claiming node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Free CPU in millicores.
+    pub cpu_millis: u64,
+    /// Free memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A task claimed for its next attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedTask {
+    /// The stored task (status as before the claim).
+    pub record: TaskRecord,
+    /// The attempt number this claim starts (record.attempt + 1).
+    pub attempt: u32,
+    /// When the task became claimable (submission or retry time), for queue wait.
+    pub queued_since: OffsetDateTime,
+    /// CPU request.
+    pub cpu_millis: u32,
+    /// Memory request.
+    pub memory_bytes: u64,
+}
+
+/// A change to a stored task. `attempt` fences: a write for an attempt other
+/// than the task's current one is ignored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Append a lifecycle transition and set the status.
+    Transition {
+        /// Task id.
+        id: String,
+        /// The attempt the write belongs to.
+        attempt: u32,
+        /// The transition.
+        record: TransitionRecord,
+    },
+    /// An attempt ended.
+    AttemptDone {
+        /// Task id.
+        id: String,
+        /// Its record.
+        record: AttemptRecord,
+    },
+    /// Put the task back in the queue for its next attempt at `run_after`.
+    Requeue {
+        /// Task id.
+        id: String,
+        /// The attempt that just ended.
+        attempt: u32,
+        /// Not claimable before.
+        run_after: OffsetDateTime,
+    },
+    /// The task is final: store its result, release it.
+    Finish {
+        /// Task id.
+        id: String,
+        /// The attempt the result belongs to.
+        attempt: u32,
+        /// The result (status final).
+        result: TaskResult,
+    },
+}
+
+/// What a cancel request found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// No such task.
+    NotFound,
+    /// Already final: nothing to do.
+    AlreadyFinal(TaskStatus),
+    /// Was queued: now CANCELLED in the store (transition recorded).
+    CancelledQueued,
+    /// Is running on `node`: the request is recorded, the node must kill it.
+    Requested {
+        /// The node running it.
+        node: Option<String>,
+    },
+}
+
+/// Counts by status, for metrics and readiness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Tasks waiting to be claimed.
+    pub queued: u64,
+    /// Tasks claimed and not final.
+    pub running: u64,
+}
+
+/// The durable store and queue.
+#[async_trait]
+pub trait TaskStore: Send + Sync + Debug {
+    /// Stores and queues tasks in one transaction. A task whose
+    /// `idempotencyKey` was seen before is not stored again: its earlier id
+    /// is returned. Fails with `QueueFull` (storing nothing) when the queue
+    /// would exceed `max_queued`.
+    async fn submit(
+        &self,
+        tasks: Vec<NewTask>,
+        max_queued: u64,
+    ) -> Result<Vec<Submitted>, StoreError>;
+    /// One task, whole.
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+    /// A page of tasks, newest first.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+    /// Claims up to `limit` queued tasks whose `run_after` has passed, by
+    /// priority (high first) then submission order, skipping those that do
+    /// not fit in what is left of `free`; each starts its next attempt and is
+    /// leased to `node` until `now + lease`.
+    async fn claim(
+        &self,
+        node: &str,
+        free: Capacity,
+        limit: usize,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedTask>, StoreError>;
+    /// Applies writes in one transaction (batched status updates and results).
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Extends the lease of `node` on `ids` until `until`.
+    async fn renew(
+        &self,
+        node: &str,
+        ids: &[String],
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// Records a cancel request (and cancels a queued task at once, with the
+    /// transition `record`).
+    async fn request_cancel(
+        &self,
+        id: &str,
+        record: TransitionRecord,
+    ) -> Result<CancelOutcome, StoreError>;
+    /// Tasks claimed by `node` and not final: after a crash of that node,
+    /// the attempts they were in were interrupted.
+    async fn claimed_by(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError>;
+    /// Ids among `ids` whose cancel was requested.
+    async fn cancel_requested(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
+    /// Queued and running counts.
+    async fn stats(&self) -> Result<QueueStats, StoreError>;
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,1485 @@
+//! Backend-independent conformance suite of [`TaskStore`].
+//!
+//! Each behaviour is one `pub async fn` taking a [`Harness`]: a fresh, empty
+//! database that can be opened more than once (to simulate a crash or a
+//! restart). A backend's test file implements [`Harness`] and expands
+//! [`conformance_suite!`] to get one `#[tokio::test]` per behaviour:
+//!
+//! ```ignore
+//! mod conformance;
+//! conformance::conformance_suite!(MyHarness::new().await);
+//! ```
+//!
+//! Tests use a fixed clock (`at(seconds)` after [`T0`]) and never sleep.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use taskexec_model::{
+    AttemptRecord, ErrorType, TaskError, TaskInstance, TaskResult, TaskStatus, TransitionRecord,
+};
+use taskexec_store::{
+    CancelOutcome, Capacity, ClaimedTask, ListQuery, NewTask, QueueStats, StoreError, Submitted,
+    TaskStore, Write,
+};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+use TaskStatus::{Cancelled, Completed, Failed, Preparing, Received, Running};
+
+/// A fresh database for one test.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// Opens (and migrates) the harness's database: every call opens the
+    /// same database again, as a restarted process would.
+    async fn open(&self) -> Box<dyn TaskStore>;
+}
+
+/// Expands to one `#[tokio::test]` per conformance behaviour, each on the
+/// harness that `$harness` (an expression, evaluated per test, may use
+/// `.await`) builds.
+macro_rules! conformance_suite {
+    ($harness:expr) => {
+        $crate::conformance::conformance_suite!(@tests $harness;
+            submit_then_get_round_trips,
+            idempotent_across_submissions,
+            idempotent_within_a_batch,
+            queue_full_is_atomic,
+            claim_by_priority_then_fifo,
+            claim_respects_capacity,
+            claim_respects_run_after,
+            concurrent_claimers_never_share,
+            apply_writes_are_visible,
+            apply_fences_stale_attempts,
+            final_tasks_never_change,
+            final_transition_then_finish,
+            list_filters_newest_first,
+            list_pagination,
+            cancel_queued,
+            cancel_claimed,
+            cancel_final_and_missing,
+            claimed_by_after_crash,
+            renew_and_ping,
+            stats_count_queued_and_running,
+            reopen_keeps_everything,
+        );
+    };
+    (@tests $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::conformance::$name(&harness).await;
+            }
+        )*
+    };
+}
+pub(crate) use conformance_suite;
+
+/// The fixed clock's origin.
+pub const T0: OffsetDateTime = datetime!(2025-06-01 12:00 UTC);
+
+/// A capacity every test task fits in, many times over.
+pub const PLENTY: Capacity = Capacity {
+    cpu_millis: 1 << 40,
+    memory_bytes: 1 << 60,
+};
+
+/// The lease of test claims.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// `T0 + secs` seconds.
+pub fn at(secs: i64) -> OffsetDateTime {
+    T0 + time::Duration::seconds(secs)
+}
+
+/// A task `id` (python, 100m CPU, 64 MiB) received at `T0`.
+pub fn new_task(id: &str) -> NewTask {
+    let task: TaskInstance = serde_json::from_value(json!({
+        "id": id,
+        "definition": {"runtime": "python", "code": "print('hi')"},
+        "input": {"n": 1, "x": [1.5, "two", null]},
+        "executionConfig": {"resourceRequirements": {"cpu": "100m", "memory": "64Mi", "timeoutSeconds": 2.5}},
+    }))
+    .expect("a valid task");
+    NewTask {
+        task,
+        runtime: "python".to_owned(),
+        cpu_millis: 100,
+        memory_bytes: 64 << 20,
+        received: TransitionRecord {
+            from: None,
+            to: Received,
+            at: T0,
+            attempt: 0,
+            reason: "received".to_owned(),
+        },
+    }
+}
+
+/// [`new_task`] with a priority.
+pub fn prio_task(id: &str, priority: i32) -> NewTask {
+    let mut t = new_task(id);
+    t.task.priority = priority;
+    t
+}
+
+/// [`new_task`] with an idempotency key.
+pub fn keyed_task(id: &str, key: &str) -> NewTask {
+    let mut t = new_task(id);
+    t.task.idempotency_key = Some(key.to_owned());
+    t
+}
+
+/// [`new_task`] with resource requests.
+pub fn sized_task(id: &str, cpu_millis: u32, memory_bytes: u64) -> NewTask {
+    let mut t = new_task(id);
+    t.cpu_millis = cpu_millis;
+    t.memory_bytes = memory_bytes;
+    t
+}
+
+/// A transition record.
+pub fn record(
+    from: TaskStatus,
+    to: TaskStatus,
+    at: OffsetDateTime,
+    attempt: u32,
+) -> TransitionRecord {
+    TransitionRecord {
+        from: Some(from),
+        to,
+        at,
+        attempt,
+        reason: format!("{from} to {to}"),
+    }
+}
+
+/// A [`Write::Transition`].
+pub fn transition(
+    id: &str,
+    attempt: u32,
+    from: TaskStatus,
+    to: TaskStatus,
+    when: OffsetDateTime,
+) -> Write {
+    Write::Transition {
+        id: id.to_owned(),
+        attempt,
+        record: record(from, to, when, attempt),
+    }
+}
+
+/// An attempt record.
+pub fn attempt_record(attempt: u32, status: TaskStatus, end: OffsetDateTime) -> AttemptRecord {
+    AttemptRecord {
+        attempt,
+        status,
+        error: (status != Completed).then(|| TaskError::new(ErrorType::RuntimeError, "exit 1")),
+        start_time: T0,
+        end_time: end,
+        duration_ms: 12.5,
+        exit_code: Some(i32::from(status != Completed)),
+        signal: None,
+        stderr_tail: "boom".to_owned(),
+        phases: Default::default(),
+    }
+}
+
+/// A [`Write::AttemptDone`].
+pub fn attempt_done(id: &str, attempt: u32, status: TaskStatus, end: OffsetDateTime) -> Write {
+    Write::AttemptDone {
+        id: id.to_owned(),
+        record: attempt_record(attempt, status, end),
+    }
+}
+
+/// A final result.
+pub fn result(id: &str, status: TaskStatus, end: OffsetDateTime) -> TaskResult {
+    let mut r = TaskResult::new(id, status);
+    if status == Completed {
+        r.output = json!({"answer": 42});
+    } else {
+        r.error = Some(TaskError::new(ErrorType::RuntimeError, "exit 1"));
+    }
+    r.stdout = "hi\n".to_owned();
+    r.execution_metadata.end_time = Some(end);
+    r
+}
+
+/// A [`Write::Finish`].
+pub fn finish(id: &str, attempt: u32, status: TaskStatus, end: OffsetDateTime) -> Write {
+    Write::Finish {
+        id: id.to_owned(),
+        attempt,
+        result: result(id, status, end),
+    }
+}
+
+/// A [`Write::Requeue`].
+pub fn requeue(id: &str, attempt: u32, run_after: OffsetDateTime) -> Write {
+    Write::Requeue {
+        id: id.to_owned(),
+        attempt,
+        run_after,
+    }
+}
+
+/// Ids of claimed tasks, in order.
+pub fn ids(claimed: &[ClaimedTask]) -> Vec<String> {
+    claimed.iter().map(|c| c.record.task.id.clone()).collect()
+}
+
+/// Submits `tasks` with room for a thousand queued tasks.
+pub async fn submit(store: &dyn TaskStore, tasks: Vec<NewTask>) -> Vec<Submitted> {
+    store.submit(tasks, 1000).await.expect("submit")
+}
+
+/// Claims up to `limit` tasks for `node` at `now` with plenty of capacity.
+pub async fn claim(
+    store: &dyn TaskStore,
+    node: &str,
+    limit: usize,
+    now: OffsetDateTime,
+) -> Vec<ClaimedTask> {
+    store
+        .claim(node, PLENTY, limit, now, LEASE)
+        .await
+        .expect("claim")
+}
+
+/// Applies `writes`.
+pub async fn apply(store: &dyn TaskStore, writes: Vec<Write>) {
+    store.apply(writes).await.expect("apply");
+}
+
+/// The stored record of `id`, which must exist.
+pub async fn get(store: &dyn TaskStore, id: &str) -> taskexec_store::TaskRecord {
+    store
+        .get(id)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("task {id} missing"))
+}
+
+/// Ids of a whole listing, following cursors with pages of `limit`.
+pub async fn list_all(store: &dyn TaskStore, mut query: ListQuery) -> (Vec<String>, usize) {
+    let mut out = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = store.list(&query).await.expect("list");
+        pages += 1;
+        assert!(pages < 1000, "pagination does not end");
+        out.extend(page.items.into_iter().map(|s| s.id));
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => return (out, pages),
+        }
+    }
+}
+
+/// Submit, then get: the task, its RECEIVED event and the bookkeeping
+/// fields come back as stored.
+pub async fn submit_then_get_round_trips(h: &dyn Harness) {
+    let store = h.open().await;
+    let mut t = prio_task("t1", 7);
+    t.task.workflow_instance_id = Some("wf".to_owned());
+    t.task.idempotency_key = Some("k1".to_owned());
+    t.runtime = "node".to_owned();
+    t.received.at = datetime!(2025-06-01 12:00:00.123 UTC);
+    let out = submit(&*store, vec![t.clone()]).await;
+    assert_eq!(
+        out,
+        vec![Submitted::Created {
+            id: "t1".to_owned()
+        }]
+    );
+    assert_eq!(out[0].id(), "t1");
+
+    let rec = get(&*store, "t1").await;
+    assert_eq!(rec.task, t.task);
+    assert_eq!(rec.status, Received);
+    assert_eq!(rec.attempt, 0);
+    assert_eq!(rec.runtime, "node");
+    assert!(rec.queued);
+    assert_eq!(rec.node, None);
+    assert_eq!(rec.submitted_at, t.received.at);
+    assert_eq!(rec.updated_at, t.received.at);
+    assert!(!rec.cancel_requested);
+    assert_eq!(rec.history, vec![t.received.clone()]);
+    assert!(rec.attempts.is_empty());
+    assert_eq!(rec.result, None);
+
+    assert_eq!(store.get("nope").await.expect("get"), None);
+    store.ping().await.expect("ping");
+}
+
+/// The same idempotency key twice: one task, the first id.
+pub async fn idempotent_across_submissions(h: &dyn Harness) {
+    let store = h.open().await;
+    let first = submit(&*store, vec![keyed_task("a", "key")]).await;
+    assert_eq!(first, vec![Submitted::Created { id: "a".to_owned() }]);
+    let again = submit(&*store, vec![keyed_task("b", "key")]).await;
+    assert_eq!(again, vec![Submitted::Existing { id: "a".to_owned() }]);
+    assert_eq!(again[0].id(), "a");
+    assert_eq!(store.get("b").await.expect("get"), None);
+    // A different key, and no key at all, are new tasks.
+    let other = submit(
+        &*store,
+        vec![keyed_task("c", "other"), new_task("d"), new_task("e")],
+    )
+    .await;
+    assert_eq!(
+        other,
+        vec![
+            Submitted::Created { id: "c".to_owned() },
+            Submitted::Created { id: "d".to_owned() },
+            Submitted::Created { id: "e".to_owned() },
+        ]
+    );
+    let (all, _) = list_all(&*store, ListQuery::default()).await;
+    assert_eq!(all, vec!["e", "d", "c", "a"]);
+    // Still deduplicated once the first task is claimed and finished.
+    claim(&*store, "n1", 10, T0).await;
+    apply(&*store, vec![finish("a", 1, Completed, at(1))]).await;
+    let late = submit(&*store, vec![keyed_task("f", "key")]).await;
+    assert_eq!(late, vec![Submitted::Existing { id: "a".to_owned() }]);
+    assert_eq!(store.get("f").await.expect("get"), None);
+}
+
+/// Within one batch, the second task with a key gets the first one's id.
+pub async fn idempotent_within_a_batch(h: &dyn Harness) {
+    let store = h.open().await;
+    let out = submit(
+        &*store,
+        vec![
+            keyed_task("a", "k"),
+            keyed_task("b", "k"),
+            new_task("c"),
+            keyed_task("d", "k2"),
+            keyed_task("e", "k2"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        vec![
+            Submitted::Created { id: "a".to_owned() },
+            Submitted::Existing { id: "a".to_owned() },
+            Submitted::Created { id: "c".to_owned() },
+            Submitted::Created { id: "d".to_owned() },
+            Submitted::Existing { id: "d".to_owned() },
+        ]
+    );
+    for missing in ["b", "e"] {
+        assert_eq!(store.get(missing).await.expect("get"), None, "{missing}");
+    }
+    assert_eq!(store.stats().await.expect("stats").queued, 3);
+}
+
+/// A batch that would overflow the queue stores nothing and reports the
+/// depth; claimed tasks and duplicates do not count.
+pub async fn queue_full_is_atomic(h: &dyn Harness) {
+    let store = h.open().await;
+    store
+        .submit(vec![keyed_task("a", "ka"), new_task("b")], 3)
+        .await
+        .expect("fits");
+    let err = store
+        .submit(vec![new_task("c"), keyed_task("d", "kd")], 3)
+        .await
+        .expect_err("full");
+    assert!(
+        matches!(err, StoreError::QueueFull { depth: 2, max: 3 }),
+        "{err:?}"
+    );
+    for id in ["c", "d"] {
+        assert_eq!(store.get(id).await.expect("get"), None, "{id}");
+    }
+    assert_eq!(store.stats().await.expect("stats").queued, 2);
+    // The failed batch's key was not recorded.
+    let out = store
+        .submit(vec![keyed_task("d", "kd")], 3)
+        .await
+        .expect("fits");
+    assert_eq!(out, vec![Submitted::Created { id: "d".to_owned() }]);
+    // Full now; a batch of duplicates only adds nothing and is accepted.
+    let dup = store
+        .submit(vec![keyed_task("x", "ka")], 3)
+        .await
+        .expect("duplicate only");
+    assert_eq!(dup, vec![Submitted::Existing { id: "a".to_owned() }]);
+    assert!(matches!(
+        store.submit(vec![new_task("e")], 3).await,
+        Err(StoreError::QueueFull { depth: 3, max: 3 })
+    ));
+    // A claimed task leaves the queue.
+    assert_eq!(claim(&*store, "n1", 1, T0).await.len(), 1);
+    store
+        .submit(vec![new_task("e")], 3)
+        .await
+        .expect("room again");
+    assert!(matches!(
+        store.submit(vec![new_task("f")], 0).await,
+        Err(StoreError::QueueFull { depth: 3, max: 0 })
+    ));
+}
+
+/// Claims go by priority (high first), then submission order.
+pub async fn claim_by_priority_then_fifo(h: &dyn Harness) {
+    let store = h.open().await;
+    let mut tasks = vec![
+        prio_task("a", 0),
+        prio_task("b", 5),
+        prio_task("c", 0),
+        prio_task("d", 5),
+        prio_task("e", -3),
+        prio_task("f", 1000),
+    ];
+    tasks[0].received.at = at(1);
+    submit(&*store, tasks).await;
+    let first = claim(&*store, "n1", 2, at(10)).await;
+    assert_eq!(ids(&first), vec!["f", "b"]);
+    let c = &first[1];
+    assert_eq!(c.attempt, 1);
+    assert_eq!(c.record.attempt, 0);
+    assert_eq!(c.record.status, Received);
+    assert_eq!(c.record.node.as_deref(), Some("n1"));
+    assert!(!c.record.queued);
+    assert_eq!(c.record.history.len(), 1);
+    assert_eq!(c.queued_since, T0);
+    assert_eq!(c.cpu_millis, 100);
+    assert_eq!(c.memory_bytes, 64 << 20);
+    assert_eq!(c.record.task, new_task("b").task.clone().with_priority(5));
+
+    assert_eq!(ids(&claim(&*store, "n1", 2, at(10)).await), vec!["d", "a"]);
+    let rest = claim(&*store, "n2", 10, at(10)).await;
+    assert_eq!(ids(&rest), vec!["c", "e"]);
+    assert!(claim(&*store, "n2", 10, at(10)).await.is_empty());
+    assert!(
+        store
+            .claim("n2", PLENTY, 0, at(10), LEASE)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    let a = get(&*store, "a").await;
+    assert_eq!(a.attempt, 1);
+    assert_eq!(a.node.as_deref(), Some("n1"));
+    assert!(!a.queued);
+    assert_eq!(a.status, Received);
+    assert_eq!(a.updated_at, at(10));
+    assert_eq!(a.submitted_at, at(1));
+}
+
+/// Small helper trait for building expected tasks.
+trait WithPriority {
+    /// The same task with `priority`.
+    fn with_priority(self, priority: i32) -> Self;
+}
+
+impl WithPriority for TaskInstance {
+    fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// Claims skip tasks that do not fit in what is left of the free capacity.
+pub async fn claim_respects_capacity(h: &dyn Harness) {
+    let store = h.open().await;
+    let gib = 1u64 << 30;
+    submit(
+        &*store,
+        vec![
+            sized_task("big-cpu", 4000, gib),
+            sized_task("small-1", 400, gib / 4),
+            sized_task("big-mem", 100, 8 * gib),
+            sized_task("small-2", 400, gib / 4),
+            sized_task("small-3", 400, gib / 4),
+        ],
+    )
+    .await;
+    let free = Capacity {
+        cpu_millis: 1000,
+        memory_bytes: gib,
+    };
+    // small-3 would exceed what is left after small-1 and small-2.
+    let got = store.claim("n1", free, 10, T0, LEASE).await.expect("claim");
+    assert_eq!(ids(&got), vec!["small-1", "small-2"]);
+    // Nothing fits: nothing is claimed, nothing changes.
+    let tight = Capacity {
+        cpu_millis: 300,
+        memory_bytes: gib,
+    };
+    assert!(
+        store
+            .claim("n1", tight, 10, T0, LEASE)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let none = Capacity {
+        cpu_millis: 0,
+        memory_bytes: 0,
+    };
+    assert!(
+        store
+            .claim("n1", none, 10, T0, LEASE)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(get(&*store, "small-3").await.attempt, 0);
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 3,
+            running: 2
+        }
+    );
+    // Memory counts too.
+    let mem = Capacity {
+        cpu_millis: 100_000,
+        memory_bytes: gib / 2,
+    };
+    assert_eq!(
+        ids(&store.claim("n1", mem, 10, T0, LEASE).await.expect("claim")),
+        vec!["small-3"]
+    );
+    let rest = claim(&*store, "n2", 10, T0).await;
+    assert_eq!(ids(&rest), vec!["big-cpu", "big-mem"]);
+}
+
+/// A requeued task is not claimable before its `run_after`, and is after.
+pub async fn claim_respects_run_after(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    let got = claim(&*store, "n1", 1, at(1)).await;
+    assert_eq!(got[0].attempt, 1);
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Running, at(3)),
+            attempt_done("a", 1, Failed, at(4)),
+            transition("a", 1, Running, Preparing, at(4)),
+            requeue("a", 1, at(60)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "a").await;
+    assert!(rec.queued);
+    assert_eq!(rec.node, None);
+    assert_eq!(rec.status, Preparing);
+    assert_eq!(rec.attempt, 1);
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 1,
+            running: 0
+        }
+    );
+    assert!(claim(&*store, "n1", 1, at(59)).await.is_empty());
+    let again = claim(&*store, "n2", 1, at(60)).await;
+    assert_eq!(ids(&again), vec!["a"]);
+    let c = &again[0];
+    assert_eq!(c.attempt, 2);
+    assert_eq!(c.record.attempt, 1);
+    assert_eq!(c.queued_since, at(60));
+    assert_eq!(c.record.status, Preparing);
+    assert_eq!(c.record.attempts, vec![attempt_record(1, Failed, at(4))]);
+    assert_eq!(c.record.history.len(), 4);
+    assert_eq!(get(&*store, "a").await.node.as_deref(), Some("n2"));
+}
+
+/// Four claimers racing over 200 tasks never get the same task and together
+/// get all of them.
+pub async fn concurrent_claimers_never_share(h: &dyn Harness) {
+    let store: Arc<dyn TaskStore> = Arc::from(h.open().await);
+    for batch in 0..4 {
+        let tasks = (0..50)
+            .map(|i| new_task(&format!("t{:03}", batch * 50 + i)))
+            .collect();
+        store.submit(tasks, 1000).await.expect("submit");
+    }
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let store = Arc::clone(&store);
+        workers.push(tokio::spawn(async move {
+            let node = format!("node-{w}");
+            let mut got = Vec::new();
+            loop {
+                let claimed = store
+                    .claim(&node, PLENTY, 3, T0, LEASE)
+                    .await
+                    .expect("claim");
+                if claimed.is_empty() {
+                    return got;
+                }
+                for c in claimed {
+                    assert_eq!(c.attempt, 1);
+                    assert_eq!(c.record.node.as_deref(), Some(node.as_str()));
+                    got.push(c.record.task.id);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("claimer"));
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 200, "some task was claimed twice or never");
+    assert_eq!(unique.len(), 200);
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 0,
+            running: 200
+        }
+    );
+    let mut by_nodes = 0;
+    for w in 0..4 {
+        by_nodes += store
+            .claimed_by(&format!("node-{w}"))
+            .await
+            .expect("claimed_by")
+            .len();
+    }
+    assert_eq!(by_nodes, 200);
+}
+
+/// Transition, AttemptDone, Requeue and Finish are visible in `get`.
+pub async fn apply_writes_are_visible(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Running, at(3)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "a").await;
+    assert_eq!(rec.status, Running);
+    assert_eq!(rec.updated_at, at(3));
+    assert_eq!(
+        rec.history[1..],
+        [
+            record(Received, Preparing, at(2), 1),
+            record(Preparing, Running, at(3), 1)
+        ]
+    );
+    assert_eq!(rec.history[0], new_task("a").received);
+
+    apply(&*store, vec![attempt_done("a", 1, Failed, at(4))]).await;
+    // The same attempt twice is recorded once.
+    apply(&*store, vec![attempt_done("a", 1, Failed, at(5))]).await;
+    let rec = get(&*store, "a").await;
+    assert_eq!(rec.attempts, vec![attempt_record(1, Failed, at(4))]);
+
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Running, Preparing, at(5)),
+            requeue("a", 1, at(10)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "a").await;
+    assert!(rec.queued);
+    assert_eq!(rec.node, None);
+    assert_eq!(store.claimed_by("n1").await.expect("claimed_by"), vec![]);
+
+    let again = claim(&*store, "n2", 1, at(10)).await;
+    assert_eq!(ids(&again), vec!["a"]);
+    apply(
+        &*store,
+        vec![
+            transition("a", 2, Preparing, Running, at(11)),
+            transition("a", 2, Running, Completed, at(12)),
+            attempt_done("a", 2, Completed, at(12)),
+            finish("a", 2, Completed, at(12)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "a").await;
+    assert_eq!(rec.status, Completed);
+    assert_eq!(rec.attempt, 2);
+    assert!(!rec.queued);
+    assert_eq!(rec.node, None);
+    assert_eq!(rec.updated_at, at(12));
+    assert_eq!(rec.history.len(), 6);
+    assert_eq!(rec.history[5], record(Running, Completed, at(12), 2));
+    assert_eq!(
+        rec.attempts,
+        vec![
+            attempt_record(1, Failed, at(4)),
+            attempt_record(2, Completed, at(12))
+        ]
+    );
+    assert_eq!(rec.result, Some(result("a", Completed, at(12))));
+    assert_eq!(store.claimed_by("n2").await.expect("claimed_by"), vec![]);
+    // The other task was untouched.
+    let b = get(&*store, "b").await;
+    assert_eq!(b.history.len(), 1);
+    assert!(b.queued);
+    // An empty batch, and writes for unknown tasks, are fine.
+    apply(&*store, vec![]).await;
+    apply(&*store, vec![finish("ghost", 1, Completed, at(13))]).await;
+    assert_eq!(store.get("ghost").await.expect("get"), None);
+}
+
+/// Writes of an attempt other than the current one are ignored, also inside
+/// a batch that applies others.
+pub async fn apply_fences_stale_attempts(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            requeue("a", 1, at(3)),
+        ],
+    )
+    .await;
+    // n1 is presumed gone; n2 takes attempt 2.
+    assert_eq!(claim(&*store, "n2", 1, at(3)).await[0].attempt, 2);
+    let before = get(&*store, "a").await;
+    apply(
+        &*store,
+        vec![
+            finish("a", 1, Failed, at(4)),
+            transition("a", 1, Preparing, Running, at(4)),
+            attempt_done("a", 1, Failed, at(4)),
+            requeue("a", 1, at(4)),
+            // Ahead of the task is stale too.
+            transition("a", 3, Preparing, Running, at(4)),
+        ],
+    )
+    .await;
+    assert_eq!(get(&*store, "a").await, before);
+    // A batch mixing stale and current writes applies the current ones.
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Preparing, Failed, at(5)),
+            transition("a", 2, Preparing, Running, at(5)),
+            finish("a", 1, Failed, at(5)),
+            attempt_done("a", 2, Completed, at(6)),
+            finish("a", 2, Completed, at(6)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "a").await;
+    assert_eq!(rec.status, Completed);
+    assert_eq!(
+        rec.history.last(),
+        Some(&record(Preparing, Running, at(5), 2))
+    );
+    assert_eq!(rec.history.len(), before.history.len() + 1);
+    assert_eq!(rec.attempts, vec![attempt_record(2, Completed, at(6))]);
+    assert_eq!(rec.result, Some(result("a", Completed, at(6))));
+}
+
+/// Once a task has its result, nothing changes it.
+pub async fn final_tasks_never_change(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(&*store, vec![finish("a", 1, Failed, at(2))]).await;
+    let done = get(&*store, "a").await;
+    assert_eq!(done.status, Failed);
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Failed, Running, at(3)),
+            attempt_done("a", 1, Failed, at(3)),
+            requeue("a", 1, at(3)),
+            finish("a", 1, Completed, at(3)),
+            finish("a", 1, Failed, at(9)),
+        ],
+    )
+    .await;
+    assert_eq!(get(&*store, "a").await, done);
+    assert!(claim(&*store, "n1", 1, at(10)).await.is_empty());
+    assert_eq!(store.stats().await.expect("stats"), QueueStats::default());
+}
+
+/// A transition into a final status may come before the attempt record and
+/// the result (in one batch or several); it blocks other transitions and a
+/// result with another status.
+pub async fn final_transition_then_finish(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    claim(&*store, "n1", 2, at(1)).await;
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Failed, at(3)),
+        ],
+    )
+    .await;
+    let failed = get(&*store, "a").await;
+    assert_eq!(failed.status, Failed);
+    assert_eq!(failed.result, None);
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Failed, Running, at(4)),
+            requeue("a", 1, at(4)),
+            finish("a", 1, Completed, at(4)),
+        ],
+    )
+    .await;
+    assert_eq!(get(&*store, "a").await, failed);
+    apply(
+        &*store,
+        vec![
+            attempt_done("a", 1, Failed, at(3)),
+            finish("a", 1, Failed, at(3)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "a").await;
+    assert_eq!(rec.status, Failed);
+    assert_eq!(rec.history.len(), 3);
+    assert_eq!(rec.attempts, vec![attempt_record(1, Failed, at(3))]);
+    assert_eq!(rec.result, Some(result("a", Failed, at(3))));
+    assert_eq!(rec.node, None);
+
+    // All in one batch.
+    apply(
+        &*store,
+        vec![
+            transition("b", 1, Received, Preparing, at(2)),
+            transition("b", 1, Preparing, Running, at(3)),
+            transition("b", 1, Running, Completed, at(4)),
+            attempt_done("b", 1, Completed, at(4)),
+            finish("b", 1, Completed, at(4)),
+        ],
+    )
+    .await;
+    let rec = get(&*store, "b").await;
+    assert_eq!(rec.status, Completed);
+    assert_eq!(rec.history.len(), 4);
+    assert_eq!(rec.attempts.len(), 1);
+    assert_eq!(rec.result, Some(result("b", Completed, at(4))));
+    assert_eq!(store.stats().await.expect("stats"), QueueStats::default());
+}
+
+/// Listing filters (AND-ed), newest first, summary fields.
+pub async fn list_filters_newest_first(h: &dyn Harness) {
+    let store = h.open().await;
+    let spec = [
+        ("p1", "python", Some("w1")),
+        ("n1", "node", Some("w1")),
+        ("p2", "python", None),
+        ("n2", "node", Some("w2")),
+        ("p3", "python", Some("w2")),
+        ("n3", "node", Some("w1")),
+    ];
+    let tasks = spec
+        .iter()
+        .enumerate()
+        .map(|(i, (id, runtime, wf))| {
+            let mut t = prio_task(id, i32::try_from(i).expect("small") - 2);
+            t.runtime = (*runtime).to_owned();
+            t.task.workflow_instance_id = wf.map(str::to_owned);
+            t.received.at = at(i64::try_from(i).expect("small"));
+            t
+        })
+        .collect();
+    submit(&*store, tasks).await;
+    let cancel = record(Received, Cancelled, at(20), 0);
+    assert_eq!(
+        store.request_cancel("n2", cancel).await.expect("cancel"),
+        CancelOutcome::CancelledQueued
+    );
+
+    let page = store.list(&ListQuery::default()).await.expect("list");
+    let all: Vec<&str> = page.items.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(all, vec!["n3", "p3", "n2", "p2", "n1", "p1"]);
+    assert_eq!(page.next_cursor, None);
+    let n1 = &page.items[4];
+    assert_eq!(n1.status, Received);
+    assert_eq!(n1.runtime, "node");
+    assert_eq!(n1.workflow_instance_id.as_deref(), Some("w1"));
+    assert_eq!(n1.priority, -1);
+    assert_eq!(n1.attempt, 0);
+    assert_eq!(n1.submitted_at, at(1));
+    assert_eq!(n1.updated_at, at(1));
+    let n2 = &page.items[2];
+    assert_eq!(n2.status, Cancelled);
+    assert_eq!(n2.updated_at, at(20));
+    assert_eq!(n2.workflow_instance_id.as_deref(), Some("w2"));
+    assert_eq!(page.items[3].workflow_instance_id, None);
+
+    let ids_of = |q: ListQuery| {
+        let store = &store;
+        async move {
+            let (ids, _) = list_all(&**store, q).await;
+            ids
+        }
+    };
+    assert_eq!(
+        ids_of(ListQuery {
+            status: Some(Cancelled),
+            ..ListQuery::default()
+        })
+        .await,
+        vec!["n2"]
+    );
+    assert_eq!(
+        ids_of(ListQuery {
+            status: Some(Received),
+            ..ListQuery::default()
+        })
+        .await,
+        vec!["n3", "p3", "p2", "n1", "p1"]
+    );
+    assert_eq!(
+        ids_of(ListQuery {
+            status: Some(Running),
+            ..ListQuery::default()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids_of(ListQuery {
+            runtime: Some("node".to_owned()),
+            ..ListQuery::default()
+        })
+        .await,
+        vec!["n3", "n2", "n1"]
+    );
+    assert_eq!(
+        ids_of(ListQuery {
+            workflow_instance_id: Some("w1".to_owned()),
+            ..ListQuery::default()
+        })
+        .await,
+        vec!["n3", "n1", "p1"]
+    );
+    assert_eq!(
+        ids_of(ListQuery {
+            runtime: Some("python".to_owned()),
+            workflow_instance_id: Some("w2".to_owned()),
+            ..ListQuery::default()
+        })
+        .await,
+        vec!["p3"]
+    );
+    assert_eq!(
+        ids_of(ListQuery {
+            status: Some(Received),
+            runtime: Some("node".to_owned()),
+            workflow_instance_id: Some("w2".to_owned()),
+            ..ListQuery::default()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+}
+
+/// Cursor pagination visits every task once, newest first, also with a
+/// filter and while new tasks arrive; a bad cursor is an error.
+pub async fn list_pagination(h: &dyn Harness) {
+    let store = h.open().await;
+    let all: Vec<String> = (0..23).map(|i| format!("t{i:02}")).collect();
+    let tasks = all
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut t = new_task(id);
+            if i.is_multiple_of(3) {
+                t.runtime = "node".to_owned();
+            }
+            t
+        })
+        .collect();
+    submit(&*store, tasks).await;
+    let newest_first: Vec<String> = all.iter().rev().cloned().collect();
+
+    for (limit, pages) in [
+        (5, 5),
+        (1, 23),
+        (22, 2),
+        (23, 1),
+        (500, 1),
+        (0, 1),
+        (100_000, 1),
+    ] {
+        let (got, n) = list_all(
+            &*store,
+            ListQuery {
+                limit,
+                ..ListQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(got, newest_first, "limit {limit}");
+        assert_eq!(n, pages, "limit {limit}");
+    }
+    let page = store
+        .list(&ListQuery {
+            limit: 5,
+            ..ListQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(page.items.len(), 5);
+    assert!(page.next_cursor.is_some());
+
+    let (node, _) = list_all(
+        &*store,
+        ListQuery {
+            runtime: Some("node".to_owned()),
+            limit: 2,
+            ..ListQuery::default()
+        },
+    )
+    .await;
+    let expected: Vec<String> = newest_first
+        .iter()
+        .filter(|id| {
+            let n: usize = id[1..].parse().expect("number");
+            n.is_multiple_of(3)
+        })
+        .cloned()
+        .collect();
+    assert_eq!(node, expected);
+
+    // Tasks submitted mid-way do not shift the pages being read.
+    let first = store
+        .list(&ListQuery {
+            limit: 10,
+            ..ListQuery::default()
+        })
+        .await
+        .expect("list");
+    submit(&*store, vec![new_task("late-1"), new_task("late-2")]).await;
+    let (rest, _) = list_all(
+        &*store,
+        ListQuery {
+            limit: 10,
+            cursor: first.next_cursor.clone(),
+            ..ListQuery::default()
+        },
+    )
+    .await;
+    let mut seen: Vec<String> = first.items.into_iter().map(|s| s.id).collect();
+    seen.extend(rest);
+    assert_eq!(seen, newest_first);
+
+    for bad in ["", "not a cursor", "-5"] {
+        let err = store
+            .list(&ListQuery {
+                cursor: Some(bad.to_owned()),
+                ..ListQuery::default()
+            })
+            .await
+            .expect_err("bad cursor");
+        assert!(
+            matches!(err, StoreError::BadCursor(ref c) if c == bad),
+            "{err:?}"
+        );
+    }
+}
+
+/// Cancelling a queued task makes it CANCELLED with a result, at once.
+pub async fn cancel_queued(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    let rec = record(Received, Cancelled, at(5), 0);
+    assert_eq!(
+        store
+            .request_cancel("a", rec.clone())
+            .await
+            .expect("cancel"),
+        CancelOutcome::CancelledQueued
+    );
+    let a = get(&*store, "a").await;
+    assert_eq!(a.status, Cancelled);
+    assert!(!a.queued);
+    assert!(a.cancel_requested);
+    assert_eq!(a.node, None);
+    assert_eq!(a.updated_at, at(5));
+    assert_eq!(a.history, vec![new_task("a").received, rec.clone()]);
+    let result = a.result.expect("a result");
+    assert_eq!(result.task_id, "a");
+    assert_eq!(result.status, Cancelled);
+    assert_eq!(
+        result.error.as_ref().map(|e| e.error_type),
+        Some(ErrorType::Cancelled)
+    );
+    assert_eq!(result.history, a.history);
+    // No longer claimable.
+    assert_eq!(ids(&claim(&*store, "n1", 10, at(6)).await), vec!["b"]);
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 0,
+            running: 1
+        }
+    );
+    assert_eq!(
+        store
+            .cancel_requested(&["a".to_owned(), "b".to_owned()])
+            .await
+            .expect("cancel_requested"),
+        vec!["a"]
+    );
+    assert_eq!(
+        store.request_cancel("a", rec).await.expect("cancel"),
+        CancelOutcome::AlreadyFinal(Cancelled)
+    );
+
+    // A retry waiting in the queue is cancelled the same way.
+    apply(
+        &*store,
+        vec![
+            transition("b", 1, Received, Preparing, at(7)),
+            requeue("b", 1, at(100)),
+        ],
+    )
+    .await;
+    let rec_b = record(Preparing, Cancelled, at(8), 1);
+    assert_eq!(
+        store
+            .request_cancel("b", rec_b.clone())
+            .await
+            .expect("cancel"),
+        CancelOutcome::CancelledQueued
+    );
+    let b = get(&*store, "b").await;
+    assert_eq!(b.status, Cancelled);
+    assert_eq!(b.history.last(), Some(&rec_b));
+    assert_eq!(b.result.map(|r| r.status), Some(Cancelled));
+    assert!(claim(&*store, "n1", 10, at(100)).await.is_empty());
+    // The late writes of the cancelled attempt are ignored.
+    apply(&*store, vec![finish("b", 1, Failed, at(9))]).await;
+    assert_eq!(get(&*store, "b").await.status, Cancelled);
+}
+
+/// Cancelling a claimed task records the request for its node to act on.
+pub async fn cancel_claimed(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 1, at(1)).await), vec!["a"]);
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Running, at(3)),
+        ],
+    )
+    .await;
+    let rec = record(Running, Cancelled, at(4), 1);
+    assert_eq!(
+        store
+            .request_cancel("a", rec.clone())
+            .await
+            .expect("cancel"),
+        CancelOutcome::Requested {
+            node: Some("n1".to_owned())
+        }
+    );
+    let a = get(&*store, "a").await;
+    assert!(a.cancel_requested);
+    assert_eq!(a.status, Running);
+    assert_eq!(a.history.len(), 3);
+    assert_eq!(a.node.as_deref(), Some("n1"));
+    let asked = ["a", "b", "missing"].map(str::to_owned);
+    assert_eq!(
+        store
+            .cancel_requested(&asked)
+            .await
+            .expect("cancel_requested"),
+        vec!["a"]
+    );
+    assert_eq!(
+        store.cancel_requested(&[]).await.expect("cancel_requested"),
+        Vec::<String>::new()
+    );
+    // Asking twice is fine.
+    assert_eq!(
+        store
+            .request_cancel("a", rec.clone())
+            .await
+            .expect("cancel"),
+        CancelOutcome::Requested {
+            node: Some("n1".to_owned())
+        }
+    );
+    // The node kills it and reports.
+    apply(
+        &*store,
+        vec![
+            Write::Transition {
+                id: "a".to_owned(),
+                attempt: 1,
+                record: rec.clone(),
+            },
+            attempt_done("a", 1, Cancelled, at(5)),
+            finish("a", 1, Cancelled, at(5)),
+        ],
+    )
+    .await;
+    let a = get(&*store, "a").await;
+    assert_eq!(a.status, Cancelled);
+    assert_eq!(a.node, None);
+    assert_eq!(
+        store.request_cancel("a", rec).await.expect("cancel"),
+        CancelOutcome::AlreadyFinal(Cancelled)
+    );
+    assert_eq!(store.claimed_by("n1").await.expect("claimed_by"), vec![]);
+}
+
+/// Cancelling a final or unknown task does nothing.
+pub async fn cancel_final_and_missing(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(&*store, vec![finish("a", 1, Completed, at(2))]).await;
+    let before = get(&*store, "a").await;
+    let rec = record(Completed, Cancelled, at(3), 1);
+    assert_eq!(
+        store
+            .request_cancel("a", rec.clone())
+            .await
+            .expect("cancel"),
+        CancelOutcome::AlreadyFinal(Completed)
+    );
+    assert_eq!(get(&*store, "a").await, before);
+    assert!(
+        store
+            .cancel_requested(&["a".to_owned()])
+            .await
+            .expect("cancel_requested")
+            .is_empty()
+    );
+    assert_eq!(
+        store.request_cancel("missing", rec).await.expect("cancel"),
+        CancelOutcome::NotFound
+    );
+    assert_eq!(store.get("missing").await.expect("get"), None);
+}
+
+/// After a crash of a node (the store dropped without a word), reopening
+/// the database shows the tasks it had claimed, at the interrupted attempt.
+pub async fn claimed_by_after_crash(h: &dyn Harness) {
+    {
+        let store = h.open().await;
+        submit(
+            &*store,
+            vec![new_task("a"), new_task("b"), new_task("c"), new_task("d")],
+        )
+        .await;
+        assert_eq!(ids(&claim(&*store, "n1", 2, at(1)).await), vec!["a", "b"]);
+        assert_eq!(ids(&claim(&*store, "n2", 1, at(1)).await), vec!["c"]);
+        apply(
+            &*store,
+            vec![
+                transition("a", 1, Received, Preparing, at(2)),
+                transition("a", 1, Preparing, Running, at(3)),
+            ],
+        )
+        .await;
+        drop(store);
+    }
+    let store = h.open().await;
+    let claimed = store.claimed_by("n1").await.expect("claimed_by");
+    assert_eq!(ids(&claimed), vec!["a", "b"]);
+    let a = &claimed[0];
+    assert_eq!(a.attempt, 1);
+    assert_eq!(a.record.attempt, 1);
+    assert_eq!(a.record.status, Running);
+    assert_eq!(a.record.node.as_deref(), Some("n1"));
+    assert_eq!(a.record.history.len(), 3);
+    assert_eq!(a.queued_since, T0);
+    assert_eq!(a.cpu_millis, 100);
+    assert_eq!(a.memory_bytes, 64 << 20);
+    assert_eq!(claimed[1].record.status, Received);
+    assert_eq!(
+        ids(&store.claimed_by("n2").await.expect("claimed_by")),
+        vec!["c"]
+    );
+    assert!(store.claimed_by("n3").await.expect("claimed_by").is_empty());
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 1,
+            running: 3
+        }
+    );
+
+    // Recovery: a fails for good, b goes back to the queue.
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Running, Failed, at(10)),
+            finish("a", 1, Failed, at(10)),
+            requeue("b", 1, at(10)),
+        ],
+    )
+    .await;
+    assert!(store.claimed_by("n1").await.expect("claimed_by").is_empty());
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 2,
+            running: 1
+        }
+    );
+    assert_eq!(ids(&claim(&*store, "n1", 5, at(10)).await), vec!["b", "d"]);
+}
+
+/// `renew` changes nothing visible (and ignores other nodes' tasks); `ping`
+/// answers.
+pub async fn renew_and_ping(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    let before = (get(&*store, "a").await, get(&*store, "b").await);
+    let ids = ["a", "b", "missing"].map(str::to_owned);
+    store.renew("n1", &ids, at(100)).await.expect("renew");
+    store.renew("n2", &ids, at(100)).await.expect("renew");
+    store.renew("n1", &[], at(100)).await.expect("renew");
+    assert_eq!((get(&*store, "a").await, get(&*store, "b").await), before);
+    store.ping().await.expect("ping");
+}
+
+/// Queued and running counts through a task's life.
+pub async fn stats_count_queued_and_running(h: &dyn Harness) {
+    let store = h.open().await;
+    let stats = || async { store.stats().await.expect("stats") };
+    assert_eq!(
+        stats().await,
+        QueueStats {
+            queued: 0,
+            running: 0
+        }
+    );
+    submit(&*store, vec![new_task("a"), new_task("b"), new_task("c")]).await;
+    assert_eq!(
+        stats().await,
+        QueueStats {
+            queued: 3,
+            running: 0
+        }
+    );
+    claim(&*store, "n1", 2, at(1)).await;
+    assert_eq!(
+        stats().await,
+        QueueStats {
+            queued: 1,
+            running: 2
+        }
+    );
+    apply(&*store, vec![requeue("a", 1, at(5))]).await;
+    assert_eq!(
+        stats().await,
+        QueueStats {
+            queued: 2,
+            running: 1
+        }
+    );
+    apply(&*store, vec![finish("b", 1, Completed, at(2))]).await;
+    assert_eq!(
+        stats().await,
+        QueueStats {
+            queued: 2,
+            running: 0
+        }
+    );
+    store
+        .request_cancel("c", record(Received, Cancelled, at(3), 0))
+        .await
+        .expect("cancel");
+    assert_eq!(
+        stats().await,
+        QueueStats {
+            queued: 1,
+            running: 0
+        }
+    );
+}
+
+/// Closing and reopening the database keeps every task, its history, the
+/// queue and the idempotency keys; migrations run again harmlessly.
+pub async fn reopen_keeps_everything(h: &dyn Harness) {
+    let ids_all = ["a", "b", "c", "d"];
+    let before = {
+        let store = h.open().await;
+        let mut tasks = vec![
+            keyed_task("a", "ka"),
+            prio_task("b", 3),
+            new_task("c"),
+            new_task("d"),
+        ];
+        tasks[2].runtime = "bash".to_owned();
+        submit(&*store, tasks).await;
+        claim(&*store, "n1", 2, at(1)).await;
+        apply(
+            &*store,
+            vec![
+                transition("b", 1, Received, Preparing, at(2)),
+                transition("b", 1, Preparing, Running, at(2)),
+                transition("b", 1, Running, Completed, at(3)),
+                attempt_done("b", 1, Completed, at(3)),
+                finish("b", 1, Completed, at(3)),
+                transition("a", 1, Received, Preparing, at(2)),
+            ],
+        )
+        .await;
+        store
+            .request_cancel("d", record(Received, Cancelled, at(4), 0))
+            .await
+            .expect("cancel");
+        let mut records = Vec::new();
+        for id in ids_all {
+            records.push(get(&*store, id).await);
+        }
+        let list = store.list(&ListQuery::default()).await.expect("list");
+        let stats = store.stats().await.expect("stats");
+        (records, list, stats)
+    };
+    for round in 0..2 {
+        let store = h.open().await;
+        let mut records = Vec::new();
+        for id in ids_all {
+            records.push(get(&*store, id).await);
+        }
+        assert_eq!(records, before.0, "round {round}");
+        assert_eq!(
+            store.list(&ListQuery::default()).await.expect("list"),
+            before.1
+        );
+        assert_eq!(store.stats().await.expect("stats"), before.2);
+        assert_eq!(
+            ids(&store.claimed_by("n1").await.expect("claimed_by")),
+            vec!["a"]
+        );
+    }
+    let store = h.open().await;
+    assert_eq!(
+        submit(&*store, vec![keyed_task("z", "ka")]).await,
+        vec![Submitted::Existing { id: "a".to_owned() }]
+    );
+    submit(&*store, vec![new_task("e")]).await;
+    let (all, _) = list_all(&*store, ListQuery::default()).await;
+    assert_eq!(all, vec!["e", "d", "c", "b", "a"]);
+    assert_eq!(ids(&claim(&*store, "n2", 5, at(5)).await), vec!["c", "e"]);
+}

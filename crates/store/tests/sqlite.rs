@@ -1,0 +1,177 @@
+//! The conformance suite on SQLite (a fresh file database per test, and a
+//! shared in-memory one), plus SQLite-specific checks: URLs, pragmas,
+//! migrations, leases and claimers in separate pools.
+
+mod conformance;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::SqlitePool;
+use taskexec_store::{SqliteStore, StoreError, TaskStore};
+use tempfile::TempDir;
+
+use conformance::{Harness, at, claim, new_task, submit};
+
+/// A fresh database file in a temporary directory.
+struct FileDb {
+    dir: TempDir,
+    url: String,
+}
+
+impl FileDb {
+    fn new() -> FileDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        FileDb { dir, url }
+    }
+
+    async fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.url).await.expect("open")
+    }
+
+    /// A plain pool on the same file, to look under the hood.
+    async fn raw(&self) -> SqlitePool {
+        SqlitePool::connect(&self.url).await.expect("raw pool")
+    }
+}
+
+#[async_trait]
+impl Harness for FileDb {
+    async fn open(&self) -> Box<dyn TaskStore> {
+        Box::new(self.store().await)
+    }
+}
+
+/// One in-memory database: every `open` hands out the same store (there is
+/// nothing to reopen), so the restart behaviours check nothing more here.
+struct MemoryDb(SqliteStore);
+
+#[async_trait]
+impl Harness for MemoryDb {
+    async fn open(&self) -> Box<dyn TaskStore> {
+        Box::new(self.0.clone())
+    }
+}
+
+mod file {
+    super::conformance::conformance_suite!(super::FileDb::new());
+}
+
+mod memory {
+    super::conformance::conformance_suite!(super::MemoryDb(
+        taskexec_store::SqliteStore::open("sqlite::memory:")
+            .await
+            .expect("open in memory")
+    ));
+}
+
+#[tokio::test]
+async fn unsupported_urls_are_refused() {
+    for url in [
+        "",
+        "postgres://localhost/db",
+        "sqlite://",
+        "sqlite:store.db",
+        "store.db",
+        "sqlite::memory",
+    ] {
+        let err = SqliteStore::open(url).await.expect_err(url);
+        assert!(
+            matches!(err, StoreError::BadUrl(ref u) if u == url),
+            "{url}: {err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn file_is_created_in_wal_mode_and_migrated_once() {
+    let db = FileDb::new();
+    let path = db.dir.path().join("store.db");
+    assert!(!path.exists());
+    let store = db.store().await;
+    assert!(path.exists());
+    drop(store);
+    let again = db.store().await;
+    again.ping().await.expect("ping");
+    let raw = db.raw().await;
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&raw)
+        .await
+        .expect("journal_mode");
+    assert_eq!(mode, "wal");
+    let migrations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&raw)
+        .await
+        .expect("migrations");
+    assert_eq!(migrations, 1);
+    again.close().await;
+}
+
+#[tokio::test]
+async fn claims_and_renewals_set_leases() {
+    let db = FileDb::new();
+    let store = db.store().await;
+    submit(&store, vec![new_task("a"), new_task("b"), new_task("c")]).await;
+    claim(&store, "n1", 2, at(10)).await;
+    claim(&store, "n2", 1, at(10)).await;
+    let raw = db.raw().await;
+    let leases = || async {
+        let rows = sqlx::query("SELECT id, lease_until FROM tasks ORDER BY seq")
+            .fetch_all(&raw)
+            .await
+            .expect("leases");
+        rows.iter()
+            .map(|r| r.get::<Option<i64>, _>("lease_until"))
+            .collect::<Vec<_>>()
+    };
+    let ms = |s: i64| (conformance::T0.unix_timestamp() + s) * 1000;
+    // The test lease is 30 s.
+    assert_eq!(leases().await, vec![Some(ms(40)); 3]);
+    let ids = ["a", "b", "c"].map(str::to_owned);
+    store.renew("n1", &ids, at(100)).await.expect("renew");
+    assert_eq!(
+        leases().await,
+        vec![Some(ms(100)), Some(ms(100)), Some(ms(40))]
+    );
+    store
+        .apply(vec![conformance::requeue("a", 1, at(50))])
+        .await
+        .expect("apply");
+    store.renew("n1", &ids, at(200)).await.expect("renew");
+    assert_eq!(leases().await, vec![None, Some(ms(200)), Some(ms(40))]);
+}
+
+/// Two stores (as two processes would) on one file never claim the same
+/// task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claimers_in_separate_pools_never_share() {
+    let db = FileDb::new();
+    let stores: Vec<Arc<SqliteStore>> =
+        vec![Arc::new(db.store().await), Arc::new(db.store().await)];
+    let tasks = (0..120).map(|i| new_task(&format!("t{i:03}"))).collect();
+    submit(&*stores[0], tasks).await;
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let store = Arc::clone(&stores[w % 2]);
+        workers.push(tokio::spawn(async move {
+            let node = format!("node-{w}");
+            let mut got = Vec::new();
+            loop {
+                let claimed = claim(&*store, &node, 2, at(1)).await;
+                if claimed.is_empty() {
+                    return got;
+                }
+                got.extend(conformance::ids(&claimed));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("claimer"));
+    }
+    assert_eq!(all.len(), 120);
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 120);
+}
