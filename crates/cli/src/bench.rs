@@ -28,6 +28,15 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Benchmark a running server instead: submit → final result stored.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Concurrent submitters (with --server).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Bearer token (with --server).
+    #[arg(long, env = "TASKEXEC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Percentile of a sorted series (nearest rank).
@@ -89,8 +98,98 @@ fn trivial(runtime: &str) -> anyhow::Result<(&'static str, &'static str)> {
     })
 }
 
+/// `taskexec bench --server`: end-to-end latency (submit → final result
+/// stored, via `?wait=`) and throughput, from `concurrency` submitters.
+fn bench_server(url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let (code, file_name) = trivial(&args.runtime)?;
+    let task = json!({
+        "definition": {"name": "bench", "files": [{"name": file_name, "content": code}], "entrypoint": file_name},
+        "executionConfig": {"runtime": args.runtime, "resourceRequirements": {"timeoutSeconds": 60, "disk": "16Mi", "cpu": "0.1", "memory": "64Mi"}},
+        "retryPolicy": {"maxRetries": 0, "retryInterval": 0, "backoffMultiplier": 1.0},
+    });
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(600)))
+        .build()
+        .new_agent();
+    let base = url.trim_end_matches('/').to_string();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures = std::sync::atomic::AtomicUsize::new(0);
+    let latencies = std::sync::Mutex::new(Vec::with_capacity(args.tasks));
+    eprintln!(
+        "submitting {} tasks to {base} from {} submitters",
+        args.tasks, args.concurrency
+    );
+    let t0 = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..args.concurrency.max(1) {
+            scope.spawn(|| {
+                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < args.tasks {
+                    let t = Instant::now();
+                    let mut req = agent.post(format!("{base}/v1/tasks?wait=300s"));
+                    if let Some(tok) = &args.token {
+                        req = req.header("Authorization", format!("Bearer {tok}"));
+                    }
+                    let ok = match req.send_json(&task) {
+                        Ok(mut r) => {
+                            let v: serde_json::Value = r.body_mut().read_json().unwrap_or_default();
+                            v["status"] == "COMPLETED"
+                        }
+                        Err(_) => false,
+                    };
+                    if ok {
+                        latencies
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(t.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let mut s = Series::new(format!(
+        "service end to end, concurrency {}",
+        args.concurrency
+    ));
+    s.ms = latencies.into_inner().unwrap_or_default();
+    let done = s.ms.len();
+    let report = json!({
+        "server": base,
+        "tasks": args.tasks,
+        "completed": done,
+        "failed": failures.into_inner(),
+        "concurrency": args.concurrency,
+        "wallSeconds": wall,
+        "throughputPerSecond": done as f64 / wall,
+        "latency": s.summary(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let l = &report["latency"];
+        println!(
+            "taskexec bench --server: {} trivial {} tasks, {} submitters",
+            args.tasks, args.runtime, args.concurrency
+        );
+        println!(
+            "completed {done}, failed {}, {:.1} tasks/s; latency p50 {:.2} ms, p99 {:.2} ms",
+            report["failed"],
+            report["throughputPerSecond"].as_f64().unwrap_or(0.0),
+            l["p50"].as_f64().unwrap_or(f64::NAN),
+            l["p99"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `taskexec bench`.
 pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = args.server.clone() {
+        return bench_server(&url, &args);
+    }
     let (code, file_name) = trivial(&args.runtime)?;
     let engine = crate::setup::engine(g)?;
     let rt = engine

@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod client;
 mod run;
+mod serve;
 mod setup;
 
 use std::process::ExitCode;
@@ -29,6 +31,18 @@ enum Command {
     Runtimes(setup::RuntimesArgs),
     /// Measure sandboxed task latency against the bare interpreter start.
     Bench(bench::BenchArgs),
+    /// Serve the HTTP API with an embedded store and local workers.
+    Serve(Box<serve::ServeArgs>),
+    /// Submit a task to a server.
+    Submit(Box<client::SubmitArgs>),
+    /// Show a task's status and result.
+    Status(client::IdArgs),
+    /// Print a task's stdout and stderr.
+    Logs(client::LogsArgs),
+    /// Cancel a task.
+    Cancel(client::IdArgs),
+    /// List tasks.
+    List(client::ListArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +54,12 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(&cli.global, *args),
         Command::Runtimes(args) => setup::runtimes(&cli.global, args),
         Command::Bench(args) => bench::main(&cli.global, args),
+        Command::Serve(args) => serve::main(&cli.global, *args),
+        Command::Submit(args) => client::submit(&cli.global, *args),
+        Command::Status(args) => client::status(args),
+        Command::Logs(args) => client::logs(args),
+        Command::Cancel(args) => client::cancel(args),
+        Command::List(args) => client::list(args),
     };
     match result {
         Ok(code) => code,

@@ -25,6 +25,16 @@ pub enum ModeArg {
 /// Arguments of `taskexec run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Print the TaskResult as one JSON document on stdout, and nothing else there.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The flags that describe a task (shared by `run` and `submit`).
+#[derive(Debug, Args)]
+pub struct TaskArgs {
     /// The task's source file (the runtime is inferred from its extension).
     #[arg(required_unless_present = "task", conflicts_with = "task")]
     pub file: Option<PathBuf>,
@@ -76,9 +86,6 @@ pub struct RunArgs {
     /// Retries after a retryable failure (default policy otherwise).
     #[arg(long)]
     pub max_retries: Option<i64>,
-    /// Print the TaskResult as one JSON document on stdout, and nothing else there.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Reads `JSON` or `@file` into a JSON value; errors name the flag.
@@ -130,7 +137,10 @@ fn cpu(v: &str) -> Result<u64, String> {
 }
 
 /// Builds the TaskInstance from the flags (bad flags are exit-2 errors).
-fn build_task(args: &RunArgs) -> anyhow::Result<TaskInstance> {
+pub fn build_task(
+    args: &TaskArgs,
+    catalogue: &taskexec_runtimes::Catalogue,
+) -> anyhow::Result<TaskInstance> {
     let mut task: TaskInstance = match (&args.task, &args.file) {
         (Some(path), _) => {
             let text = if path == Path::new("-") {
@@ -146,7 +156,6 @@ fn build_task(args: &RunArgs) -> anyhow::Result<TaskInstance> {
         (None, Some(file)) => {
             let code = std::fs::read_to_string(file)
                 .with_context(|| format!("FILE: cannot read {}", file.display()))?;
-            let catalogue = taskexec_runtimes::Catalogue::builtin();
             let runtime = match &args.runtime {
                 Some(r) => r.clone(),
                 None => catalogue
@@ -249,7 +258,7 @@ fn build_task(args: &RunArgs) -> anyhow::Result<TaskInstance> {
 
 /// `taskexec run`.
 pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
-    let task = build_task(&args)?;
+    let task = build_task(&args.task, &crate::setup::catalogue(g)?)?;
     let engine = crate::setup::engine(g)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -260,10 +269,15 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
     let result = rt.block_on(async {
         let cancel = Cancellation::new()?;
         let on_signal = cancel.clone();
+        // Ctrl-C and SIGTERM cancel the task: its sandbox is killed and
+        // cleaned up, and the result says CANCELLED.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                on_signal.cancel();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            on_signal.cancel();
         });
         anyhow::Ok(engine.execute(task, &cancel).await)
     })?;
@@ -279,7 +293,8 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
     }))
 }
 
-fn print_summary(r: &TaskResult) {
+/// Prints a short human summary of a result.
+pub fn print_summary(r: &TaskResult) {
     let m = &r.execution_metadata;
     let attempts = m.attempts.len();
     println!(

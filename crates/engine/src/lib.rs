@@ -54,12 +54,26 @@ impl AttemptRunner for Sandbox {
 }
 
 /// Operator settings of the engine.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Resource defaults and maxima.
     pub limits: LimitsConfig,
     /// Retry policy maxima.
     pub retry_limits: RetryLimits,
+    /// The uids a task may ask for with `securityContext.runAs` (gid = uid).
+    /// The default, 60000 to 65534, keeps clear of the accounts
+    /// distributions hand out to people and services.
+    pub run_as: std::ops::RangeInclusive<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            limits: LimitsConfig::default(),
+            retry_limits: RetryLimits::default(),
+            run_as: 60000..=65534,
+        }
+    }
 }
 
 /// A cancellation handle for one task: cancels the running sandbox at once
@@ -127,9 +141,13 @@ pub struct Prepared {
 /// The unprivileged account tasks run as unless `runAs` names another.
 const NOBODY: u32 = 65534;
 
-/// Resolves `securityContext.runAs`: a non-zero uid (gid = uid), or the
-/// names "nobody" / "sandbox" (the default account). Root is refused.
-fn resolve_run_as(run_as: Option<&RunAs>) -> Result<Option<(u32, u32)>, FieldError> {
+/// Resolves `securityContext.runAs`: a uid within the operator's `allowed`
+/// range (gid = uid), or the names "nobody" / "sandbox" (the default
+/// account). Root is always refused.
+fn resolve_run_as(
+    run_as: Option<&RunAs>,
+    allowed: &std::ops::RangeInclusive<u32>,
+) -> Result<Option<(u32, u32)>, FieldError> {
     const FIELD: &str = "executionConfig.securityContext.runAs";
     match run_as {
         None => Ok(None),
@@ -145,7 +163,15 @@ fn resolve_run_as(run_as: Option<&RunAs>) -> Result<Option<(u32, u32)>, FieldErr
                 FIELD,
                 "tasks never run as root (uid 0); expected a uid from 1 to 4294967294",
             )),
-            Ok(u) if u != u32::MAX => Ok(Some((u, u))),
+            Ok(u) if allowed.contains(&u) => Ok(Some((u, u))),
+            Ok(u) => Err(FieldError::new(
+                FIELD,
+                format!(
+                    "uid {u} is not allowed on this executor; expected a uid from {} to {}, or \"nobody\"",
+                    allowed.start(),
+                    allowed.end()
+                ),
+            )),
             _ => Err(FieldError::new(
                 FIELD,
                 format!("{uid} is out of range; expected a uid from 1 to 4294967294"),
@@ -299,7 +325,8 @@ impl Engine {
             }
         }
         let security = &task.execution_config.security_context;
-        let user = resolve_run_as(security.run_as.as_ref()).map_err(Rejection::field)?;
+        let user = resolve_run_as(security.run_as.as_ref(), &self.config.run_as)
+            .map_err(Rejection::field)?;
         if let Some(p) = security
             .permissions
             .iter()
@@ -520,7 +547,8 @@ impl Engine {
             );
             return Decision::Retry { delay };
         }
-        let error = if attempt > 1 && !error.error_type.never_retried() {
+        // Retries ran out only if this error was one the policy retries.
+        let error = if attempt > 1 && p.retry.should_retry(error.error_type, 0) {
             max_retries_exceeded(error, attempt_errors)
         } else {
             error.clone()
@@ -673,7 +701,14 @@ impl Engine {
                         Err(e) => return (Verdict::Failed(setup_error(&e)), None, phases),
                     };
                     phases.compile_ms = ms(t.elapsed());
-                    match compile_verdict(&outcome, &p.limits) {
+                    let compile_limits = Limits {
+                        memory_bytes: step.memory_bytes,
+                        timeout: step.timeout,
+                        pids: step.pids,
+                        cpu_time: None,
+                        ..p.limits
+                    };
+                    match compile_verdict(&outcome, &compile_limits) {
                         Some(err) => return (Verdict::Failed(err), Some(outcome), phases),
                         None => {
                             let a = Arc::new(outcome.collected);

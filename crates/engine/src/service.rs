@@ -129,7 +129,7 @@ type Ack = oneshot::Sender<Result<(), String>>;
 #[derive(Debug)]
 enum Pending {
     /// Commit a write; acknowledge if asked.
-    Write(Write, Option<Ack>),
+    Write(Box<Write>, Option<Ack>),
     /// Acknowledge once everything sent before is committed.
     Flush(Ack),
 }
@@ -351,11 +351,16 @@ impl Service {
             .await?;
         match &outcome {
             CancelOutcome::CancelledQueued => {
-                counter!("taskexec_tasks_finished_total", "status" => "CANCELLED", "error_type" => "CANCELLED")
-                    .increment(1);
                 if let Some(rec) = self.store.get(id).await?
                     && let Some(last) = rec.history.last()
                 {
+                    counter!(
+                        "taskexec_tasks_finished_total",
+                        "runtime" => rec.runtime.clone(),
+                        "status" => "CANCELLED",
+                        "error_type" => "CANCELLED"
+                    )
+                    .increment(1);
                     let _ = self.events.send(TaskEvent {
                         id: id.to_string(),
                         status: TaskStatus::Cancelled,
@@ -484,7 +489,11 @@ impl Service {
     async fn write(&self, w: Write, ack: bool) {
         if ack {
             let (tx, rx) = oneshot::channel();
-            if self.writes.send(Pending::Write(w, Some(tx))).is_ok() {
+            if self
+                .writes
+                .send(Pending::Write(Box::new(w), Some(tx)))
+                .is_ok()
+            {
                 match rx.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => error!(error = %e, "store write failed"),
@@ -492,7 +501,7 @@ impl Service {
                 }
             }
         } else {
-            let _ = self.writes.send(Pending::Write(w, None));
+            let _ = self.writes.send(Pending::Write(Box::new(w), None));
         }
     }
 
@@ -535,15 +544,20 @@ impl Service {
 
     /// Ends a task: stores the result (waiting for the commit), then
     /// announces the final transition.
-    async fn finish(&self, id: &str, store_attempt: u32, result: TaskResult) {
+    async fn finish(&self, id: &str, runtime: &str, store_attempt: u32, result: TaskResult) {
         let status = result.status;
         let error_type = result
             .error
             .as_ref()
             .map(|e| e.error_type.as_str())
-            .unwrap_or("");
-        counter!("taskexec_tasks_finished_total", "status" => status.as_str(), "error_type" => error_type)
-            .increment(1);
+            .unwrap_or("none");
+        counter!(
+            "taskexec_tasks_finished_total",
+            "runtime" => runtime.to_string(),
+            "status" => status.as_str(),
+            "error_type" => error_type
+        )
+        .increment(1);
         let last = result.history.last().cloned();
         self.write(
             Write::Finish {
@@ -662,7 +676,7 @@ impl Service {
                 result.status = status;
                 result.error = Some(error);
                 result.history = lc.history().to_vec();
-                self.finish(id, attempt, result).await;
+                self.finish(id, &stored.runtime, attempt, result).await;
             }
         }
     }
@@ -750,7 +764,7 @@ impl Service {
                 result.status = TaskStatus::Rejected;
                 result.error = Some(error);
                 result.history = lc.history().to_vec();
-                self.finish(&id, attempt, result).await;
+                self.finish(&id, &c.record.runtime, attempt, result).await;
             }
             Ok(prepared) => {
                 self.transition(
@@ -802,7 +816,7 @@ impl Service {
                         result.status = TaskStatus::Completed;
                         result.output = output;
                         result.history = lc.history().to_vec();
-                        self.finish(&id, attempt, result).await;
+                        self.finish(&id, &c.record.runtime, attempt, result).await;
                     }
                     Verdict::Failed(error) => {
                         let errors: Vec<TaskError> =
@@ -919,7 +933,7 @@ async fn writer(store: Arc<dyn TaskStore>, mut rx: mpsc::UnboundedReceiver<Pendi
         for p in pending {
             match p {
                 Pending::Write(w, ack) => {
-                    writes.push(w);
+                    writes.push(*w);
                     acks.extend(ack);
                 }
                 Pending::Flush(ack) => acks.push(ack),

@@ -94,7 +94,11 @@ impl Lifecycle {
     /// and attempt are those of the last record. `None` for an empty history.
     pub fn resume(history: Vec<TransitionRecord>) -> Option<Self> {
         let last = history.last()?;
-        Some(Lifecycle { state: last.to, attempt: last.attempt, history })
+        Some(Lifecycle {
+            state: last.to,
+            attempt: last.attempt,
+            history,
+        })
     }
 
     /// Moves to `to` if [`can_transition`] allows it, recording the
@@ -163,8 +167,13 @@ mod tests {
         lc.transition(TaskStatus::Preparing, t, "p").expect("legal");
         lc.transition(TaskStatus::Running, t, "r").expect("legal");
         let mut resumed = Lifecycle::resume(lc.history().to_vec()).expect("non-empty");
-        assert_eq!((resumed.state(), resumed.attempt()), (TaskStatus::Running, 1));
-        resumed.transition(TaskStatus::Preparing, t, "retry").expect("legal");
+        assert_eq!(
+            (resumed.state(), resumed.attempt()),
+            (TaskStatus::Running, 1)
+        );
+        resumed
+            .transition(TaskStatus::Preparing, t, "retry")
+            .expect("legal");
         assert_eq!(resumed.attempt(), 2);
         assert_eq!(resumed.history().len(), 4);
         assert!(Lifecycle::resume(Vec::new()).is_none());

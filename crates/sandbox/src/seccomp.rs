@@ -191,6 +191,12 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(err)?;
     rules.insert(libc::SYS_socket, vec![packet, raw]);
+    // The x32 numbers of the conditional rules too.
+    #[cfg(target_arch = "x86_64")]
+    for nr in [libc::SYS_clone, libc::SYS_socket] {
+        let same = rules.get(&nr).cloned().unwrap_or_default();
+        rules.insert(nr | X32_SYSCALL_BIT, same);
+    }
 
     let arch = target_arch()?;
     let deny = SeccompFilter::new(
@@ -200,8 +206,11 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
         arch,
     )
     .map_err(err)?;
+    let mut clone3_rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    #[cfg(target_arch = "x86_64")]
+    clone3_rules.insert(libc::SYS_clone3 | X32_SYSCALL_BIT, Vec::new());
     let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        clone3_rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,

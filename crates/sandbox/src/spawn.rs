@@ -416,12 +416,24 @@ impl Sandbox {
             .stderr(Stdio::from(err_w))
             .current_dir("/");
         // SAFETY: the closure runs between fork and exec and only calls
-        // fcntl and dup2, which are async-signal-safe; it allocates nothing.
-        // It first moves both descriptors above the target numbers so that
-        // dup2 never collapses them onto each other, then places them at
-        // SPEC_FD and REPORT_FD without close-on-exec.
+        // prctl, fcntl and dup2, which are async-signal-safe; it allocates
+        // nothing. It asks for SIGKILL when the spawning thread dies (that
+        // thread waits for the launcher until it exits, so this fires only if
+        // the executor dies), then moves both descriptors above the target
+        // numbers so that dup2 never collapses them onto each other, then
+        // places them at SPEC_FD and REPORT_FD without close-on-exec.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let a = libc::fcntl(spec_raw, libc::F_DUPFD_CLOEXEC, 10);
                 let b = libc::fcntl(report_raw, libc::F_DUPFD_CLOEXEC, 10);
                 if a < 0 || b < 0 || libc::dup2(a, SPEC_FD) < 0 || libc::dup2(b, REPORT_FD) < 0 {

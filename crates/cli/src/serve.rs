@@ -1,0 +1,292 @@
+//! `taskexec serve`: the API, the store and local workers in one process.
+//!
+//! Configuration comes from flags, then `TASKEXEC_*` environment variables,
+//! then an optional TOML file (`--config`), then defaults, in that order of
+//! precedence.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+use taskexec_engine::service::{Service, ServiceConfig};
+use taskexec_store::{Capacity, SqliteStore, TaskStore};
+use tracing::info;
+
+/// Arguments of `taskexec serve` (every one also settable in the TOML file
+/// under the same name with dashes turned to underscores).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TASKEXEC_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Database URL: sqlite://PATH (embedded, the default: sqlite://taskexec.db).
+    #[arg(long, env = "TASKEXEC_DATABASE")]
+    pub database: Option<String>,
+    /// Tasks run at once: a number, or "auto" (one per core, at least 2).
+    #[arg(long, env = "TASKEXEC_WORKERS")]
+    pub workers: Option<String>,
+    /// Require this bearer token on every endpoint but /healthz and /readyz.
+    #[arg(long, env = "TASKEXEC_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Read the bearer token from this file.
+    #[arg(long, env = "TASKEXEC_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Most tasks waiting in the queue; past it, submissions get 429.
+    #[arg(long, env = "TASKEXEC_MAX_QUEUED")]
+    pub max_queued: Option<u64>,
+    /// CPU this node admits tasks against, e.g. 2 or 1500m (default: all cores).
+    #[arg(long, env = "TASKEXEC_CPU_CAPACITY")]
+    pub cpu_capacity: Option<String>,
+    /// Memory this node admits tasks against, e.g. 8Gi (default: 90% of RAM).
+    #[arg(long, env = "TASKEXEC_MEMORY_CAPACITY")]
+    pub memory_capacity: Option<String>,
+    /// This node's name in the store; keep it stable across restarts so a
+    /// restart recovers the tasks it was running.
+    #[arg(long, env = "TASKEXEC_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How long running tasks may finish after SIGTERM before they are cancelled.
+    #[arg(long, env = "TASKEXEC_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+    /// Group store writes into transactions (true/false).
+    #[arg(long, env = "TASKEXEC_BATCH_WRITES")]
+    pub batch_writes: Option<bool>,
+    /// Largest request body accepted, e.g. 8Mi.
+    #[arg(long, env = "TASKEXEC_MAX_BODY")]
+    pub max_body: Option<String>,
+    /// A TOML file with any of the settings above.
+    #[arg(long, env = "TASKEXEC_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The TOML file: the same settings, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Address to listen on.
+    listen: Option<SocketAddr>,
+    /// Database URL.
+    database: Option<String>,
+    /// Workers: a number or "auto".
+    workers: Option<String>,
+    /// Bearer token.
+    auth_token: Option<String>,
+    /// Bearer token file.
+    auth_token_file: Option<PathBuf>,
+    /// Queue bound.
+    max_queued: Option<u64>,
+    /// CPU capacity.
+    cpu_capacity: Option<String>,
+    /// Memory capacity.
+    memory_capacity: Option<String>,
+    /// Node name.
+    node_id: Option<String>,
+    /// Shutdown grace.
+    shutdown_grace: Option<String>,
+    /// Batched writes.
+    batch_writes: Option<bool>,
+    /// Body limit.
+    max_body: Option<String>,
+}
+
+/// Total memory from /proc/meminfo.
+fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(4 << 30)
+}
+
+/// The validated settings.
+#[derive(Debug)]
+struct Settings {
+    listen: SocketAddr,
+    database: String,
+    service: ServiceConfig,
+    auth_token: Option<String>,
+    shutdown_grace: Duration,
+    max_body: usize,
+}
+
+fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--config: cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("--config {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("a valid address"));
+    let database = args
+        .database
+        .or(file.database)
+        .unwrap_or_else(|| "sqlite://taskexec.db".to_string());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u64;
+    let cpu = match args.cpu_capacity.or(file.cpu_capacity) {
+        Some(v) => u64::from(
+            taskexec_model::parse_cpu_millis(&v)
+                .map_err(|e| anyhow::anyhow!("--cpu-capacity {v:?}: {e}"))?,
+        ),
+        None => cores * 1000,
+    };
+    let memory = match args.memory_capacity.or(file.memory_capacity) {
+        Some(v) => taskexec_model::parse_bytes(&v)
+            .map_err(|e| anyhow::anyhow!("--memory-capacity {v:?}: {e}"))?,
+        None => mem_total() / 10 * 9,
+    };
+    let node = args
+        .node_id
+        .or(file.node_id)
+        .unwrap_or_else(|| "local".to_string());
+    let mut service = ServiceConfig::new(
+        node,
+        Capacity {
+            cpu_millis: cpu,
+            memory_bytes: memory,
+        },
+    );
+    match args.workers.or(file.workers).as_deref() {
+        None | Some("auto") => {}
+        Some(n) => {
+            service.workers = n
+                .parse()
+                .ok()
+                .filter(|n| *n >= 1 && *n <= 4096)
+                .with_context(|| {
+                    format!("--workers {n:?}: expected \"auto\" or a number from 1 to 4096")
+                })?;
+        }
+    }
+    if let Some(q) = args.max_queued.or(file.max_queued) {
+        if q == 0 {
+            bail!("--max-queued 0: expected at least 1");
+        }
+        service.max_queued = q;
+    }
+    if let Some(b) = args.batch_writes.or(file.batch_writes) {
+        service.batch_writes = b;
+    }
+    let shutdown_grace = match args.shutdown_grace.or(file.shutdown_grace) {
+        Some(v) => taskexec_model::parse_duration(&v)
+            .map_err(|e| anyhow::anyhow!("--shutdown-grace {v:?}: {e}"))?,
+        None => Duration::from_secs(30),
+    };
+    let max_body = match args.max_body.or(file.max_body) {
+        Some(v) => taskexec_model::parse_bytes(&v)
+            .map_err(|e| anyhow::anyhow!("--max-body {v:?}: {e}"))? as usize,
+        None => 8 << 20,
+    };
+    let token_file = args.auth_token_file.or(file.auth_token_file);
+    let auth_token = match (args.auth_token.or(file.auth_token), token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => Some(read_token(&path)?),
+        (None, None) => None,
+    };
+    if auth_token.as_deref() == Some("") {
+        bail!("--auth-token: the token is empty");
+    }
+    Ok(Settings {
+        listen,
+        database,
+        service,
+        auth_token,
+        shutdown_grace,
+        max_body,
+    })
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("--auth-token-file: cannot read {}", path.display()))?;
+    Ok(t.trim().to_string())
+}
+
+/// Opens the store named by a database URL.
+pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn TaskStore>> {
+    if url.starts_with("sqlite:") {
+        let store = SqliteStore::open(url)
+            .await
+            .with_context(|| format!("--database {url}"))?;
+        Ok(Arc::new(store))
+    } else {
+        bail!("--database {url:?}: expected sqlite://PATH")
+    }
+}
+
+/// `taskexec serve`.
+pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let s = settings(args)?;
+    let engine = Arc::new(crate::setup::engine(g)?);
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0, 300.0,
+        ])
+        .context("metric buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("taskexec_store_batch_writes".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )
+        .context("metric buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let store = open_store(&s.database).await?;
+        let service = Service::start(engine, store, s.service.clone()).await.context("starting the service")?;
+        let upkeep = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        });
+        let router = taskexec_api::router(
+            Arc::clone(&service),
+            taskexec_api::ApiConfig { auth_token: s.auth_token.clone(), max_body_bytes: s.max_body, metrics: Some(metrics) },
+        );
+        let listener = tokio::net::TcpListener::bind(s.listen).await.with_context(|| format!("--listen {}", s.listen))?;
+        let local = listener.local_addr()?;
+        info!(listen = %local, database = %s.database, workers = s.service.workers, "taskexec serve ready");
+        eprintln!("taskexec: serving on http://{local} (database {}, {} workers)", s.database, s.service.workers);
+        let stop_http = Arc::new(tokio::sync::Notify::new());
+        let server = {
+            let stop = Arc::clone(&stop_http);
+            tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(async move { stop.notified().await }).await
+            })
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("taskexec: shutting down (grace {:?})", s.shutdown_grace);
+        service.shutdown(s.shutdown_grace).await;
+        stop_http.notify_waiters();
+        // Open event streams and long polls get a moment to end.
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
