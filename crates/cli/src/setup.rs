@@ -43,6 +43,10 @@ pub struct GlobalArgs {
     /// A runtime catalogue (TOML) laid over the built-in one.
     #[arg(long, global = true, env = "TASKEXEC_RUNTIMES")]
     pub runtimes_file: Option<PathBuf>,
+    /// The sandbox launcher binary (default: `taskexec-launcher` beside this
+    /// binary when installed, else this binary itself).
+    #[arg(long, global = true, env = "TASKEXEC_LAUNCHER")]
+    pub launcher: Option<PathBuf>,
     /// Override a runtime's interpreter: NAME=/abs/path (repeatable).
     #[arg(long = "interpreter", global = true, value_name = "NAME=PATH")]
     pub interpreters: Vec<String>,
@@ -92,7 +96,10 @@ pub fn catalogue(g: &GlobalArgs) -> anyhow::Result<Catalogue> {
 /// The engine over a real sandbox.
 pub fn engine(g: &GlobalArgs) -> anyhow::Result<Engine> {
     let cgroups = cgroup::detect(g.cgroup_parent.as_deref()).context("cgroups")?;
-    let launcher = LauncherCommand::current_exe().context("locating the taskexec binary")?;
+    let launcher = match &g.launcher {
+        Some(p) => LauncherCommand { program: p.clone() },
+        None => LauncherCommand::beside_current_exe().context("locating the taskexec binary")?,
+    };
     let sandbox = Sandbox::new(SandboxConfig::new(launcher), cgroups);
     Ok(Engine::new(
         EngineConfig::default(),

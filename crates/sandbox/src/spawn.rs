@@ -38,6 +38,18 @@ impl LauncherCommand {
             program: std::env::current_exe()?,
         })
     }
+
+    /// The small `taskexec-launcher` binary installed beside the running
+    /// executable, if there is one (it starts faster than the whole CLI),
+    /// else the running executable itself.
+    pub fn beside_current_exe() -> std::io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let small = exe.with_file_name("taskexec-launcher");
+        if small.is_file() {
+            return Ok(Self { program: small });
+        }
+        Ok(Self { program: exe })
+    }
 }
 
 /// Host-wide sandbox settings.
