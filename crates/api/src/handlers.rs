@@ -158,6 +158,9 @@ fn submit_error(e: SubmitError, batch: bool) -> ApiError {
             }
         }
         SubmitError::Store(e) => store_error("submitting tasks failed", &e),
+        SubmitError::Unavailable => {
+            ApiError::unavailable("the node is shutting down and takes no new tasks")
+        }
     }
 }
 
@@ -582,10 +585,27 @@ async fn follow(
         Ok(false) => {}
         Ok(true) | Err(()) => return,
     }
+    // Events come from this node's workers; a task running on another node
+    // (several nodes on one database) is followed by re-reading the store.
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let received = tokio::select! {
             () = tx.closed() => return,
             r = events.recv() => r,
+            _ = poll.tick() => {
+                match service.get(&id).await {
+                    Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
+                        Ok(false) => continue,
+                        Ok(true) | Err(()) => return,
+                    },
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::error!(task_id = %id, error = %crate::error::error_chain(&e), "re-reading a task for its event stream failed");
+                        return;
+                    }
+                }
+            }
         };
         match received {
             Ok(ev) if ev.id == id => {

@@ -33,6 +33,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the HTTP API with an embedded store and local workers.
     Serve(Box<serve::ServeArgs>),
+    /// Execute tasks from a shared database, without an HTTP API.
+    Worker(Box<serve::ServeArgs>),
     /// Submit a task to a server.
     Submit(Box<client::SubmitArgs>),
     /// Show a task's status and result.
@@ -54,7 +56,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(&cli.global, *args),
         Command::Runtimes(args) => setup::runtimes(&cli.global, args),
         Command::Bench(args) => bench::main(&cli.global, args),
-        Command::Serve(args) => serve::main(&cli.global, *args),
+        Command::Serve(args) => serve::main(&cli.global, *args, true),
+        Command::Worker(args) => serve::main(&cli.global, *args, false),
         Command::Submit(args) => client::submit(&cli.global, *args),
         Command::Status(args) => client::status(args),
         Command::Logs(args) => client::logs(args),

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 use taskexec_engine::service::{Service, ServiceConfig};
-use taskexec_store::{Capacity, SqliteStore, TaskStore};
+use taskexec_store::{Capacity, PgStore, SqliteStore, TaskStore};
 use tracing::info;
 
 /// Arguments of `taskexec serve` (every one also settable in the TOML file
@@ -58,9 +58,33 @@ pub struct ServeArgs {
     /// Largest request body accepted, e.g. 8Mi.
     #[arg(long, env = "TASKEXEC_MAX_BODY")]
     pub max_body: Option<String>,
+    /// Lease of a claimed task, renewed every third of it while the task
+    /// runs; a node silent this long loses its tasks to another node (at
+    /// least 1s; default 30s). Hidden: for tests and tuning.
+    #[arg(long, env = "TASKEXEC_LEASE", hide = true)]
+    pub lease: Option<String>,
     /// A TOML file with any of the settings above.
     #[arg(long, env = "TASKEXEC_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// A TOML value given as a string or a number (`workers = 8` or `"auto"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Loose {
+    /// "auto", "1500m", "8Gi".
+    Text(String),
+    /// 8, 2.
+    Number(f64),
+}
+
+impl Loose {
+    fn into_text(self) -> String {
+        match self {
+            Self::Text(s) => s,
+            Self::Number(n) => n.to_string(),
+        }
+    }
 }
 
 /// The TOML file: the same settings, all optional.
@@ -72,7 +96,7 @@ struct FileConfig {
     /// Database URL.
     database: Option<String>,
     /// Workers: a number or "auto".
-    workers: Option<String>,
+    workers: Option<Loose>,
     /// Bearer token.
     auth_token: Option<String>,
     /// Bearer token file.
@@ -80,17 +104,19 @@ struct FileConfig {
     /// Queue bound.
     max_queued: Option<u64>,
     /// CPU capacity.
-    cpu_capacity: Option<String>,
+    cpu_capacity: Option<Loose>,
     /// Memory capacity.
-    memory_capacity: Option<String>,
+    memory_capacity: Option<Loose>,
     /// Node name.
     node_id: Option<String>,
     /// Shutdown grace.
-    shutdown_grace: Option<String>,
+    shutdown_grace: Option<Loose>,
     /// Batched writes.
     batch_writes: Option<bool>,
     /// Body limit.
-    max_body: Option<String>,
+    max_body: Option<Loose>,
+    /// Lease of a claimed task.
+    lease: Option<Loose>,
 }
 
 /// Total memory from /proc/meminfo.
@@ -138,22 +164,35 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u64;
-    let cpu = match args.cpu_capacity.or(file.cpu_capacity) {
+    let cpu = match args
+        .cpu_capacity
+        .or(file.cpu_capacity.map(Loose::into_text))
+    {
         Some(v) => u64::from(
             taskexec_model::parse_cpu_millis(&v)
                 .map_err(|e| anyhow::anyhow!("--cpu-capacity {v:?}: {e}"))?,
         ),
         None => cores * 1000,
     };
-    let memory = match args.memory_capacity.or(file.memory_capacity) {
+    let memory = match args
+        .memory_capacity
+        .or(file.memory_capacity.map(Loose::into_text))
+    {
         Some(v) => taskexec_model::parse_bytes(&v)
             .map_err(|e| anyhow::anyhow!("--memory-capacity {v:?}: {e}"))?,
         None => mem_total() / 10 * 9,
     };
-    let node = args
-        .node_id
-        .or(file.node_id)
-        .unwrap_or_else(|| "local".to_string());
+    // With the embedded store one node owns the database: a fixed name lets
+    // a restart find the tasks it was running. Nodes sharing PostgreSQL each
+    // need their own name (lease expiry recovers a node that never returns).
+    let node = args.node_id.or(file.node_id).unwrap_or_else(|| {
+        if database.starts_with("sqlite:") {
+            "local".to_string()
+        } else {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        }
+    });
     let mut service = ServiceConfig::new(
         node,
         Capacity {
@@ -161,15 +200,19 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
             memory_bytes: memory,
         },
     );
-    match args.workers.or(file.workers).as_deref() {
+    match args
+        .workers
+        .or(file.workers.map(Loose::into_text))
+        .as_deref()
+    {
         None | Some("auto") => {}
         Some(n) => {
             service.workers = n
                 .parse()
                 .ok()
-                .filter(|n| *n >= 1 && *n <= 4096)
+                .filter(|n| *n <= 4096)
                 .with_context(|| {
-                    format!("--workers {n:?}: expected \"auto\" or a number from 1 to 4096")
+                    format!("--workers {n:?}: expected \"auto\" or a number from 0 (serve the API only) to 4096")
                 })?;
         }
     }
@@ -182,21 +225,40 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
     if let Some(b) = args.batch_writes.or(file.batch_writes) {
         service.batch_writes = b;
     }
-    let shutdown_grace = match args.shutdown_grace.or(file.shutdown_grace) {
+    if let Some(v) = args.lease.or(file.lease.map(Loose::into_text)) {
+        let lease = taskexec_model::parse_duration(&v)
+            .map_err(|e| anyhow::anyhow!("--lease {v:?}: {e}"))?;
+        if lease < Duration::from_secs(1) {
+            bail!("--lease {v:?}: expected at least 1s");
+        }
+        service.lease = lease;
+    }
+    let shutdown_grace = match args
+        .shutdown_grace
+        .or(file.shutdown_grace.map(Loose::into_text))
+    {
         Some(v) => taskexec_model::parse_duration(&v)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace {v:?}: {e}"))?,
         None => Duration::from_secs(30),
     };
-    let max_body = match args.max_body.or(file.max_body) {
+    let max_body = match args.max_body.or(file.max_body.map(Loose::into_text)) {
         Some(v) => taskexec_model::parse_bytes(&v)
             .map_err(|e| anyhow::anyhow!("--max-body {v:?}: {e}"))? as usize,
         None => 8 << 20,
     };
-    let token_file = args.auth_token_file.or(file.auth_token_file);
-    let auth_token = match (args.auth_token.or(file.auth_token), token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(path)) => Some(read_token(&path)?),
-        (None, None) => None,
+    // Flags and environment first (a token, then a token file), then the
+    // file's settings in the same order.
+    let auth_token = match (
+        args.auth_token,
+        args.auth_token_file,
+        file.auth_token,
+        file.auth_token_file,
+    ) {
+        (Some(t), _, _, _) => Some(t),
+        (None, Some(path), _, _) => Some(read_token(&path)?),
+        (None, None, Some(t), _) => Some(t),
+        (None, None, None, Some(path)) => Some(read_token(&path)?),
+        (None, None, None, None) => None,
     };
     if auth_token.as_deref() == Some("") {
         bail!("--auth-token: the token is empty");
@@ -217,20 +279,71 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(t.trim().to_string())
 }
 
-/// Opens the store named by a database URL.
-pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn TaskStore>> {
+/// The store named by a database URL, and for PostgreSQL the store itself
+/// (its LISTEN/NOTIFY channel wakes idle workers).
+pub async fn open_store(url: &str) -> anyhow::Result<(Arc<dyn TaskStore>, Option<PgStore>)> {
     if url.starts_with("sqlite:") {
         let store = SqliteStore::open(url)
             .await
             .with_context(|| format!("--database {url}"))?;
-        Ok(Arc::new(store))
+        Ok((Arc::new(store), None))
+    } else if PgStore::handles_url(url) {
+        let store = PgStore::open(url)
+            .await
+            .with_context(|| format!("--database {}", redact(url)))?;
+        Ok((Arc::new(store.clone()), Some(store)))
     } else {
-        bail!("--database {url:?}: expected sqlite://PATH")
+        bail!(
+            "--database {:?}: expected sqlite://PATH or postgres://USER@HOST/DB",
+            redact(url)
+        )
     }
 }
 
-/// `taskexec serve`.
-pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Wakes the scheduler on every queue notification from the database, so
+/// an idle worker starts a task submitted on another node within
+/// milliseconds; the scheduler's polling remains the fallback for
+/// notifications lost while the listener reconnects.
+fn spawn_wakeups(pg: PgStore, service: Arc<Service>) {
+    tokio::spawn(async move {
+        loop {
+            match pg.listener().await {
+                Ok(mut listener) => loop {
+                    match listener.recv().await {
+                        Ok(_) => service.wake(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "queue notifications interrupted; reconnecting");
+                            service.wake();
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for queue notifications; polling only");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+    });
+}
+
+/// `taskexec serve` (with `http`) or `taskexec worker` (without: a node
+/// that only executes).
+pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow::Result<ExitCode> {
     let s = settings(args)?;
     let engine = Arc::new(crate::setup::engine(g)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -246,13 +359,32 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs) -> anyhow::Result<Exi
         .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // Every running sandbox is watched from a blocking thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(s.service.workers + 64)
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let store = open_store(&s.database).await?;
-        let service = Service::start(engine, store, s.service.clone()).await.context("starting the service")?;
+        // Bind first: a taken port must fail before any task is claimed.
+        let listener = if http {
+            Some(
+                tokio::net::TcpListener::bind(s.listen)
+                    .await
+                    .with_context(|| format!("--listen {}", s.listen))?,
+            )
+        } else {
+            None
+        };
+        let (store, pg) = open_store(&s.database).await?;
+        let service = Service::start(engine, store, s.service.clone())
+            .await
+            .context("starting the service")?;
+        if let Some(pg) = pg
+            && s.service.workers > 0
+        {
+            spawn_wakeups(pg, Arc::clone(&service));
+        }
         let upkeep = metrics.clone();
         tokio::spawn(async move {
             loop {
@@ -260,20 +392,35 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs) -> anyhow::Result<Exi
                 upkeep.run_upkeep();
             }
         });
-        let router = taskexec_api::router(
-            Arc::clone(&service),
-            taskexec_api::ApiConfig { auth_token: s.auth_token.clone(), max_body_bytes: s.max_body, metrics: Some(metrics) },
-        );
-        let listener = tokio::net::TcpListener::bind(s.listen).await.with_context(|| format!("--listen {}", s.listen))?;
-        let local = listener.local_addr()?;
-        info!(listen = %local, database = %s.database, workers = s.service.workers, "taskexec serve ready");
-        eprintln!("taskexec: serving on http://{local} (database {}, {} workers)", s.database, s.service.workers);
         let stop_http = Arc::new(tokio::sync::Notify::new());
-        let server = {
+        let server = if let Some(listener) = listener {
+            let router = taskexec_api::router(
+                Arc::clone(&service),
+                taskexec_api::ApiConfig {
+                    auth_token: s.auth_token.clone(),
+                    max_body_bytes: s.max_body,
+                    metrics: Some(metrics),
+                },
+            );
+            let local = listener.local_addr()?;
+            info!(listen = %local, database = %s.database, workers = s.service.workers, "taskexec serve ready");
+            eprintln!(
+                "taskexec: serving on http://{local} (database {}, {} workers, node {})",
+                s.database, s.service.workers, s.service.node
+            );
             let stop = Arc::clone(&stop_http);
-            tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(async move { stop.notified().await }).await
-            })
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.notified().await })
+                    .await
+            }))
+        } else {
+            info!(database = %s.database, workers = s.service.workers, node = %s.service.node, "taskexec worker ready");
+            eprintln!(
+                "taskexec: worker {} running (database {}, {} workers)",
+                s.service.node, s.database, s.service.workers
+            );
+            None
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -285,7 +432,9 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs) -> anyhow::Result<Exi
         service.shutdown(s.shutdown_grace).await;
         stop_http.notify_waiters();
         // Open event streams and long polls get a moment to end.
-        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        if let Some(server) = server {
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -96,6 +96,13 @@ pub fn catalogue(g: &GlobalArgs) -> anyhow::Result<Catalogue> {
 /// The engine over a real sandbox.
 pub fn engine(g: &GlobalArgs) -> anyhow::Result<Engine> {
     let cgroups = cgroup::detect(g.cgroup_parent.as_deref()).context("cgroups")?;
+    let stale = cgroups.remove_stale();
+    if stale > 0 {
+        tracing::info!(
+            removed = stale,
+            "removed task cgroups left by an executor that was killed"
+        );
+    }
     let launcher = match &g.launcher {
         Some(p) => LauncherCommand { program: p.clone() },
         None => LauncherCommand::beside_current_exe().context("locating the taskexec binary")?,

@@ -120,6 +120,9 @@ pub enum SubmitError {
     /// The store failed.
     #[error("store")]
     Store(#[source] StoreError),
+    /// The node is shutting down and takes no new tasks.
+    #[error("shutting down")]
+    Unavailable,
 }
 
 /// An acknowledgement of a committed write.
@@ -200,6 +203,7 @@ impl Service {
         });
         tokio::spawn(writer(
             Arc::clone(&service.store),
+            service.config.node.clone(),
             rx,
             service.config.batch_writes,
         ));
@@ -210,6 +214,12 @@ impl Service {
         gauge!("taskexec_cpu_capacity_millis").set(service.config.capacity.cpu_millis as f64);
         gauge!("taskexec_memory_capacity_bytes").set(service.config.capacity.memory_bytes as f64);
         Ok(service)
+    }
+
+    /// Wakes the scheduler: new work may be waiting (called on a database
+    /// notification from another node).
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// Most tasks accepted in one batch.
@@ -224,6 +234,9 @@ impl Service {
 
     /// Validates and enqueues tasks, all or nothing.
     pub async fn submit(&self, tasks: Vec<TaskInstance>) -> Result<Vec<Submitted>, SubmitError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(SubmitError::Unavailable);
+        }
         let mut new = Vec::with_capacity(tasks.len());
         for (index, mut task) in tasks.into_iter().enumerate() {
             if task.id.is_empty() {
@@ -321,8 +334,11 @@ impl Service {
             if rec.status.is_final() {
                 return Ok(Some(rec));
             }
-            // Wait for this task's final event (or any lag), then re-read.
-            let waited = tokio::time::timeout_at(deadline, async {
+            // Wait for this task's final event (or any lag), then re-read;
+            // re-read anyway every 100 ms, since a task running on another
+            // node (several nodes on one database) sends no event here.
+            let step = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+            let waited = tokio::time::timeout_at(step, async {
                 loop {
                     match rx.recv().await {
                         Ok(ev) if ev.id == id && ev.is_final => return,
@@ -333,6 +349,9 @@ impl Service {
                 }
             })
             .await;
+            if waited.is_err() && tokio::time::Instant::now() < deadline {
+                continue;
+            }
             if waited.is_err() {
                 return self.store.get(id).await;
             }
@@ -623,8 +642,12 @@ impl Service {
         let mut attempts = c.record.attempts.clone();
         attempts.push(rec);
         let errors: Vec<TaskError> = attempts.iter().filter_map(|a| a.error.clone()).collect();
+        // A cancel requested while the attempt was interrupted (e.g. through
+        // another node while this one was down) ends the task: never retry it.
         let decision = match self.engine.prepare(&c.record.task) {
-            Ok(p) => self.engine.decide(&p, &error, attempt, &errors, false),
+            Ok(p) => self
+                .engine
+                .decide(&p, &error, attempt, &errors, c.record.cancel_requested),
             Err(e) => Decision::Final {
                 status: TaskStatus::Failed,
                 error: e,
@@ -821,13 +844,18 @@ impl Service {
                     Verdict::Failed(error) => {
                         let errors: Vec<TaskError> =
                             attempts.iter().filter_map(|a| a.error.clone()).collect();
-                        let decision = self.engine.decide(
-                            &prepared,
-                            &error,
-                            attempt,
-                            &errors,
-                            cancel.is_cancelled(),
-                        );
+                        // A cancel made through another node's API reaches us
+                        // by the store: check it before deciding on a retry.
+                        let cancelled = cancel.is_cancelled()
+                            || self
+                                .store
+                                .cancel_requested(std::slice::from_ref(&id))
+                                .await
+                                .map(|c| !c.is_empty())
+                                .unwrap_or(false);
+                        let decision = self
+                            .engine
+                            .decide(&prepared, &error, attempt, &errors, cancelled);
                         self.conclude(
                             &id,
                             &mut lc,
@@ -849,35 +877,63 @@ impl Service {
         self.wake.notify_one();
     }
 
-    /// Renews the leases of running tasks and picks up cancel requests made
-    /// through the store (from another node's API).
+    /// Renews the leases of running tasks, picks up cancel requests made
+    /// through the store (from another node's API), and takes over tasks
+    /// whose node stopped renewing its lease (it died, or lost the database):
+    /// their interrupted attempt is recorded and they are retried or failed
+    /// per their policy.
     async fn keep_leases(self: Arc<Self>) {
         let every =
             (self.config.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(10));
-        let cancel_poll = Duration::from_millis(500).min(every);
+        let tick = Duration::from_millis(500).min(every);
         let mut last_renew = Instant::now();
+        let mut last_takeover = Instant::now();
         loop {
-            tokio::time::sleep(cancel_poll).await;
-            let ids: Vec<String> = self.lock_running().keys().cloned().collect();
-            if ids.is_empty() {
-                if self.stopping.load(Ordering::SeqCst) {
-                    break;
-                }
-                continue;
+            tokio::time::sleep(tick).await;
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
             }
-            if let Ok(cancelled) = self.store.cancel_requested(&ids).await {
-                let running = self.lock_running();
-                for id in cancelled {
-                    if let Some(r) = running.get(&id) {
-                        r.cancel.cancel();
+            let ids: Vec<String> = self.lock_running().keys().cloned().collect();
+            if !ids.is_empty() {
+                if let Ok(cancelled) = self.store.cancel_requested(&ids).await {
+                    let running = self.lock_running();
+                    for id in cancelled {
+                        if let Some(r) = running.get(&id) {
+                            r.cancel.cancel();
+                        }
+                    }
+                }
+                if last_renew.elapsed() >= every {
+                    last_renew = Instant::now();
+                    let until = now() + self.config.lease;
+                    if let Err(e) = self.store.renew(&self.config.node, &ids, until).await {
+                        warn!(error = %e, "renewing leases failed");
                     }
                 }
             }
-            if last_renew.elapsed() >= every {
-                last_renew = Instant::now();
-                let until = now() + self.config.lease;
-                if let Err(e) = self.store.renew(&self.config.node, &ids, until).await {
-                    warn!(error = %e, "renewing leases failed");
+            if self.config.workers > 0 && last_takeover.elapsed() >= every {
+                last_takeover = Instant::now();
+                match self
+                    .store
+                    .take_over_expired(&self.config.node, now(), self.config.lease)
+                    .await
+                {
+                    Ok(lost) => {
+                        for c in lost {
+                            // Our own tasks are never taken over from ourselves
+                            // while they run: we renew them.
+                            if self.lock_running().contains_key(&c.record.task.id) {
+                                continue;
+                            }
+                            let from = c.previous_node.clone().unwrap_or_else(|| "unknown".into());
+                            warn!(task_id = %c.record.task.id, attempt = c.attempt, lost_node = %from, "taking over a task whose lease expired");
+                            counter!("taskexec_tasks_taken_over_total").increment(1);
+                            let error =
+                                TaskError::new(ErrorType::Internal, format!("node {from} lost"));
+                            self.end_attempt_without_run(c, error).await;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "looking for expired leases failed"),
                 }
             }
         }
@@ -916,7 +972,12 @@ fn base_result(
 /// up in one transaction (batching costs no latency: a lone write goes at
 /// once, and under load a transaction carries everything that arrived
 /// while the previous one committed).
-async fn writer(store: Arc<dyn TaskStore>, mut rx: mpsc::UnboundedReceiver<Pending>, batch: bool) {
+async fn writer(
+    store: Arc<dyn TaskStore>,
+    node: String,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    batch: bool,
+) {
     const MAX_BATCH: usize = 512;
     while let Some(first) = rx.recv().await {
         let mut pending = vec![first];
@@ -943,7 +1004,28 @@ async fn writer(store: Arc<dyn TaskStore>, mut rx: mpsc::UnboundedReceiver<Pendi
         let result = if writes.is_empty() {
             Ok(())
         } else {
-            store.apply(writes).await.map_err(|e| {
+            apply_with_retries(&*store, &node, writes).await
+        };
+        for ack in acks {
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+/// Applies a batch, retrying with backoff while the database is unreachable
+/// (a restart, a failover, a cut connection) for up to about two minutes,
+/// so results are not dropped; the fences make a retried batch harmless.
+async fn apply_with_retries(
+    store: &dyn TaskStore,
+    node: &str,
+    writes: Vec<Write>,
+) -> Result<(), String> {
+    let mut delay = Duration::from_millis(50);
+    let started = Instant::now();
+    loop {
+        match store.apply_as(node, writes.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -951,12 +1033,14 @@ async fn writer(store: Arc<dyn TaskStore>, mut rx: mpsc::UnboundedReceiver<Pendi
                     msg.push_str(&s.to_string());
                     src = s.source();
                 }
-                error!(error = %msg, "store write failed");
-                msg
-            })
-        };
-        for ack in acks {
-            let _ = ack.send(result.clone());
+                if started.elapsed() > Duration::from_secs(120) {
+                    error!(error = %msg, writes = writes.len(), "store write failed; giving up");
+                    return Err(msg);
+                }
+                warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "store write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

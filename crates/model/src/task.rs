@@ -597,6 +597,7 @@ fn validate_id(id: &str) -> Result<(), FieldError> {
     let ok = id.len() <= MAX_ID_BYTES
         && id != "."
         && id != ".."
+        && id != "batch"
         && id
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
@@ -606,7 +607,7 @@ fn validate_id(id: &str) -> Result<(), FieldError> {
         Err(FieldError::new(
             "id",
             format!(
-                "{:?} is not a valid task id; expected empty (assigned by the executor) or 1 to {MAX_ID_BYTES} characters from [A-Za-z0-9._-], not \".\" or \"..\"",
+                "{:?} is not a valid task id; expected empty (assigned by the executor) or 1 to {MAX_ID_BYTES} characters from [A-Za-z0-9._-], not \".\", \"..\" or \"batch\" (a route name)",
                 shorten(id)
             ),
         ))

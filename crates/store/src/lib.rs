@@ -1,15 +1,41 @@
 //! The durable store and queue of the taskexec service, behind one
-//! [`TaskStore`] trait: an embedded SQLite backend now, PostgreSQL next
-//! (the trait is kept honest for both: every method is one transaction, and
-//! nothing relies on a single writer).
+//! [`TaskStore`] trait, with two backends: an embedded SQLite database for
+//! one node ([`SqliteStore`], `sqlite://PATH`) and a PostgreSQL database
+//! that many nodes share ([`PgStore`], `postgres://…`). Every method is one
+//! transaction and nothing relies on a single writer; the backend-independent
+//! conformance suite (`tests/conformance`) runs on both.
 //!
 //! The queue lives in the `tasks` table: a task is *queued* while it waits
 //! to be claimed (first submission, or a retry whose backoff is persisted as
 //! `run_after`). Claiming takes queued tasks by priority, then FIFO, that fit
-//! in the claiming node's free CPU and memory, and starts their next attempt.
-//! Writes that change a task carry the attempt number they belong to, and are
-//! ignored when the task has moved on (fencing).
+//! in the claiming node's free CPU and memory, and starts their next attempt
+//! under a lease that its node renews; a task whose lease expired (its node
+//! is gone) is taken over by another node with
+//! [`TaskStore::take_over_expired`]. Writes that change a task carry the
+//! attempt number they belong to, and are ignored when the task has moved
+//! on (fencing).
+//!
+//! Semantics beyond the trait docs (both backends; the write rules are one
+//! shared implementation):
+//! - A task is *closed* once its result is stored (by [`Write::Finish`], or
+//!   by cancelling it while queued); every later write is ignored. A
+//!   [`Write::Transition`] into a final status is applied, after which only
+//!   [`Write::AttemptDone`] (for an attempt not yet recorded) and
+//!   [`Write::Finish`] (with that same status) still apply, so an attempt's
+//!   final transition, attempt record and result can be written in any order.
+//! - A [`Write::Finish`] whose result status is not final is ignored (and
+//!   logged): it would release the task without requeuing it.
+//! - `claim` returns each record as stored before the claim (status,
+//!   attempt), but with `node` set, `queued` false and `updated_at = now`.
+//! - `list` cursors are the last row's sequence number; a cursor that is not
+//!   one fails with [`StoreError::BadCursor`].
+//! - `submit` fails as a whole (storing nothing) if a new task reuses an
+//!   existing id (a unique violation in [`StoreError::Database`]).
+//! - Times are stored as unix milliseconds, so they come back truncated to
+//!   the millisecond (JSON columns keep full precision).
 
+mod common;
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt::Debug;
@@ -20,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use taskexec_model::{AttemptRecord, TaskInstance, TaskResult, TaskStatus, TransitionRecord};
 use time::OffsetDateTime;
 
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Errors of the store.
@@ -52,7 +79,9 @@ pub enum StoreError {
     #[error("invalid listing cursor {0:?}")]
     BadCursor(String),
     /// A database URL the store does not understand.
-    #[error("unsupported database URL {0:?}: expected sqlite://PATH (or sqlite::memory:)")]
+    #[error(
+        "unsupported database URL {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://..."
+    )]
     BadUrl(String),
 }
 
@@ -198,6 +227,9 @@ pub struct ClaimedTask {
     pub cpu_millis: u32,
     /// Memory request.
     pub memory_bytes: u64,
+    /// The node that held the task before a take-over (`take_over_expired`
+    /// only; `None` for a claim from the queue and for `claimed_by`).
+    pub previous_node: Option<String>,
 }
 
 /// A change to a stored task. `attempt` fences: a write for an attempt other
@@ -294,7 +326,15 @@ pub trait TaskStore: Send + Sync + Debug {
         lease: Duration,
     ) -> Result<Vec<ClaimedTask>, StoreError>;
     /// Applies writes in one transaction (batched status updates and results).
+    /// Fenced by attempt only: for administration and tests; nodes use
+    /// [`TaskStore::apply_as`].
     async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Applies writes of node `node` in one transaction, each only if `node`
+    /// still holds the task's claim (and the attempt fence passes): once a
+    /// task was taken over after its lease expired, or requeued, the former
+    /// holder's late writes are ignored, so a node that comes back never
+    /// writes over a newer attempt.
+    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<(), StoreError>;
     /// Extends the lease of `node` on `ids` until `until`.
     async fn renew(
         &self,
@@ -303,7 +343,8 @@ pub trait TaskStore: Send + Sync + Debug {
         until: OffsetDateTime,
     ) -> Result<(), StoreError>;
     /// Records a cancel request (and cancels a queued task at once, with the
-    /// transition `record`).
+    /// transition `record`, whose `from` and `attempt` the store sets to the
+    /// task's current status and attempt).
     async fn request_cancel(
         &self,
         id: &str,
@@ -312,6 +353,23 @@ pub trait TaskStore: Send + Sync + Debug {
     /// Tasks claimed by `node` and not final: after a crash of that node,
     /// the attempts they were in were interrupted.
     async fn claimed_by(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError>;
+    /// Takes over the tasks whose lease has expired (`lease_until < now`):
+    /// claimed (not queued), not final, by any node, `node` included. Each
+    /// is leased to `node` until `now + lease` in the same transaction, so
+    /// two callers never take over the same task; its status, attempt and
+    /// `updated_at` do not change. Returned in submission order, each at
+    /// the attempt that was interrupted (`attempt == record.attempt`), with
+    /// `record.node` the new node, for the caller to recover (requeue or
+    /// fail) as after a crash.
+    ///
+    /// The former node's late writes for that attempt still pass the
+    /// attempt fence, but its renewals no longer extend the lease.
+    async fn take_over_expired(
+        &self,
+        node: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedTask>, StoreError>;
     /// Ids among `ids` whose cancel was requested.
     async fn cancel_requested(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
     /// Queued and running counts.

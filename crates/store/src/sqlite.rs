@@ -9,23 +9,11 @@
 //! The schema is in `migrations/sqlite/`, embedded at compile time and run at
 //! [`SqliteStore::open`]. Times are stored as unix milliseconds, so they
 //! come back truncated to the millisecond (JSON columns keep full
-//! precision).
+//! precision). `take_over_expired` holds the write lock like a claim, so
+//! two callers never take over the same task.
 //!
-//! Semantics beyond the trait docs:
-//! - A task is *closed* once its result is stored (by [`Write::Finish`], or
-//!   by cancelling it while queued); every later write is ignored. A
-//!   [`Write::Transition`] into a final status is applied, after which only
-//!   [`Write::AttemptDone`] (for an attempt not yet recorded) and
-//!   [`Write::Finish`] (with that same status) still apply, so an attempt's
-//!   final transition, attempt record and result can be written in any order.
-//! - A [`Write::Finish`] whose result status is not final is ignored (and
-//!   logged): it would release the task without requeuing it.
-//! - `claim` returns each record as stored before the claim (status,
-//!   attempt), but with `node` set, `queued` false and `updated_at = now`.
-//! - `list` cursors are the last row's sequence number; a cursor that is not
-//!   one fails with [`StoreError::BadCursor`].
-//! - `submit` fails as a whole (storing nothing) if a new task reuses an
-//!   existing id.
+//! The semantics beyond the trait docs are the crate's (see the crate
+//! docs).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -37,11 +25,14 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
-use taskexec_model::{
-    AttemptRecord, ErrorType, TaskError, TaskInstance, TaskResult, TaskStatus, TransitionRecord,
-};
+use taskexec_model::{TaskStatus, TransitionRecord};
 use time::OffsetDateTime;
 
+use crate::common::{
+    TaskRow, TaskState, apply_write, cancelled_result, duration_ms, from_ms, greedy_fit, int_u32,
+    int_u64, json_err, not_final, page_size, parse_cursor, parse_history, parse_status,
+    state_columns, task_columns, to_ms, u64_int, write_target,
+};
 use crate::{
     CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats, StoreError,
     Submitted, TaskRecord, TaskStore, TaskSummary, Write,
@@ -54,33 +45,12 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 const FILE_CONNECTIONS: u32 = 4;
 /// How long a statement waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default page size of `list`.
-const DEFAULT_PAGE: u32 = 50;
-/// Largest page size of `list`.
-const MAX_PAGE: u32 = 500;
 /// Ids per statement of the `IN (...)` lists.
 const IN_CHUNK: usize = 500;
 /// The URL of a private in-memory database.
 const MEMORY_URL: &str = "sqlite::memory:";
 /// The scheme of a file database URL.
 const FILE_PREFIX: &str = "sqlite://";
-
-/// SQL condition: the row's status is not final (keep in step with
-/// `TaskStatus::is_final`; a unit test checks it).
-macro_rules! not_final {
-    () => {
-        "status NOT IN ('COMPLETED', 'FAILED', 'REJECTED', 'CANCELLED')"
-    };
-}
-
-/// The `tasks` columns read into a [`TaskRow`].
-macro_rules! task_columns {
-    () => {
-        "id, runtime, status, queued, attempt, node, submitted_at, updated_at, \
-         cancel_requested, task_json, attempts_json, result_json, queued_since, \
-         cpu_millis, memory_bytes"
-    };
-}
 
 /// The SQLite task store.
 #[derive(Debug, Clone)]
@@ -140,124 +110,34 @@ impl SqliteStore {
     }
 }
 
-/// Unix milliseconds of `t`.
-fn to_ms(t: OffsetDateTime) -> i64 {
-    let ms = t.unix_timestamp_nanos() / 1_000_000;
-    i64::try_from(ms).unwrap_or(if ms < 0 { i64::MIN } else { i64::MAX })
+/// Reads a row selected with [`task_columns`].
+fn read_row(row: &SqliteRow) -> Result<TaskRow, StoreError> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let status = parse_status(&id, &status)?;
+    Ok(TaskRow {
+        runtime: row.try_get("runtime")?,
+        status,
+        queued: row.try_get::<i64, _>("queued")? != 0,
+        attempt: int_u32(row.try_get("attempt")?),
+        node: row.try_get("node")?,
+        submitted_at: row.try_get("submitted_at")?,
+        updated_at: row.try_get("updated_at")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        task_json: row.try_get("task_json")?,
+        attempts_json: row.try_get("attempts_json")?,
+        result_json: row.try_get("result_json")?,
+        queued_since: row.try_get("queued_since")?,
+        cpu_millis: int_u32(row.try_get("cpu_millis")?),
+        memory_bytes: int_u64(row.try_get("memory_bytes")?),
+        id,
+    })
 }
 
-/// The time of unix milliseconds `ms` (the epoch if out of range, which
-/// [`to_ms`] never produces).
-fn from_ms(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// Milliseconds of `d`, saturating.
-fn duration_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// A stored non-negative integer as `u32` (saturating, 0 if negative).
-fn int_u32(v: i64) -> u32 {
-    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
-}
-
-/// A stored non-negative integer as `u64` (0 if negative).
-fn int_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-/// `v` as a stored integer (saturating).
-fn u64_int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// A JSON error about task `id`.
-fn json_err(id: &str) -> impl FnOnce(serde_json::Error) -> StoreError + '_ {
-    move |source| StoreError::Json {
-        id: id.to_owned(),
-        source,
-    }
-}
-
-/// Parses a stored status wire name.
-fn parse_status(id: &str, s: &str) -> Result<TaskStatus, StoreError> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(json_err(id))
-}
-
-/// One `tasks` row, as read by [`task_columns`].
-struct TaskRow {
-    id: String,
-    runtime: String,
-    status: TaskStatus,
-    queued: bool,
-    attempt: u32,
-    node: Option<String>,
-    submitted_at: i64,
-    updated_at: i64,
-    cancel_requested: bool,
-    task_json: String,
-    attempts_json: String,
-    result_json: Option<String>,
-    queued_since: i64,
-    cpu_millis: u32,
-    memory_bytes: u64,
-}
-
-impl TaskRow {
-    /// Reads a row selected with [`task_columns`].
-    fn read(row: &SqliteRow) -> Result<TaskRow, StoreError> {
-        let id: String = row.try_get("id")?;
-        let status: String = row.try_get("status")?;
-        let status = parse_status(&id, &status)?;
-        Ok(TaskRow {
-            runtime: row.try_get("runtime")?,
-            status,
-            queued: row.try_get::<i64, _>("queued")? != 0,
-            attempt: int_u32(row.try_get("attempt")?),
-            node: row.try_get("node")?,
-            submitted_at: row.try_get("submitted_at")?,
-            updated_at: row.try_get("updated_at")?,
-            cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
-            task_json: row.try_get("task_json")?,
-            attempts_json: row.try_get("attempts_json")?,
-            result_json: row.try_get("result_json")?,
-            queued_since: row.try_get("queued_since")?,
-            cpu_millis: int_u32(row.try_get("cpu_millis")?),
-            memory_bytes: int_u64(row.try_get("memory_bytes")?),
-            id,
-        })
-    }
-
-    /// The whole record, with the history read from `conn`.
-    async fn into_record(self, conn: &mut SqliteConnection) -> Result<TaskRecord, StoreError> {
-        let history = load_history(conn, &self.id).await?;
-        let task: TaskInstance =
-            serde_json::from_str(&self.task_json).map_err(json_err(&self.id))?;
-        let attempts: Vec<AttemptRecord> =
-            serde_json::from_str(&self.attempts_json).map_err(json_err(&self.id))?;
-        let result: Option<TaskResult> = self
-            .result_json
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(json_err(&self.id))?;
-        Ok(TaskRecord {
-            task,
-            status: self.status,
-            attempt: self.attempt,
-            runtime: self.runtime,
-            queued: self.queued,
-            node: self.node,
-            submitted_at: from_ms(self.submitted_at),
-            updated_at: from_ms(self.updated_at),
-            cancel_requested: self.cancel_requested,
-            history,
-            attempts,
-            result,
-        })
-    }
+/// The whole record of `row`, with the history read from `conn`.
+async fn into_record(row: TaskRow, conn: &mut SqliteConnection) -> Result<TaskRecord, StoreError> {
+    let history = load_history(conn, &row.id).await?;
+    row.into_record(history)
 }
 
 /// The lifecycle history of task `id`, oldest first.
@@ -265,16 +145,12 @@ async fn load_history(
     conn: &mut SqliteConnection,
     id: &str,
 ) -> Result<Vec<TransitionRecord>, StoreError> {
-    let rows = sqlx::query("SELECT record_json FROM events WHERE task_id = ? ORDER BY n")
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter()
-        .map(|row| {
-            let json: String = row.try_get("record_json")?;
-            serde_json::from_str(&json).map_err(json_err(id))
-        })
-        .collect()
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT record_json FROM events WHERE task_id = ? ORDER BY n")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+    parse_history(id, rows)
 }
 
 /// Appends `record` to the history of task `id`.
@@ -297,23 +173,22 @@ async fn append_event(
 }
 
 /// Reads `rows` (selected with [`task_columns`]) as claimed tasks at their
-/// current attempt.
+/// current attempt, with `node` as their node.
 async fn claimed_rows(
     conn: &mut SqliteConnection,
     rows: Vec<SqliteRow>,
+    node: Option<&str>,
 ) -> Result<Vec<ClaimedTask>, StoreError> {
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let row = TaskRow::read(row)?;
-        let (attempt, queued_since) = (row.attempt, from_ms(row.queued_since));
-        let (cpu_millis, memory_bytes) = (row.cpu_millis, row.memory_bytes);
-        out.push(ClaimedTask {
-            record: row.into_record(conn).await?,
-            attempt,
-            queued_since,
-            cpu_millis,
-            memory_bytes,
-        });
+        let mut row = read_row(row)?;
+        let mut previous = None;
+        if let Some(node) = node {
+            previous = row.node.replace(node.to_owned());
+        }
+        let history = load_history(conn, &row.id).await?;
+        let attempt = row.attempt;
+        out.push(row.into_claimed(attempt, history, previous)?);
     }
     Ok(out)
 }
@@ -347,20 +222,16 @@ async fn insert_task(conn: &mut SqliteConnection, new: &NewTask) -> Result<(), S
     append_event(conn, id, &new.received).await
 }
 
-/// The part of a `tasks` row that decides whether a write applies.
-struct Fence {
-    status: TaskStatus,
-    attempt: u32,
-    closed: bool,
-    attempts_json: String,
-}
-
-/// Reads the [`Fence`] of task `id`, if it exists.
-async fn read_fence(conn: &mut SqliteConnection, id: &str) -> Result<Option<Fence>, StoreError> {
-    let Some(row) = sqlx::query(
-        "SELECT status, attempt, result_json IS NOT NULL AS closed, attempts_json \
-         FROM tasks WHERE id = ?",
-    )
+/// Reads the [`TaskState`] of task `id`, if it exists.
+async fn read_state(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<TaskState>, StoreError> {
+    let Some(row) = sqlx::query(concat!(
+        "SELECT ",
+        state_columns!(),
+        " FROM tasks WHERE id = ?"
+    ))
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?
@@ -368,132 +239,43 @@ async fn read_fence(conn: &mut SqliteConnection, id: &str) -> Result<Option<Fenc
         return Ok(None);
     };
     let status: String = row.try_get("status")?;
-    Ok(Some(Fence {
+    Ok(Some(TaskState {
         status: parse_status(id, &status)?,
         attempt: int_u32(row.try_get("attempt")?),
-        closed: row.try_get::<i64, _>("closed")? != 0,
+        queued: row.try_get::<i64, _>("queued")? != 0,
+        run_after: row.try_get("run_after")?,
+        queued_since: row.try_get("queued_since")?,
+        node: row.try_get("node")?,
+        lease_until: row.try_get("lease_until")?,
+        updated_at: row.try_get("updated_at")?,
         attempts_json: row.try_get("attempts_json")?,
+        result_json: row.try_get("result_json")?,
     }))
 }
 
-/// The task id and attempt a write belongs to.
-fn write_target(write: &Write) -> (&str, u32) {
-    match write {
-        Write::Transition { id, attempt, .. }
-        | Write::Requeue { id, attempt, .. }
-        | Write::Finish { id, attempt, .. } => (id, *attempt),
-        Write::AttemptDone { id, record } => (id, record.attempt),
-    }
-}
-
-/// Applies one write if its fence allows it.
-async fn apply_one(conn: &mut SqliteConnection, write: &Write) -> Result<(), StoreError> {
-    let (id, attempt) = write_target(write);
-    let Some(fence) = read_fence(conn, id).await? else {
-        tracing::debug!(task = id, "write for an unknown task skipped");
-        return Ok(());
-    };
-    if fence.attempt != attempt {
-        tracing::debug!(
-            task = id,
-            attempt,
-            current = fence.attempt,
-            "write of a stale attempt skipped"
-        );
-        return Ok(());
-    }
-    if fence.closed {
-        tracing::debug!(task = id, "write for a finished task skipped");
-        return Ok(());
-    }
-    let is_final = fence.status.is_final();
-    match write {
-        Write::Transition { record, .. } => {
-            if is_final {
-                tracing::debug!(task = id, status = %fence.status, "transition of a final task skipped");
-                return Ok(());
-            }
-            append_event(conn, id, record).await?;
-            sqlx::query("UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?")
-                .bind(record.to.as_str())
-                .bind(to_ms(record.at))
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Write::AttemptDone { record, .. } => {
-            let mut attempts: Vec<AttemptRecord> =
-                serde_json::from_str(&fence.attempts_json).map_err(json_err(id))?;
-            if attempts.iter().any(|a| a.attempt == record.attempt) {
-                tracing::debug!(task = id, attempt, "attempt already recorded");
-                return Ok(());
-            }
-            attempts.push(record.clone());
-            let json = serde_json::to_string(&attempts).map_err(json_err(id))?;
-            sqlx::query("UPDATE tasks SET attempts_json = ? WHERE id = ?")
-                .bind(json)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Write::Requeue { run_after, .. } => {
-            if is_final {
-                tracing::debug!(task = id, status = %fence.status, "requeue of a final task skipped");
-                return Ok(());
-            }
-            let at = to_ms(*run_after);
-            sqlx::query(
-                "UPDATE tasks SET queued = 1, run_after = ?, queued_since = ?, node = NULL, \
-                 lease_until = NULL WHERE id = ?",
-            )
-            .bind(at)
-            .bind(at)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Write::Finish { result, .. } => {
-            if !result.status.is_final() {
-                tracing::warn!(task = id, status = %result.status, "finish with a non-final status skipped");
-                return Ok(());
-            }
-            if is_final && fence.status != result.status {
-                tracing::debug!(
-                    task = id,
-                    status = %fence.status,
-                    result = %result.status,
-                    "finish with another final status skipped"
-                );
-                return Ok(());
-            }
-            let json = serde_json::to_string(result).map_err(json_err(id))?;
-            let at = result
-                .execution_metadata
-                .end_time
-                .or_else(|| result.history.last().map(|r| r.at))
-                .map(to_ms);
-            sqlx::query(
-                "UPDATE tasks SET status = ?, result_json = ?, queued = 0, node = NULL, \
-                 lease_until = NULL, updated_at = COALESCE(?, updated_at) WHERE id = ?",
-            )
-            .bind(result.status.as_str())
-            .bind(json)
-            .bind(at)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
+/// Stores `state` as the state of task `id`.
+async fn write_state(
+    conn: &mut SqliteConnection,
+    id: &str,
+    state: &TaskState,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE tasks SET status = ?, queued = ?, run_after = ?, queued_since = ?, node = ?, \
+         lease_until = ?, updated_at = ?, attempts_json = ?, result_json = ? WHERE id = ?",
+    )
+    .bind(state.status.as_str())
+    .bind(i64::from(state.queued))
+    .bind(state.run_after)
+    .bind(state.queued_since)
+    .bind(state.node.as_deref())
+    .bind(state.lease_until)
+    .bind(state.updated_at)
+    .bind(state.attempts_json.as_str())
+    .bind(state.result_json.as_deref())
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
-}
-
-/// Parses a listing cursor (a positive sequence number).
-fn parse_cursor(cursor: &str) -> Result<i64, StoreError> {
-    cursor
-        .parse::<i64>()
-        .ok()
-        .filter(|seq| *seq > 0)
-        .ok_or_else(|| StoreError::BadCursor(cursor.to_owned()))
 }
 
 #[async_trait]
@@ -567,7 +349,7 @@ impl TaskStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let record = match row {
-            Some(row) => Some(TaskRow::read(&row)?.into_record(&mut tx).await?),
+            Some(row) => Some(into_record(read_row(&row)?, &mut tx).await?),
             None => None,
         };
         tx.commit().await?;
@@ -575,10 +357,7 @@ impl TaskStore for SqliteStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
-        let limit = match query.limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+        let limit = page_size(query.limit);
         let mut qb = QueryBuilder::<Sqlite>::new(
             "SELECT seq, id, status, runtime, workflow_instance_id, priority, attempt, \
              submitted_at, updated_at FROM tasks WHERE 1 = 1",
@@ -654,23 +433,18 @@ impl TaskStore for SqliteStore {
         .bind(window)
         .fetch_all(&mut *tx)
         .await?;
-        let (mut cpu_left, mut mem_left) = (free.cpu_millis, free.memory_bytes);
-        let mut taken = Vec::new();
-        for row in &rows {
-            let row = TaskRow::read(row)?;
-            let cpu = u64::from(row.cpu_millis);
-            if cpu > cpu_left || row.memory_bytes > mem_left {
+        let rows = rows.iter().map(read_row).collect::<Result<Vec<_>, _>>()?;
+        let fit = greedy_fit(
+            rows.iter().map(|r| (r.cpu_millis, r.memory_bytes)),
+            free,
+            limit,
+        );
+        let mut rows: Vec<Option<TaskRow>> = rows.into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(fit.len());
+        for i in fit {
+            let Some(mut row) = rows.get_mut(i).and_then(Option::take) else {
                 continue;
-            }
-            cpu_left -= cpu;
-            mem_left -= row.memory_bytes;
-            taken.push(row);
-            if taken.len() == limit {
-                break;
-            }
-        }
-        let mut out = Vec::with_capacity(taken.len());
-        for row in taken {
+            };
             sqlx::query(
                 "UPDATE tasks SET queued = 0, attempt = attempt + 1, node = ?, lease_until = ?, \
                  updated_at = ? WHERE id = ?",
@@ -681,35 +455,23 @@ impl TaskStore for SqliteStore {
             .bind(&row.id)
             .execute(&mut *tx)
             .await?;
+            let history = load_history(&mut tx, &row.id).await?;
+            row.node = Some(node.to_owned());
+            row.queued = false;
+            row.updated_at = now_ms;
             let attempt = row.attempt.saturating_add(1);
-            let (queued_since, cpu_millis, memory_bytes) =
-                (from_ms(row.queued_since), row.cpu_millis, row.memory_bytes);
-            let mut record = row.into_record(&mut tx).await?;
-            record.node = Some(node.to_owned());
-            record.queued = false;
-            record.updated_at = from_ms(now_ms);
-            out.push(ClaimedTask {
-                record,
-                attempt,
-                queued_since,
-                cpu_millis,
-                memory_bytes,
-            });
+            out.push(row.into_claimed(attempt, history, None)?);
         }
         tx.commit().await?;
         Ok(out)
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin_write().await?;
-        for write in &writes {
-            apply_one(&mut tx, write).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.apply_writes(writes, None).await
+    }
+
+    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.apply_writes(writes, Some(node)).await
     }
 
     async fn renew(
@@ -760,7 +522,7 @@ impl TaskStore for SqliteStore {
         let Some(row) = row else {
             return Ok(CancelOutcome::NotFound);
         };
-        let row = TaskRow::read(&row)?;
+        let row = read_row(&row)?;
         if row.status.is_final() {
             return Ok(CancelOutcome::AlreadyFinal(row.status));
         }
@@ -772,15 +534,15 @@ impl TaskStore for SqliteStore {
             tx.commit().await?;
             return Ok(CancelOutcome::Requested { node: row.node });
         }
+        // The cancelling transition starts from where the task stands.
+        let record = TransitionRecord {
+            from: Some(row.status),
+            attempt: row.attempt,
+            ..record
+        };
         append_event(&mut tx, id, &record).await?;
-        let stored = row.into_record(&mut tx).await?;
-        let mut result = TaskResult::new(id, TaskStatus::Cancelled);
-        result.error = Some(TaskError::new(
-            ErrorType::Cancelled,
-            "the task was cancelled",
-        ));
-        result.history = stored.history;
-        result.execution_metadata.attempts = stored.attempts;
+        let stored = into_record(row, &mut tx).await?;
+        let result = cancelled_result(id, stored.history, stored.attempts);
         let json = serde_json::to_string(&result).map_err(json_err(id))?;
         sqlx::query(
             "UPDATE tasks SET status = ?, queued = 0, cancel_requested = 1, result_json = ?, \
@@ -808,7 +570,42 @@ impl TaskStore for SqliteStore {
         .bind(node)
         .fetch_all(&mut *tx)
         .await?;
-        let out = claimed_rows(&mut tx, rows).await?;
+        let out = claimed_rows(&mut tx, rows, None).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn take_over_expired(
+        &self,
+        node: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedTask>, StoreError> {
+        let now_ms = to_ms(now);
+        let lease_until = now_ms.saturating_add(duration_ms(lease));
+        // The write lock is held from the start: no other transaction can
+        // take the same tasks over in between.
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE node IS NOT NULL AND queued = 0 AND lease_until < ? AND ",
+            not_final!(),
+            " ORDER BY seq"
+        ))
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            sqlx::query("UPDATE tasks SET node = ?, lease_until = ? WHERE id = ?")
+                .bind(node)
+                .bind(lease_until)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let out = claimed_rows(&mut tx, rows, Some(node)).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -858,39 +655,46 @@ impl TaskStore for SqliteStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn not_final_lists_exactly_the_final_statuses() {
-        for status in TaskStatus::ALL {
-            let quoted = format!("'{}'", status.as_str());
-            assert_eq!(
-                not_final!().contains(&quoted),
-                status.is_final(),
-                "{status}"
-            );
+impl SqliteStore {
+    /// Applies writes in one transaction; with a `holder`, only where that
+    /// node holds the task's claim (see [`TaskStore::apply_as`]).
+    async fn apply_writes(
+        &self,
+        writes: Vec<Write>,
+        holder: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
         }
-    }
-
-    #[test]
-    fn milliseconds_round_trip() {
-        let t = time::macros::datetime!(2025-06-01 12:00:00.123 UTC);
-        assert_eq!(from_ms(to_ms(t)), t);
-        assert_eq!(to_ms(OffsetDateTime::UNIX_EPOCH), 0);
-        let before = time::macros::datetime!(1969-12-31 23:59:59.5 UTC);
-        assert_eq!(from_ms(to_ms(before)), before);
-    }
-
-    #[test]
-    fn cursors() {
-        assert_eq!(parse_cursor("42").expect("valid"), 42);
-        for bad in ["", "x", "-1", "0", "1.5"] {
-            assert!(
-                matches!(parse_cursor(bad), Err(StoreError::BadCursor(_))),
-                "{bad}"
-            );
+        let mut tx = self.begin_write().await?;
+        // The state of each task written (and whether it changed), read
+        // once and changed in memory; events are appended as they come, the
+        // changed rows stored at the end.
+        let mut states: HashMap<&str, Option<(TaskState, bool)>> = HashMap::new();
+        for write in &writes {
+            let (id, _) = write_target(write);
+            if !states.contains_key(id) {
+                let state = read_state(&mut tx, id).await?;
+                states.insert(id, state.map(|s| (s, false)));
+            }
+            let Some(Some((state, changed))) = states.get_mut(id) else {
+                tracing::debug!(task = id, "write for an unknown task skipped");
+                continue;
+            };
+            let Some(applied) = apply_write(state, write, holder)? else {
+                continue;
+            };
+            *changed = true;
+            if let Some(record) = applied.event {
+                append_event(&mut tx, id, record).await?;
+            }
         }
+        for (id, state) in &states {
+            if let Some((state, true)) = state {
+                write_state(&mut tx, id, state).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -182,6 +182,39 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
     /// Creates a task cgroup named `name` with `limits` applied.
     fn create(&self, name: &str, limits: &CgroupLimits)
     -> Result<Box<dyn TaskCgroup>, CgroupError>;
+    /// The directories task cgroups are created in (one per hierarchy).
+    fn parents(&self) -> Vec<PathBuf>;
+    /// Removes task cgroups left by executors that died (killed with -9):
+    /// `taskexec-<pid>-<n>` directories whose executor pid no longer runs.
+    /// Returns how many were removed.
+    fn remove_stale(&self) -> usize {
+        let mut removed = 0;
+        for parent in self.parents() {
+            let Ok(entries) = fs::read_dir(&parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if stale_owner(&name)
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+                {
+                    let _ = kill_procs(&e.path().join("cgroup.procs"));
+                    if remove_dir(&e.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// The executor pid in a task cgroup's name `taskexec-<pid>-<n>`.
+pub(crate) fn stale_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("taskexec-")?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
 }
 
 /// One task's cgroup.
@@ -309,6 +342,30 @@ mod tests {
         );
         assert_eq!(p[1].0, vec!["cpu".to_string(), "cpuacct".to_string()]);
         assert_eq!(p[2], (Vec::new(), "/user.slice".to_string()));
+    }
+
+    #[test]
+    fn stale_cgroup_names_name_their_executor() {
+        assert_eq!(stale_owner("taskexec-1234-7"), Some(1234));
+        assert_eq!(stale_owner("taskexec-executor"), None);
+        assert_eq!(stale_owner("other-1-2"), None);
+        assert_eq!(stale_owner("taskexec-12-x"), None);
+    }
+
+    #[test]
+    fn remove_stale_removes_only_dead_executors_groups() {
+        let root = tempfile::tempdir().expect("tmp");
+        let driver = v1::fake_driver(root.path());
+        // No process has pid 999999999 (above the kernel's pid_max); ours runs.
+        let dead = "taskexec-999999999-1";
+        let live = format!("taskexec-{}-1", std::process::id());
+        for c in ["memory", "pids", "cpu", "cpuacct"] {
+            fs::create_dir_all(root.path().join(c).join("parent").join(dead)).expect("mkdir");
+            fs::create_dir_all(root.path().join(c).join("parent").join(&live)).expect("mkdir");
+        }
+        assert_eq!(driver.remove_stale(), 4);
+        assert!(!root.path().join("memory/parent").join(dead).exists());
+        assert!(root.path().join("memory/parent").join(&live).exists());
     }
 
     #[test]

@@ -75,6 +75,16 @@ impl CgroupDriver for V1Driver {
         CgroupVersion::V1
     }
 
+    fn parents(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for d in [&self.memory, &self.pids, &self.cpu, &self.cpuacct] {
+            if !dirs.contains(d) {
+                dirs.push(d.clone());
+            }
+        }
+        dirs
+    }
+
     fn create(
         &self,
         name: &str,

@@ -90,6 +90,10 @@ impl CgroupDriver for V2Driver {
         CgroupVersion::V2
     }
 
+    fn parents(&self) -> Vec<PathBuf> {
+        vec![self.parent.clone()]
+    }
+
     fn create(
         &self,
         name: &str,

@@ -62,6 +62,11 @@ macro_rules! conformance_suite {
             cancel_claimed,
             cancel_final_and_missing,
             claimed_by_after_crash,
+            take_over_expired_once,
+            take_over_skips_live_leases,
+            take_over_skips_queued_and_final,
+            take_over_concurrently_never_shares,
+            a_former_holder_writes_nothing,
             renew_and_ping,
             stats_count_queued_and_running,
             reopen_keeps_everything,
@@ -1346,6 +1351,251 @@ pub async fn claimed_by_after_crash(h: &dyn Harness) {
     assert_eq!(ids(&claim(&*store, "n1", 5, at(10)).await), vec!["b", "d"]);
 }
 
+/// Takes over the expired leases of any node for `node` at `now`.
+pub async fn take_over(store: &dyn TaskStore, node: &str, now: OffsetDateTime) -> Vec<ClaimedTask> {
+    store
+        .take_over_expired(node, now, LEASE)
+        .await
+        .expect("take_over_expired")
+}
+
+/// A claimed task whose lease has expired is taken over once, at the
+/// interrupted attempt, and is then leased to the new node; the former
+/// node's renewals no longer count, its attempt's writes still do.
+pub async fn take_over_expired_once(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(
+        &*store,
+        vec![new_task("a"), new_task("b"), new_task("c"), new_task("d")],
+    )
+    .await;
+    // Leases (30 s): a, b until 31; c until 50.
+    assert_eq!(ids(&claim(&*store, "n1", 2, at(1)).await), vec!["a", "b"]);
+    assert_eq!(ids(&claim(&*store, "n2", 1, at(20)).await), vec!["c"]);
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Running, at(3)),
+        ],
+    )
+    .await;
+    let before = get(&*store, "a").await;
+    // A lease is live up to and including its end.
+    assert!(take_over(&*store, "n3", at(31)).await.is_empty());
+
+    let got = take_over(&*store, "n3", at(32)).await;
+    assert_eq!(ids(&got), vec!["a", "b"]);
+    let a = &got[0];
+    assert_eq!(a.attempt, 1);
+    assert_eq!(a.record.attempt, 1);
+    assert_eq!(a.record.status, Running);
+    assert_eq!(a.record.node.as_deref(), Some("n3"));
+    assert_eq!(a.previous_node.as_deref(), Some("n1"));
+    assert!(!a.record.queued);
+    assert_eq!(a.record.history, before.history);
+    assert_eq!(a.record.updated_at, at(3));
+    assert_eq!(a.queued_since, T0);
+    assert_eq!(a.cpu_millis, 100);
+    assert_eq!(a.memory_bytes, 64 << 20);
+    assert_eq!(
+        a.record,
+        taskexec_store::TaskRecord {
+            node: Some("n3".to_owned()),
+            ..before
+        }
+    );
+    assert_eq!(got[1].attempt, 1);
+    assert_eq!(got[1].record.status, Received);
+    assert_eq!(got[1].record.updated_at, at(1));
+    assert_eq!(get(&*store, "a").await, a.record);
+
+    // Taken once: the new lease (until 62) is live.
+    assert!(take_over(&*store, "n4", at(40)).await.is_empty());
+    assert!(store.claimed_by("n1").await.expect("claimed_by").is_empty());
+    let without_previous: Vec<_> = got
+        .iter()
+        .cloned()
+        .map(|c| taskexec_store::ClaimedTask {
+            previous_node: None,
+            ..c
+        })
+        .collect();
+    assert_eq!(
+        store.claimed_by("n3").await.expect("claimed_by"),
+        without_previous
+    );
+    assert_eq!(
+        store.stats().await.expect("stats"),
+        QueueStats {
+            queued: 1,
+            running: 3
+        }
+    );
+
+    // n1's renewals no longer extend anything; n3's do.
+    let both = ["a", "b"].map(str::to_owned);
+    store.renew("n1", &both, at(1000)).await.expect("renew");
+    store
+        .renew("n3", &["b".to_owned()], at(100))
+        .await
+        .expect("renew");
+    let again = take_over(&*store, "n4", at(63)).await;
+    assert_eq!(ids(&again), vec!["a", "c"]);
+    assert_eq!(again[1].record.node.as_deref(), Some("n4"));
+    assert_eq!(again[1].attempt, 1);
+
+    // The interrupted attempt is recovered like after a crash: its writes
+    // still pass the fence, and a requeue starts attempt 2.
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Running, Preparing, at(64)),
+            requeue("a", 1, at(70)),
+        ],
+    )
+    .await;
+    assert!(
+        take_over(&*store, "n5", at(2000))
+            .await
+            .iter()
+            .all(|c| c.record.task.id != "a")
+    );
+    let next = claim(&*store, "n5", 10, at(70)).await;
+    assert_eq!(ids(&next), vec!["a", "d"]);
+    assert_eq!(next[0].attempt, 2);
+}
+
+/// Live leases — fresh, renewed, or ending exactly now — are not taken
+/// over; a node may take over its own expired tasks.
+pub async fn take_over_skips_live_leases(h: &dyn Harness) {
+    let store = h.open().await;
+    assert!(take_over(&*store, "n3", at(0)).await.is_empty());
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 1, at(0)).await), vec!["a"]);
+    store
+        .renew("n1", &["a".to_owned()], at(100))
+        .await
+        .expect("renew");
+    assert_eq!(ids(&claim(&*store, "n2", 1, at(50)).await), vec!["b"]);
+    // a until 100, b until 80.
+    assert!(take_over(&*store, "n3", at(60)).await.is_empty());
+    assert!(take_over(&*store, "n3", at(80)).await.is_empty());
+    assert_eq!(ids(&take_over(&*store, "n3", at(81)).await), vec!["b"]);
+    // b now until 111.
+    assert!(take_over(&*store, "n3", at(100)).await.is_empty());
+    let own = take_over(&*store, "n1", at(101)).await;
+    assert_eq!(ids(&own), vec!["a"]);
+    assert_eq!(own[0].record.node.as_deref(), Some("n1"));
+    assert!(take_over(&*store, "n3", at(111)).await.is_empty());
+    assert_eq!(ids(&take_over(&*store, "n1", at(112)).await), vec!["b"]);
+    assert_eq!(
+        ids(&store.claimed_by("n1").await.expect("claimed_by")),
+        vec!["a", "b"]
+    );
+}
+
+/// Queued, finished, final (transition only) and cancelled tasks are never
+/// taken over, however old their lease.
+pub async fn take_over_skips_queued_and_final(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(
+        &*store,
+        vec![
+            new_task("done"),
+            new_task("failing"),
+            new_task("retry"),
+            new_task("live"),
+            new_task("queued"),
+            new_task("cancelled"),
+        ],
+    )
+    .await;
+    assert_eq!(claim(&*store, "n1", 4, at(1)).await.len(), 4);
+    apply(
+        &*store,
+        vec![
+            finish("done", 1, Completed, at(2)),
+            transition("failing", 1, Received, Failed, at(2)),
+            requeue("retry", 1, at(5)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store
+            .request_cancel("cancelled", record(Received, Cancelled, at(3), 0))
+            .await
+            .expect("cancel"),
+        CancelOutcome::CancelledQueued
+    );
+    let snapshot = || async {
+        let mut out = Vec::new();
+        for id in ["done", "failing", "retry", "queued", "cancelled"] {
+            out.push(get(&*store, id).await);
+        }
+        out
+    };
+    let before = snapshot().await;
+    assert_eq!(
+        ids(&take_over(&*store, "n2", at(10_000)).await),
+        vec!["live"]
+    );
+    assert!(take_over(&*store, "n2", at(10_000)).await.is_empty());
+    assert_eq!(snapshot().await, before);
+    // The final-but-unfinished task can still get its result.
+    apply(&*store, vec![finish("failing", 1, Failed, at(3))]).await;
+    assert_eq!(
+        get(&*store, "failing").await.result.map(|r| r.status),
+        Some(Failed)
+    );
+}
+
+/// Four nodes taking over 100 expired tasks at once never take the same
+/// task and together take all of them.
+pub async fn take_over_concurrently_never_shares(h: &dyn Harness) {
+    let store: Arc<dyn TaskStore> = Arc::from(h.open().await);
+    let tasks = (0..100).map(|i| new_task(&format!("t{i:03}"))).collect();
+    store.submit(tasks, 1000).await.expect("submit");
+    let mut claimed = 0;
+    while claimed < 100 {
+        let got = claim(&*store, "gone", 7, at(1)).await;
+        assert!(!got.is_empty());
+        claimed += got.len();
+    }
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let store = Arc::clone(&store);
+        workers.push(tokio::spawn(async move {
+            let node = format!("node-{w}");
+            let mut got = Vec::new();
+            // Each node scans a few times, as a recovery loop would.
+            for _ in 0..3 {
+                for c in take_over(&*store, &node, at(100)).await {
+                    assert_eq!(c.attempt, 1);
+                    assert_eq!(c.record.node.as_deref(), Some(node.as_str()));
+                    got.push(c.record.task.id);
+                }
+                tokio::task::yield_now().await;
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("taker"));
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 100, "some task was taken over twice or never");
+    assert_eq!(unique.len(), 100);
+    assert!(
+        store
+            .claimed_by("gone")
+            .await
+            .expect("claimed_by")
+            .is_empty()
+    );
+}
+
 /// `renew` changes nothing visible (and ignores other nodes' tasks); `ping`
 /// answers.
 pub async fn renew_and_ping(h: &dyn Harness) {
@@ -1482,4 +1732,49 @@ pub async fn reopen_keeps_everything(h: &dyn Harness) {
     let (all, _) = list_all(&*store, ListQuery::default()).await;
     assert_eq!(all, vec!["e", "d", "c", "b", "a"]);
     assert_eq!(ids(&claim(&*store, "n2", 5, at(5)).await), vec!["c", "e"]);
+}
+
+/// A node whose lease was taken over (or whose task was requeued) writes
+/// nothing any more through `apply_as`, even for the attempt it ran: the
+/// node that took over decides the task's fate alone.
+pub async fn a_former_holder_writes_nothing(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 1, at(1)).await), vec!["a"]);
+    store
+        .apply_as("n1", vec![transition("a", 1, Received, Preparing, at(2))])
+        .await
+        .expect("the holder writes");
+    assert_eq!(get(&*store, "a").await.status, Preparing);
+    let got = take_over(&*store, "n2", at(40)).await;
+    assert_eq!(ids(&got), vec!["a"]);
+    assert_eq!(got[0].previous_node.as_deref(), Some("n1"));
+    // n1 comes back and reports its attempt as finished: refused.
+    store
+        .apply_as("n1", vec![transition("a", 1, Preparing, Running, at(41))])
+        .await
+        .expect("apply");
+    assert_eq!(
+        get(&*store, "a").await.status,
+        Preparing,
+        "the former holder's write was ignored"
+    );
+    // The new holder's writes go through.
+    store
+        .apply_as("n2", vec![transition("a", 1, Preparing, Running, at(42))])
+        .await
+        .expect("apply");
+    assert_eq!(get(&*store, "a").await.status, Running);
+    // After a requeue nobody holds the task: n2's late writes are ignored too.
+    store
+        .apply_as("n2", vec![requeue("a", 1, at(50))])
+        .await
+        .expect("apply");
+    store
+        .apply_as("n2", vec![transition("a", 1, Running, Failed, at(51))])
+        .await
+        .expect("apply");
+    let a = get(&*store, "a").await;
+    assert!(a.queued);
+    assert_eq!(a.status, Running);
 }
