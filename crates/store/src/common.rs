@@ -247,6 +247,8 @@ pub(crate) fn write_target(write: &Write) -> (&str, u32) {
 /// allows it; `None` if it was skipped. The rules (every backend's):
 /// - with a `holder`, a write is ignored unless that node holds the task's
 ///   claim (a node whose lease was taken over writes nothing any more);
+/// - a transition whose `from` is not the current status (a retried batch
+///   whose first commit went through) is ignored;
 /// - a write for an attempt other than the task's current one is ignored,
 ///   and so is every write once the task is closed (its result stored);
 /// - a transition or requeue of a task whose status is final is ignored
@@ -293,6 +295,14 @@ pub(crate) fn apply_write<'w>(
         Write::Transition { record, .. } => {
             if is_final {
                 tracing::debug!(task = id, status = %state.status, "transition of a final task skipped");
+                return Ok(None);
+            }
+            // A transition starts from the current status: one that does not
+            // (or repeats the last one exactly) is a batch retried after a
+            // commit whose answer was lost, and is applied once only.
+            let repeated = record.from == Some(record.to) && state.updated_at == to_ms(record.at);
+            if record.from.is_some_and(|from| from != state.status) || repeated {
+                tracing::debug!(task = id, status = %state.status, to = %record.to, "transition not from the current status skipped");
                 return Ok(None);
             }
             state.status = record.to;

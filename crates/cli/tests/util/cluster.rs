@@ -128,6 +128,26 @@ impl PgDb {
         .expect("a count")
     }
 
+    /// An outage of the database as a server restart makes it: new
+    /// connections are refused and every open one is cut, for `down`; then
+    /// connections are allowed again. Other databases of the server (other
+    /// tests) are not disturbed. How many connections were cut.
+    pub fn outage(&self, down: Duration) -> usize {
+        psql(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
+            self.name
+        ))
+        .expect("refuse connections");
+        let cut = self.terminate_backends();
+        std::thread::sleep(down);
+        psql(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .expect("allow connections again");
+        cut
+    }
+
     /// How many connections the database has.
     pub fn connections(&self) -> usize {
         psql(&format!(
@@ -202,7 +222,10 @@ impl Worker {
         let deadline = Instant::now() + START_TIMEOUT;
         while !w.log().contains(&ready) {
             if let Ok(Some(status)) = w.child.try_wait() {
-                panic!("taskexec worker {node} exited with {status}; log:\n{}", w.log());
+                panic!(
+                    "taskexec worker {node} exited with {status}; log:\n{}",
+                    w.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -332,7 +355,9 @@ pub fn statuses(api: &Server) -> Option<HashMap<String, String>> {
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={c}"));
         }
-        let r = api.call("GET", &path, None, crate::util::server::Auth::Default).ok()?;
+        let r = api
+            .call("GET", &path, None, crate::util::server::Auth::Default)
+            .ok()?;
         if r.status != 200 {
             return None;
         }
@@ -386,10 +411,7 @@ pub fn get_task(api: &Server, id: &str) -> Value {
         let path = format!("/v1/tasks/{id}");
         match api.call("GET", &path, None, crate::util::server::Auth::Default) {
             Ok(r) if r.status == 200 => return r.json,
-            other => assert!(
-                Instant::now() < deadline,
-                "GET {path}: {other:?}"
-            ),
+            other => assert!(Instant::now() < deadline, "GET {path}: {other:?}"),
         }
         std::thread::sleep(POLL);
     }
@@ -401,7 +423,9 @@ pub fn get_all(api: &Server, ids: &[String], threads: usize) -> Vec<Value> {
     std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .chunks(per)
-            .map(|chunk| s.spawn(move || chunk.iter().map(|id| get_task(api, id)).collect::<Vec<_>>()))
+            .map(|chunk| {
+                s.spawn(move || chunk.iter().map(|id| get_task(api, id)).collect::<Vec<_>>())
+            })
             .collect();
         handles
             .into_iter()
@@ -412,7 +436,13 @@ pub fn get_all(api: &Server, ids: &[String], threads: usize) -> Vec<Value> {
 
 /// Polls the task until `done(record)`, failing after `within`.
 #[track_caller]
-pub fn wait_task(api: &Server, id: &str, within: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub fn wait_task(
+    api: &Server,
+    id: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let rec = get_task(api, id);
@@ -454,7 +484,9 @@ pub fn starts(rec: &Value) -> Vec<Start> {
                 .and_then(|r| r.split_once(" started on "))
                 .unwrap_or_else(|| panic!("a RUNNING reason {reason:?}"));
             Start {
-                attempt: n.parse().unwrap_or_else(|_| panic!("attempt in {reason:?}")),
+                attempt: n
+                    .parse()
+                    .unwrap_or_else(|_| panic!("attempt in {reason:?}")),
                 node: node.to_owned(),
                 at: at(&h["at"]),
             }
@@ -477,20 +509,40 @@ pub fn check_record(rec: &Value) -> Vec<Start> {
         .filter(|s| crate::util::server::is_final(s))
         .collect();
     assert_eq!(finals, [status], "task {id}: one final transition: {rec:#}");
-    assert_eq!(history.last().map(|h| &h["to"]), Some(&rec["status"]), "task {id}: {rec:#}");
+    assert_eq!(
+        history.last().map(|h| &h["to"]),
+        Some(&rec["status"]),
+        "task {id}: {rec:#}"
+    );
     let starts = starts(rec);
     let mut seen = std::collections::HashSet::new();
     for s in &starts {
-        assert!(seen.insert(s.attempt), "task {id}: attempt {} started twice: {rec:#}", s.attempt);
+        assert!(
+            seen.insert(s.attempt),
+            "task {id}: attempt {} started twice: {rec:#}",
+            s.attempt
+        );
     }
     let attempts = rec["attempts"].as_array().expect("attempts");
     let mut prev_end: Option<OffsetDateTime> = None;
     for (i, a) in attempts.iter().enumerate() {
-        assert_eq!(a["attempt"], i + 1, "task {id}: attempts numbered in order: {rec:#}");
+        assert_eq!(
+            a["attempt"],
+            i + 1,
+            "task {id}: attempts numbered in order: {rec:#}"
+        );
         let (start, end) = (at(&a["startTime"]), at(&a["endTime"]));
-        assert!(start <= end, "task {id}: attempt {} ends before it starts", i + 1);
+        assert!(
+            start <= end,
+            "task {id}: attempt {} ends before it starts",
+            i + 1
+        );
         if let Some(p) = prev_end {
-            assert!(p <= start, "task {id}: attempt {} overlaps the one before: {rec:#}", i + 1);
+            assert!(
+                p <= start,
+                "task {id}: attempt {} overlaps the one before: {rec:#}",
+                i + 1
+            );
         }
         prev_end = Some(end);
     }
@@ -501,6 +553,9 @@ pub fn check_record(rec: &Value) -> Vec<Start> {
             s.attempt
         );
     }
-    assert_eq!(rec["result"]["status"], rec["status"], "task {id}: the result: {rec:#}");
+    assert_eq!(
+        rec["result"]["status"], rec["status"],
+        "task {id}: the result: {rec:#}"
+    );
     starts
 }

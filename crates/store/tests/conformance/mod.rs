@@ -67,6 +67,7 @@ macro_rules! conformance_suite {
             take_over_skips_queued_and_final,
             take_over_concurrently_never_shares,
             a_former_holder_writes_nothing,
+            a_retried_batch_records_its_transitions_once,
             renew_and_ping,
             stats_count_queued_and_running,
             reopen_keeps_everything,
@@ -1777,4 +1778,21 @@ pub async fn a_former_holder_writes_nothing(h: &dyn Harness) {
     let a = get(&*store, "a").await;
     assert!(a.queued);
     assert_eq!(a.status, Running);
+}
+
+/// A batch retried after a commit whose answer was lost applies once: its
+/// transitions no longer start from the current status.
+pub async fn a_retried_batch_records_its_transitions_once(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 1, at(1)).await), vec!["a"]);
+    let batch = vec![
+        transition("a", 1, Received, Preparing, at(2)),
+        transition("a", 1, Preparing, Running, at(3)),
+    ];
+    store.apply_as("n1", batch.clone()).await.expect("apply");
+    store.apply_as("n1", batch).await.expect("apply again");
+    let a = get(&*store, "a").await;
+    let to: Vec<TaskStatus> = a.history.iter().map(|h| h.to).collect();
+    assert_eq!(to, vec![Received, Preparing, Running]);
 }
