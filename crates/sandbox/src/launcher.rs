@@ -37,10 +37,6 @@ use crate::{fsread, namespaces, rlimits, seccomp};
 
 /// The first argument that turns our binary into the launcher.
 pub const LAUNCHER_ARG: &str = "__taskexec-launcher";
-/// Descriptor the launcher reads its spec (and then the go byte) from.
-pub(crate) const SPEC_FD: i32 = 3;
-/// Descriptor the launcher and init write their reports to.
-pub(crate) const REPORT_FD: i32 = 4;
 
 /// A failure to build the sandbox: an environment problem, never the task's.
 #[derive(Debug)]
@@ -76,21 +72,43 @@ pub(crate) fn mono_ns() -> u64 {
 }
 
 fn launcher_main() -> ! {
-    // Close every descriptor we did not ask for, and keep ours from the task.
-    // SAFETY: close_range only closes descriptors; nothing in this fresh
-    // process holds descriptors above REPORT_FD.
+    // Die with the executor (its spawning thread): the executor passes its
+    // pid so a death before this point is noticed too.
+    // SAFETY: prctl with integer arguments only.
     unsafe {
-        libc::syscall(libc::SYS_close_range, REPORT_FD + 1, u32::MAX, 0);
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    let expected_parent: Option<i32> = std::env::args().nth(2).and_then(|p| p.parse().ok());
+    if expected_parent.is_some_and(|p| p != nix::unistd::getppid().as_raw()) {
+        std::process::exit(124);
     }
-    for fd in [SPEC_FD, REPORT_FD] {
-        // SAFETY: fcntl on a descriptor number; failure is harmless (the
-        // executor always provides both descriptors).
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    // SAFETY: the executor passes these two descriptors and nothing else in
-    // this process owns them.
-    let (mut spec_in, mut report) =
-        unsafe { (File::from_raw_fd(SPEC_FD), File::from_raw_fd(REPORT_FD)) };
+    // Close every descriptor we did not ask for. Our channel to the executor
+    // is a socket on stdin: move it to a close-on-exec descriptor and put
+    // /dev/null in its place, so no process of the sandbox inherits it.
+    // SAFETY: close_range, fcntl, open and dup2 on descriptor numbers; this
+    // fresh single-threaded process owns descriptors 0 to 2 and nothing else.
+    let channel = unsafe {
+        libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
+        let channel = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if channel < 0 || null < 0 || libc::dup2(null, 0) < 0 {
+            std::process::exit(123);
+        }
+        libc::close(null);
+        channel
+    };
+    // SAFETY: `channel` was just created above and is owned only here.
+    let mut spec_in = unsafe { File::from_raw_fd(channel) };
+    let mut report = match spec_in.try_clone() {
+        Ok(f) => f,
+        Err(_) => std::process::exit(123),
+    };
     let code = match launch(&mut spec_in, &mut report) {
         Ok(code) => code,
         Err(e) => {

@@ -4,8 +4,7 @@
 //! deadline, cgroup CPU time) and clean up whatever happens.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use crate::capture::Capped;
 use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupStats, TaskCgroup};
 use crate::frame::write_frame;
-use crate::launcher::{LAUNCHER_ARG, REPORT_FD, SPEC_FD, mono_ns};
+use crate::launcher::{LAUNCHER_ARG, mono_ns};
 use crate::spec::{
     ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, RlimitSpec, RoMount, SandboxFile,
 };
@@ -412,50 +411,26 @@ impl Sandbox {
         Ok(outcome)
     }
 
+    /// Spawns the launcher with `channel` (one end of a socket pair) as its
+    /// stdin: it reads the spec and the go byte there and writes its reports
+    /// back on it. Without `pre_exec` work, the standard library spawns with
+    /// `posix_spawn` (vfork-like: no copy of the executor's page tables); the
+    /// launcher sets its own parent-death signal.
     fn spawn(
         &self,
-        spec_r: OwnedFd,
-        report_w: OwnedFd,
+        channel: OwnedFd,
         out_w: OwnedFd,
         err_w: OwnedFd,
     ) -> Result<Launcher, SandboxError> {
-        let (spec_raw, report_raw) = (spec_r.as_raw_fd(), report_w.as_raw_fd());
         let mut cmd = Command::new(&self.config.launcher.program);
         cmd.arg(LAUNCHER_ARG)
+            .arg(std::process::id().to_string())
             .env_clear()
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(channel))
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(err_w))
             .current_dir("/");
-        // SAFETY: the closure runs between fork and exec and only calls
-        // prctl, fcntl and dup2, which are async-signal-safe; it allocates
-        // nothing. It asks for SIGKILL when the spawning thread dies (that
-        // thread waits for the launcher until it exits, so this fires only if
-        // the executor dies), then moves both descriptors above the target
-        // numbers so that dup2 never collapses them onto each other, then
-        // places them at SPEC_FD and REPORT_FD without close-on-exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let a = libc::fcntl(spec_raw, libc::F_DUPFD_CLOEXEC, 10);
-                let b = libc::fcntl(report_raw, libc::F_DUPFD_CLOEXEC, 10);
-                if a < 0 || b < 0 || libc::dup2(a, SPEC_FD) < 0 || libc::dup2(b, REPORT_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let child = cmd.spawn().map_err(io("spawning the launcher"))?;
-        drop((spec_r, report_w));
         let pidfd = pidfd_open(child.id()).map_err(io("pidfd_open"))?;
         Ok(Launcher {
             child,
@@ -475,13 +450,12 @@ impl Sandbox {
     ) -> Result<RunOutcome, SandboxError> {
         let limits = &req.limits;
         let cloexec = OFlag::O_CLOEXEC;
-        let (spec_r, spec_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
-        let (report_r, report_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair"))?;
         let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
         let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
 
         let t_spawn = Instant::now();
-        let mut launcher = self.spawn(spec_r, report_w, out_w, err_w)?;
+        let mut launcher = self.spawn(OwnedFd::from(theirs), out_w, err_w)?;
         let deadline = t_spawn + limits.timeout;
         let spawned_mono = mono_ns();
         phases.push(("spawn", t_spawn.elapsed()));
@@ -535,7 +509,7 @@ impl Sandbox {
             .chain(&etc)
             .map(|f| f.content.as_slice())
             .collect();
-        let mut spec_w = std::fs::File::from(spec_w);
+        let mut spec_w = &ours;
         // A launcher that died early closes the pipe: its report says why.
         let sent = write_frame(&mut spec_w, &spec, &blobs);
         let t_attach = Instant::now();
@@ -543,7 +517,7 @@ impl Sandbox {
         phases.push(("cgroupAttach", t_attach.elapsed()));
         let attached_mono = mono_ns();
         let go = sent.and_then(|()| spec_w.write_all(b"g"));
-        drop(spec_w);
+        let report_r = OwnedFd::from(ours);
 
         // Watch the run.
         for fd in [&out_r, &err_r, &report_r] {
