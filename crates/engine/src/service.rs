@@ -731,9 +731,6 @@ impl Service {
                     }
                 }
             }
-            if let Ok(stats) = self.store.stats().await {
-                gauge!("taskexec_queue_depth").set(stats.queued as f64);
-            }
             let got = claimed.len();
             for c in claimed {
                 let cancel = match Cancellation::new() {
@@ -892,6 +889,10 @@ impl Service {
             tokio::time::sleep(tick).await;
             if self.stopping.load(Ordering::SeqCst) {
                 break;
+            }
+            // Off the claim path: counting the queue scans the table.
+            if let Ok(stats) = self.store.stats().await {
+                gauge!("taskexec_queue_depth").set(stats.queued as f64);
             }
             let ids: Vec<String> = self.lock_running().keys().cloned().collect();
             if !ids.is_empty() {
