@@ -141,7 +141,7 @@ fn node_handler_exception_carries_the_js_stack() {
     assert_eq!(r.message(), "RangeError: bad range");
     let stack = r.details()["stackTrace"].as_str().unwrap_or("");
     assert!(stack.starts_with("RangeError: bad range"), "{stack}");
-    assert!(stack.contains("at helper (/work/main.js:1:"), "{stack}");
+    assert!(stack.contains("at helper (/task/main.js:1:"), "{stack}");
     assert!(
         !stack.contains("node_handler.js"),
         "no wrapper frames: {stack}"
@@ -393,10 +393,10 @@ fn task_sees_exactly_its_variables_and_the_protocol_ones() {
     assert_eq!(get("TASK_ID"), "env-task-1");
     assert_eq!(get("WORKFLOW_ID"), "wf-env-7");
     assert_eq!(get("TASK_ATTEMPT"), "1");
-    assert_eq!(get("TASK_INPUT"), "/work/.taskexec/input.json");
-    assert_eq!(get("TASK_OUTPUT"), "/work/.taskexec/output.json");
-    assert_eq!(get("TASK_ERROR"), "/work/.taskexec/error.json");
-    assert_eq!(get("HOME"), "/work");
+    assert_eq!(get("TASK_INPUT"), "/task/.taskexec/input.json");
+    assert_eq!(get("TASK_OUTPUT"), "/task/.taskexec/output.json");
+    assert_eq!(get("TASK_ERROR"), "/task/.taskexec/error.json");
+    assert_eq!(get("HOME"), "/task");
     assert_eq!(get("PATH"), "/usr/local/bin:/usr/bin:/bin");
     assert_eq!(get("LANG"), "C.UTF-8");
     assert_eq!(get("GREETING"), "hi there");

@@ -113,7 +113,7 @@ fn endless_stdout_is_capped_and_timed_out() {
 fn filling_the_work_dir_and_tmp_exhausts_disk() {
     let body = r#"
 block = b"\xab" * (1 << 16)
-for path in ("/work/fill.bin", "/tmp/fill.bin"):
+for path in ("/task/fill.bin", "/tmp/fill.bin"):
     try:
         with open(path, "wb") as f:
             while True:
@@ -130,7 +130,7 @@ sys.exit(1)
     r.expect_exhausted("disk");
     assert_eq!(r.details()["limit"], 8 << 20);
     assert_eq!(
-        r.result["stdout"], "/work/fill.bin ENOSPC\n/tmp/fill.bin ENOSPC\n",
+        r.result["stdout"], "/task/fill.bin ENOSPC\n/tmp/fill.bin ENOSPC\n",
         "the work dir and /tmp share the limit"
     );
 }
@@ -189,7 +189,7 @@ for fd in fds:
 /// The top-level entries of the sandbox's root: the runtime's read-only
 /// binds that exist on this host, plus the sandbox's own directories.
 fn expected_root() -> Vec<String> {
-    let mut names: Vec<String> = ["dev", "etc", "opt", "proc", "tmp", "usr", "work"]
+    let mut names: Vec<String> = ["dev", "etc", "opt", "proc", "task", "tmp", "usr"]
         .map(String::from)
         .to_vec();
     for optional in ["bin", "lib", "lib64", "sbin"] {
@@ -292,10 +292,10 @@ attempt("chmod_usr", lambda: os.chmod("/usr/bin/env", 0o777))
 #[test]
 fn symlink_to_etc_passwd_reads_only_the_synthetic_file() {
     let body = r#"
-os.symlink("/etc/passwd", "/work/pw")
-attempt("passwd", lambda: open("/work/pw").read())
-os.symlink("/", "/work/rootlink")
-attempt("rootlink", lambda: sorted(os.listdir("/work/rootlink")))
+os.symlink("/etc/passwd", "/task/pw")
+attempt("passwd", lambda: open("/task/pw").read())
+os.symlink("/", "/task/rootlink")
+attempt("rootlink", lambda: sorted(os.listdir("/task/rootlink")))
 "#;
     let r = py(&script(body), &["--timeout", "10s"]);
     r.expect(0, "COMPLETED", None);
@@ -315,9 +315,9 @@ attempt("rootlink", lambda: sorted(os.listdir("/work/rootlink")))
 #[test]
 fn hardlinks_from_the_read_only_root_into_the_work_dir_fail() {
     let body = r#"
-attempt("etc_passwd", lambda: os.link("/etc/passwd", "/work/x"))
-attempt("ld_cache", lambda: os.link("/etc/ld.so.cache", "/work/y"))
-attempt("usr_env", lambda: os.link("/usr/bin/env", "/work/z"))
+attempt("etc_passwd", lambda: os.link("/etc/passwd", "/task/x"))
+attempt("ld_cache", lambda: os.link("/etc/ld.so.cache", "/task/y"))
+attempt("usr_env", lambda: os.link("/usr/bin/env", "/task/z"))
 "#;
     let r = py(&script(body), &["--timeout", "10s"]);
     r.expect(0, "COMPLETED", None);
@@ -410,7 +410,7 @@ attempt("dns", lambda: socket.getaddrinfo("example.com", 80))
 #[test]
 fn mount_unshare_keyctl_and_bpf_fail_with_eperm() {
     let body = r#"
-seen["mount"] = sc(165, b"none", b"/work", b"tmpfs", 0, 0)
+seen["mount"] = sc(165, b"none", b"/task", b"tmpfs", 0, 0)
 seen["unshare_user"] = sc(272, 0x10000000)
 seen["unshare_ns"] = sc(272, 0x00020000)
 seen["keyctl"] = sc(250, 0, 0, 0, 0, 0)
@@ -529,10 +529,10 @@ fn symlink_to_a_host_dir_left_in_the_work_dir_survives_cleanup() {
     let canary = dir.path().join("canary.txt");
     std::fs::write(&canary, "still here").expect("write");
     let body = r#"
-os.symlink(os.environ["HOSTDIR"], "/work/evil")
-os.symlink(os.environ["HOSTDIR"] + "/canary.txt", "/work/evil-file")
+os.symlink(os.environ["HOSTDIR"], "/task/evil")
+os.symlink(os.environ["HOSTDIR"] + "/canary.txt", "/task/evil-file")
 os.symlink(os.environ["HOSTDIR"], "/tmp/evil")
-attempt("through", lambda: os.listdir("/work/evil"))
+attempt("through", lambda: os.listdir("/task/evil"))
 "#;
     let r = py(
         &script(body),

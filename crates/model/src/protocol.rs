@@ -5,23 +5,23 @@
 
 /// The task's working directory (writable, size-limited). Task files are
 /// written here and it is the process's current directory.
-pub const WORK_DIR: &str = "/work";
+pub const WORK_DIR: &str = "/task";
 
 /// Name of the executor's private directory inside [`WORK_DIR`]. Task file
 /// names may not start with it.
 pub const CONTROL_DIR_NAME: &str = ".taskexec";
 
 /// The executor's private directory holding input and output files.
-pub const CONTROL_DIR: &str = "/work/.taskexec";
+pub const CONTROL_DIR: &str = "/task/.taskexec";
 
 /// The task input, as JSON, written by the executor before the task starts.
-pub const INPUT_FILE: &str = "/work/.taskexec/input.json";
+pub const INPUT_FILE: &str = "/task/.taskexec/input.json";
 
 /// Where the task writes its output as JSON.
-pub const OUTPUT_FILE: &str = "/work/.taskexec/output.json";
+pub const OUTPUT_FILE: &str = "/task/.taskexec/output.json";
 
 /// Where handler wrappers write `{type, message, stack}` on an exception.
-pub const ERROR_FILE: &str = "/work/.taskexec/error.json";
+pub const ERROR_FILE: &str = "/task/.taskexec/error.json";
 
 /// Read-only directory holding the executor's support files (handler
 /// wrappers).
@@ -31,7 +31,7 @@ pub const SUPPORT_DIR: &str = "/opt/taskexec";
 pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// `HOME` inside the sandbox.
-pub const SANDBOX_HOME: &str = "/work";
+pub const SANDBOX_HOME: &str = "/task";
 
 /// `LANG` inside the sandbox.
 pub const SANDBOX_LANG: &str = "C.UTF-8";

@@ -143,7 +143,7 @@ pub struct CompileSpec {
     pub prefer_interpreter_dir: bool,
     /// The compile argv (may use `{compiler}`, `{sources}`, `{classes}`).
     pub args: Vec<String>,
-    /// Output directory relative to `/work`, e.g. `.classes`; `{classes}`.
+    /// Output directory relative to `/task`, e.g. `.classes`; `{classes}`.
     pub output_dir: String,
     /// Memory limit of the compile step.
     pub memory: ByteSize,
@@ -184,7 +184,7 @@ pub struct RuntimeSpec {
     /// The stream that carries the version.
     #[serde(default)]
     pub version_stream: VersionStream,
-    /// The file, relative to `/work`, that a task's inline `code` goes to.
+    /// The file, relative to `/task`, that a task's inline `code` goes to.
     pub default_file: String,
     /// The argv of script mode.
     pub script_args: Vec<String>,
@@ -611,7 +611,7 @@ fn check_runtime(key: &str, spec: &RuntimeSpec) -> Result<(), CatalogueError> {
         return Err(invalid(
             at("default_file"),
             format!("`{}` {problem}", spec.default_file),
-            "a file name relative to /work, e.g. \"main.py\"",
+            "a file name relative to /task, e.g. \"main.py\"",
         ));
     }
     let has_compile = spec.compile.is_some();
@@ -660,7 +660,7 @@ fn check_runtime(key: &str, spec: &RuntimeSpec) -> Result<(), CatalogueError> {
             return Err(invalid(
                 at("compile.output_dir"),
                 format!("`{}` {problem}", compile.output_dir),
-                "a directory relative to /work, e.g. \".classes\"",
+                "a directory relative to /task, e.g. \".classes\"",
             ));
         }
         if compile.memory.0 == 0 {

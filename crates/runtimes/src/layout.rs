@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn sandbox_paths() {
-        assert_eq!(work_path("main.py"), "/work/main.py");
+        assert_eq!(work_path("main.py"), "/task/main.py");
         assert_eq!(support_path("w.py"), "/opt/taskexec/w.py");
     }
 }

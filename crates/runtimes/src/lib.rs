@@ -7,7 +7,7 @@
 //!   this host (absolute candidate paths only, symlinks followed) and the
 //!   host paths the sandbox must bind: a [`ResolvedRuntime`].
 //! * [`plan()`]: turns a resolved runtime and a task definition into a
-//!   [`Plan`]: the files to write into `/work`, the handler wrapper to place
+//!   [`Plan`]: the files to write into `/task`, the handler wrapper to place
 //!   under `/opt/taskexec`, the compile step if any, and the run argv.
 //! * [`wrappers`]: the handler-mode wrappers embedded in the binary.
 

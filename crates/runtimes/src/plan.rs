@@ -17,7 +17,7 @@ use crate::template::{self, ExpandFault, Placeholder, Values};
 /// A file to write before the task runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanFile {
-    /// Path relative to the directory it goes in (`/work` for task files,
+    /// Path relative to the directory it goes in (`/task` for task files,
     /// `/opt/taskexec` for support files), e.g. `main.py` or `lib/util.py`.
     pub path: String,
     /// The file's bytes.
@@ -31,7 +31,7 @@ pub struct PlanFile {
 pub struct CompileStep {
     /// The compiler argv, placeholders expanded.
     pub argv: Vec<String>,
-    /// The output directory relative to `/work` (e.g. `.classes`); the
+    /// The output directory relative to `/task` (e.g. `.classes`); the
     /// engine creates it before compiling.
     pub output_dir: String,
     /// Memory limit of the compile step, in bytes.
@@ -45,13 +45,13 @@ pub struct CompileStep {
 /// Everything the engine needs to run one task with one runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// The task's code, to write under `/work` before the run: `code` as the
+    /// The task's code, to write under `/task` before the run: `code` as the
     /// runtime's `default_file`, or every entry of `files` at its path.
     pub files: Vec<PlanFile>,
     /// Read-only files to place under `/opt/taskexec` (the handler wrapper),
     /// with paths relative to that directory.
     pub support_files: Vec<PlanFile>,
-    /// The entry file, relative to `/work`.
+    /// The entry file, relative to `/task`.
     pub entry: String,
     /// The compile step, for runtimes that have one.
     pub compile: Option<CompileStep>,
@@ -301,7 +301,7 @@ fn expand_error(runtime: &str, field: &str, entry: &str, fault: ExpandFault) -> 
     }
 }
 
-/// The task files and the entry file (relative to `/work`).
+/// The task files and the entry file (relative to `/task`).
 fn task_files(
     spec: &crate::catalogue::RuntimeSpec,
     def: &TaskDefinition,
@@ -458,7 +458,7 @@ mod tests {
                 "-s",
                 "-B",
                 "-u",
-                "/work/main.py"
+                "/task/main.py"
             ]
         );
         assert_eq!(
@@ -493,7 +493,7 @@ mod tests {
                 "-B",
                 "-u",
                 "/opt/taskexec/python_handler.py",
-                "/work/main.py"
+                "/task/main.py"
             ]
         );
         assert_eq!(plan.support_files.len(), 1);
@@ -507,7 +507,7 @@ mod tests {
     #[test]
     fn node_script_and_handler() {
         let script = plan(&resolved("node"), &code(Mode::Script, "1"), MB128).expect("plans");
-        assert_eq!(script.argv, ["/usr/bin/node-real", "/work/main.js"]);
+        assert_eq!(script.argv, ["/usr/bin/node-real", "/task/main.js"]);
         assert_eq!(script.min_pids, 32);
         let handler = plan(&resolved("node"), &code(Mode::Handler, "1"), MB128).expect("plans");
         assert_eq!(
@@ -515,7 +515,7 @@ mod tests {
             [
                 "/usr/bin/node-real",
                 "/opt/taskexec/node_handler.js",
-                "/work/main.js"
+                "/task/main.js"
             ]
         );
         assert_eq!(handler.support_files[0].path, "node_handler.js");
@@ -547,11 +547,11 @@ mod tests {
                 "-J-XX:MaxRAM=536870912",
                 "-J-XX:-UsePerfData",
                 "-d",
-                "/work/.classes",
+                "/task/.classes",
                 "-encoding",
                 "UTF-8",
-                "/work/Main.java",
-                "/work/util/Helper.java",
+                "/task/Main.java",
+                "/task/util/Helper.java",
             ]
         );
         assert_eq!(compile.output_dir, ".classes");
@@ -569,7 +569,7 @@ mod tests {
                 "-XX:-UsePerfData",
                 "-Dfile.encoding=UTF-8",
                 "-cp",
-                "/work/.classes",
+                "/task/.classes",
                 "Main",
             ]
         );
@@ -622,7 +622,7 @@ mod tests {
             MB128,
         )
         .expect("plans");
-        assert_eq!(plan.argv, ["/usr/bin/bash-real", "/work/main.sh"]);
+        assert_eq!(plan.argv, ["/usr/bin/bash-real", "/task/main.sh"]);
         assert!(plan.files[0].executable, "a #! file is made executable");
     }
 
@@ -653,7 +653,7 @@ mod tests {
         let def = definition(Mode::Script, None, &[("app.py", ""), ("data.json", "{}")]);
         let p = plan(&rt, &def, MB128).expect("plans");
         assert_eq!(p.entry, "app.py");
-        assert_eq!(p.argv.last().map(String::as_str), Some("/work/app.py"));
+        assert_eq!(p.argv.last().map(String::as_str), Some("/task/app.py"));
         assert_eq!(p.files.len(), 2);
 
         let def = definition(Mode::Script, None, &[("a.py", ""), ("b.py", "")]);

@@ -15,12 +15,12 @@ pub enum Placeholder {
     Interpreter,
     /// `{compiler}`: the resolved compiler (canonical host path).
     Compiler,
-    /// `{entry}`: absolute sandbox path of the entry file, e.g. `/work/main.py`.
+    /// `{entry}`: absolute sandbox path of the entry file, e.g. `/task/main.py`.
     Entry,
     /// `{wrapper}`: absolute sandbox path of the handler wrapper, e.g.
     /// `/opt/taskexec/python_handler.py`.
     Wrapper,
-    /// `{work}`: the work directory, `/work`.
+    /// `{work}`: the work directory, `/task`.
     Work,
     /// `{main_class}`: the Java main class derived from the entry file.
     MainClass,
@@ -290,7 +290,7 @@ mod tests {
 
     #[test]
     fn expands_sources_to_many_args() {
-        let sources = vec!["/work/A.java".to_string(), "/work/b/B.java".to_string()];
+        let sources = vec!["/task/A.java".to_string(), "/task/b/B.java".to_string()];
         let values = Values {
             compiler: Some("/usr/bin/javac"),
             sources: Some(&sources),
@@ -299,7 +299,7 @@ mod tests {
         let args = vec!["{compiler}".to_string(), "{sources}".to_string()];
         assert_eq!(
             expand(&args, &values).expect("expands"),
-            vec!["/usr/bin/javac", "/work/A.java", "/work/b/B.java"]
+            vec!["/usr/bin/javac", "/task/A.java", "/task/b/B.java"]
         );
     }
 

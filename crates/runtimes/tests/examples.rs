@@ -1,6 +1,6 @@
 //! Runs the plans of the built-in runtimes for the repository's examples and
 //! the handler wrappers' error paths with the real interpreters of this host,
-//! outside any sandbox: `/work` and `/opt/taskexec` in the argv are rewritten
+//! outside any sandbox: `/task` and `/opt/taskexec` in the argv are rewritten
 //! to temporary directories. A runtime that is not installed here is skipped.
 
 use std::fs;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use taskexec_model::{Mode, TaskDefinition, TaskInstance};
 use taskexec_runtimes::{Catalogue, Plan, ResolvedRuntime, plan};
 
-const WORK: &str = "/work";
+const WORK: &str = "/task";
 const SUPPORT: &str = "/opt/taskexec";
 const MEMORY: u64 = 256 << 20;
 
@@ -271,7 +271,7 @@ fn node_wrapper_error_paths() {
         .expect("text")
         .to_string();
     assert!(
-        stack.contains("/work/main.js:2") || stack.contains("main.js:2"),
+        stack.contains("/task/main.js:2") || stack.contains("main.js:2"),
         "{stack}"
     );
     assert!(

@@ -1,6 +1,6 @@
 // taskexec handler-mode wrapper for Node.js.
 //
-// Usage: node node_handler.js /work/main.js
+// Usage: node node_handler.js /task/main.js
 //
 // Reads the task input (JSON) from the file named by $TASK_INPUT, loads the
 // user's module, finds its handler (`module.exports = async (input) => ...`,

@@ -1,6 +1,6 @@
 """taskexec handler-mode wrapper for Python.
 
-Usage: python3 -E -s -B python_handler.py /work/main.py
+Usage: python3 -E -s -B python_handler.py /task/main.py
 
 Reads the task input (JSON) from the file named by $TASK_INPUT, loads the
 user's file as module "task_main" (its directory first on sys.path, so a

@@ -69,14 +69,14 @@ pub struct SandboxConfig {
 }
 
 impl SandboxConfig {
-    /// Defaults: uid/gid 65534 (nobody), host name "sandbox", /work, /opt/taskexec.
+    /// Defaults: uid/gid 65534 (nobody), host name "sandbox", /task, /opt/taskexec.
     pub fn new(launcher: LauncherCommand) -> Self {
         Self {
             launcher,
             uid: 65534,
             gid: 65534,
             hostname: "sandbox".into(),
-            work_dir: "/work".into(),
+            work_dir: "/task".into(),
             support_dir: "/opt/taskexec".into(),
         }
     }
@@ -292,7 +292,7 @@ fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
         f(
             "passwd",
             format!(
-                "root:x:0:0:root:/root:/bin/false\nsandbox:x:{uid}:{gid}:sandbox:/work:/bin/false\n"
+                "root:x:0:0:root:/root:/bin/false\nsandbox:x:{uid}:{gid}:sandbox:/task:/bin/false\n"
             ),
         ),
         f("group", format!("root:x:0:\nsandbox:x:{gid}:\n")),

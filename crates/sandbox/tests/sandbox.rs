@@ -49,8 +49,8 @@ fn request(code: &str) -> RunRequest {
             executable: false,
         }],
         support_files: vec![],
-        stdin_path: Some("/work/in.json".into()),
-        read_back: vec!["/work/out.json".into()],
+        stdin_path: Some("/task/in.json".into()),
+        read_back: vec!["/task/out.json".into()],
         collect_dir: None,
         limits: SandboxLimits {
             memory_bytes: 128 << 20,
@@ -111,7 +111,7 @@ fn a_task_runs_unprivileged_in_its_own_root_and_its_output_is_read_back() {
             &request(
                 "import os, sys, json\n\
                  json.dump({'uid': os.getuid(), 'gid': os.getgid(), 'pid': os.getpid(), 'root': sorted(os.listdir('/')),\n\
-                            'stdin': sys.stdin.read(), 'host': os.uname().nodename}, open('/work/out.json', 'w'))\n\
+                            'stdin': sys.stdin.read(), 'host': os.uname().nodename}, open('/task/out.json', 'w'))\n\
                  print('hello')",
             ),
             None,
@@ -149,7 +149,7 @@ fn a_task_runs_unprivileged_in_its_own_root_and_its_output_is_read_back() {
     assert_eq!(
         root,
         vec![
-            "bin", "dev", "etc", "lib", "lib64", "opt", "proc", "tmp", "usr", "work"
+            "bin", "dev", "etc", "lib", "lib64", "opt", "proc", "task", "tmp", "usr"
         ]
     );
     assert!(out.stats.cpu_time > Duration::ZERO);
@@ -236,10 +236,10 @@ fn work_files_are_not_visible_on_the_host_and_vanish_with_the_run() {
     // writes a file, and no host path anywhere holds it afterwards.
     let marker = format!("host-invisible-{}", std::process::id());
     let code =
-        format!("open('/work/{marker}', 'w').write('x'); open('/tmp/{marker}', 'w').write('x')");
+        format!("open('/task/{marker}', 'w').write('x'); open('/tmp/{marker}', 'w').write('x')");
     let out = sandbox().run(&request(&code), None).expect("run");
     assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(0)));
-    for dir in ["/tmp", "/work", "/var/tmp"] {
+    for dir in ["/tmp", "/task", "/var/tmp"] {
         assert!(
             !Path::new(dir).join(&marker).exists(),
             "{dir}/{marker} exists on the host"

@@ -228,7 +228,7 @@ pub fn sandbox_mounts() -> BTreeMap<String, usize> {
             let suspicious = point.contains("taskexec")
                 || point.contains(".scratch")
                 || (matches!(fstype, "tmpfs" | "proc")
-                    && matches!(point, "/" | "/tmp" | "/work" | "/dev" | "/proc" | "/opt"));
+                    && matches!(point, "/" | "/tmp" | "/task" | "/dev" | "/proc" | "/opt"));
             if suspicious {
                 *seen.entry(format!("{file}: {point} {fstype}")).or_insert(0) += 1;
             }
