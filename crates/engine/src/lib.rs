@@ -131,7 +131,7 @@ impl Rejection {
 pub struct Prepared {
     limits: Limits,
     retry: ValidRetryPolicy,
-    runtime: ResolvedRuntime,
+    runtime: Arc<ResolvedRuntime>,
     plan: Plan,
     output_schema: Option<Arc<jsonschema::Validator>>,
     /// `securityContext.runAs`, resolved to (uid, gid).
@@ -265,6 +265,10 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     schemas: SchemaCache,
     compiled: CompileCache,
+    /// Runtimes resolved on this host, by name: finding and canonicalizing
+    /// interpreters and expanding mount patterns is start-up work, not
+    /// per-task work.
+    resolved: std::sync::Mutex<std::collections::HashMap<String, Arc<ResolvedRuntime>>>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -286,6 +290,7 @@ impl Engine {
             clock,
             schemas: SchemaCache::default(),
             compiled: CompileCache::default(),
+            resolved: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -302,6 +307,18 @@ impl Engine {
     /// Checks a task without running it: `Err` is the REJECTED result's error.
     pub fn check(&self, task: &TaskInstance) -> Result<(), TaskError> {
         self.prepare(task).map(drop)
+    }
+
+    /// The runtime `name` as found on this host, resolved once and cached
+    /// (failures are not cached: an interpreter installed later is found).
+    fn resolve(&self, name: &str) -> Result<Arc<ResolvedRuntime>, RuntimeError> {
+        let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = cache.get(name) {
+            return Ok(Arc::clone(rt));
+        }
+        let rt = Arc::new(self.catalogue.resolve(name)?);
+        cache.insert(name.to_string(), Arc::clone(&rt));
+        Ok(rt)
     }
 
     /// Validates and plans a task; `Err` is the error of a REJECTED task.
@@ -346,7 +363,7 @@ impl Engine {
                 format!("no runtime given; expected one of: {}", names()),
             ))
         })?;
-        let runtime = self.catalogue.resolve(name).map_err(|e| match e {
+        let runtime = self.resolve(name).map_err(|e| match e {
             RuntimeError::Unknown { .. } => Rejection::field(FieldError::new(
                 "executionConfig.runtime",
                 format!("unknown runtime {name:?}; expected one of: {}", names()),

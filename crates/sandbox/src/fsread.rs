@@ -132,12 +132,7 @@ pub(crate) fn open_dir(path: &str) -> Result<OwnedFd, ReadError> {
         Mode::empty(),
     )
     .map_err(|e| ReadError::Other(format!("{path}: {e}")))?;
-    // Normalize the nix return type into an OwnedFd.
-    Ok(into_owned(fd))
-}
-
-fn into_owned<F: Into<OwnedFd>>(fd: F) -> OwnedFd {
-    fd.into()
+    Ok(fd)
 }
 
 #[cfg(test)]

@@ -480,11 +480,7 @@ impl Sandbox {
             ro_mounts: req.ro_mounts.clone(),
             work_files: metas(&req.work_files),
             support_files: metas(&req.support_files),
-            etc_files: metas(&etc_files(
-                self.config.uid,
-                self.config.gid,
-                &self.config.hostname,
-            )),
+            etc_files: metas(&etc),
             work_dir: self.config.work_dir.clone(),
             support_dir: self.config.support_dir.clone(),
             disk_bytes: limits.disk_bytes,
