@@ -191,7 +191,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
         return bench_server(&url, &args);
     }
     let (code, file_name) = trivial(&args.runtime)?;
-    let engine = crate::setup::engine(g)?;
+    let engine = crate::setup::engine(g, crate::setup::Warmth::Cold)?;
     let rt = engine
         .catalogue()
         .resolve(&args.runtime)

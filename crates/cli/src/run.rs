@@ -259,7 +259,7 @@ pub fn build_task(
 /// `taskexec run`.
 pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
     let task = build_task(&args.task, &crate::setup::catalogue(g)?)?;
-    let engine = crate::setup::engine(g)?;
+    let engine = crate::setup::engine(g, crate::setup::Warmth::Cold)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(4)

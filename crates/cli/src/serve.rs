@@ -345,7 +345,7 @@ fn spawn_wakeups(pg: PgStore, service: Arc<Service>) {
 /// that only executes).
 pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow::Result<ExitCode> {
     let s = settings(args)?;
-    let engine = Arc::new(crate::setup::engine(g)?);
+    let engine = Arc::new(crate::setup::engine(g, crate::setup::Warmth::Warm)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

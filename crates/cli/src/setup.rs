@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use taskexec_engine::{Engine, EngineConfig, SystemClock};
+use taskexec_engine::{AttemptRunner, Engine, EngineConfig, SystemClock};
 use taskexec_runtimes::Catalogue;
-use taskexec_sandbox::{LauncherCommand, Sandbox, SandboxConfig, cgroup};
+use taskexec_sandbox::{LauncherCommand, Sandbox, SandboxConfig, WarmConfig, WarmSandbox, cgroup};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -93,8 +93,17 @@ pub fn catalogue(g: &GlobalArgs) -> anyhow::Result<Catalogue> {
     Ok(cat)
 }
 
+/// How the engine starts sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warmth {
+    /// Every task in a sandbox built for it on the spot (`taskexec run`).
+    Cold,
+    /// Pre-built sandboxes and fork servers (the service).
+    Warm,
+}
+
 /// The engine over a real sandbox.
-pub fn engine(g: &GlobalArgs) -> anyhow::Result<Engine> {
+pub fn engine(g: &GlobalArgs, warmth: Warmth) -> anyhow::Result<Engine> {
     let cgroups = cgroup::detect(g.cgroup_parent.as_deref()).context("cgroups")?;
     let stale = cgroups.remove_stale();
     if stale > 0 {
@@ -108,10 +117,20 @@ pub fn engine(g: &GlobalArgs) -> anyhow::Result<Engine> {
         None => LauncherCommand::beside_current_exe().context("locating the taskexec binary")?,
     };
     let sandbox = Sandbox::new(SandboxConfig::new(launcher), cgroups);
+    let runner: Arc<dyn AttemptRunner> = match warmth {
+        Warmth::Cold => Arc::new(sandbox),
+        Warmth::Warm => Arc::new(WarmSandbox::new(
+            sandbox,
+            WarmConfig {
+                fork_servers: true,
+                ..WarmConfig::default()
+            },
+        )),
+    };
     Ok(Engine::new(
         EngineConfig::default(),
         catalogue(g)?,
-        Arc::new(sandbox),
+        runner,
         Arc::new(SystemClock::default()),
     ))
 }

@@ -53,6 +53,16 @@ impl AttemptRunner for Sandbox {
     }
 }
 
+impl AttemptRunner for taskexec_sandbox::WarmSandbox {
+    fn run(&self, req: &RunRequest, cancel: &CancelToken) -> Result<RunOutcome, SandboxError> {
+        taskexec_sandbox::WarmSandbox::run(self, req, Some(cancel))
+    }
+
+    fn describe(&self) -> String {
+        format!("container ({}, warm)", self.sandbox().cgroups().version())
+    }
+}
+
 /// Operator settings of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

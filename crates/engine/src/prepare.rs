@@ -130,6 +130,7 @@ pub fn run_request(
             nofile: TASK_NOFILE,
         },
         user,
+        fork_server: plan.fork_server.clone(),
     }
 }
 
@@ -163,6 +164,7 @@ pub fn compile_request(
             nofile: 1024,
         },
         user,
+        fork_server: None,
     }
 }
 

@@ -119,6 +119,10 @@ pub struct HandlerSpec {
     /// The wrapper's code, for a wrapper that is not built in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The kind of pre-started interpreter (fork server) that can run this
+    /// handler in a forked child instead of a fresh process, e.g. "python".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_server: Option<String>,
 }
 
 impl HandlerSpec {

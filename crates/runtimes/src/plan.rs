@@ -62,6 +62,8 @@ pub struct Plan {
     pub env: Vec<(String, String)>,
     /// The least pids limit the runtime can work with.
     pub min_pids: u32,
+    /// The fork server that may run this plan (handler mode only).
+    pub fork_server: Option<String>,
 }
 
 /// Why a task cannot be planned with a runtime. Each message names the task
@@ -280,6 +282,7 @@ pub fn plan(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         min_pids: spec.min_pids,
+        fork_server: handler.and_then(|h| h.fork_server.clone()),
     })
 }
 

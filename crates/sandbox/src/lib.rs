@@ -16,10 +16,12 @@ pub mod fsread;
 pub mod launcher;
 mod mounts;
 mod namespaces;
+pub mod pool;
 mod rlimits;
 pub mod seccomp;
 mod spawn;
 pub mod spec;
+pub mod warm;
 
 pub use launcher::{LAUNCHER_ARG, run_if_launcher};
 pub use spawn::{
@@ -27,3 +29,4 @@ pub use spawn::{
     SandboxError, SandboxLimits, Termination,
 };
 pub use spec::{ExitStatus, RoMount, SandboxFile, signal_name};
+pub use warm::{WarmConfig, WarmSandbox};

@@ -128,6 +128,10 @@ pub struct RunRequest {
     pub limits: SandboxLimits,
     /// Run as this (uid, gid) instead of the configured default; never 0.
     pub user: Option<(u32, u32)>,
+    /// The request may run in a forked child of a pre-started interpreter
+    /// of this kind (e.g. "python": see [`crate::zygote`]) when a warm
+    /// runner has one; a cold [`Sandbox`] ignores it.
+    pub fork_server: Option<String>,
 }
 
 /// Result of reading one file back.

@@ -64,6 +64,7 @@ fn request(code: &str) -> RunRequest {
             nofile: 256,
         },
         user: None,
+        fork_server: None,
     }
 }
 
