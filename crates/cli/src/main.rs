@@ -29,7 +29,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// List the runtimes found on this host, with their versions.
     Runtimes(setup::RuntimesArgs),
-    /// Measure sandboxed task latency against the bare interpreter start.
+    /// The benchmark report: task latency and throughput, cold and warm,
+    /// engine and service, each beside the bare interpreter.
     Bench(bench::BenchArgs),
     /// Serve the HTTP API with an embedded store and local workers.
     Serve(Box<serve::ServeArgs>),

@@ -30,6 +30,12 @@ pub struct RunArgs {
     /// Print the TaskResult as one JSON document on stdout, and nothing else there.
     #[arg(long)]
     pub json: bool,
+    /// Run the way the service does: a handler-mode task of a runtime with a
+    /// fork server runs in a child of a pre-started interpreter. For one
+    /// task this is slower than cold (the server starts first); it shows
+    /// that a task behaves the same both ways.
+    #[arg(long)]
+    pub warm: bool,
 }
 
 /// The flags that describe a task (shared by `run` and `submit`).
@@ -259,7 +265,12 @@ pub fn build_task(
 /// `taskexec run`.
 pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
     let task = build_task(&args.task, &crate::setup::catalogue(g)?)?;
-    let engine = crate::setup::engine(g, crate::setup::Warmth::Cold)?;
+    let warmth = if args.warm {
+        crate::setup::Warmth::Warm
+    } else {
+        crate::setup::Warmth::Cold
+    };
+    let engine = crate::setup::engine(g, warmth)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(4)
@@ -281,6 +292,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
         });
         anyhow::Ok(engine.execute(task, &cancel).await)
     })?;
+    engine.shutdown();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
+use taskexec_engine::limiter::ConcurrencyConfig;
 use taskexec_engine::service::{Service, ServiceConfig};
 use taskexec_store::{Capacity, PgStore, SqliteStore, TaskStore};
 use tracing::info;
@@ -58,6 +59,16 @@ pub struct ServeArgs {
     /// Largest request body accepted, e.g. 8Mi.
     #[arg(long, env = "TASKEXEC_MAX_BODY")]
     pub max_body: Option<String>,
+    /// Adapt the number of tasks started at once to the host's sandbox
+    /// start latency and memory pressure, within --workers (true/false).
+    #[arg(long, env = "TASKEXEC_ADAPTIVE_CONCURRENCY")]
+    pub adaptive_concurrency: Option<bool>,
+    /// Lowest adaptive concurrency limit (default 1).
+    #[arg(long, env = "TASKEXEC_CONCURRENCY_MIN")]
+    pub concurrency_min: Option<usize>,
+    /// Highest adaptive concurrency limit (default: --workers).
+    #[arg(long, env = "TASKEXEC_CONCURRENCY_MAX")]
+    pub concurrency_max: Option<usize>,
     /// Lease of a claimed task, renewed every third of it while the task
     /// runs; a node silent this long loses its tasks to another node (at
     /// least 1s; default 30s). Hidden: for tests and tuning.
@@ -115,6 +126,12 @@ struct FileConfig {
     batch_writes: Option<bool>,
     /// Body limit.
     max_body: Option<Loose>,
+    /// Adaptive concurrency on or off.
+    adaptive_concurrency: Option<bool>,
+    /// Lowest adaptive concurrency limit.
+    concurrency_min: Option<usize>,
+    /// Highest adaptive concurrency limit.
+    concurrency_max: Option<usize>,
     /// Lease of a claimed task.
     lease: Option<Loose>,
 }
@@ -233,6 +250,12 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         }
         service.lease = lease;
     }
+    service.concurrency = concurrency(
+        args.adaptive_concurrency.or(file.adaptive_concurrency),
+        args.concurrency_min.or(file.concurrency_min),
+        args.concurrency_max.or(file.concurrency_max),
+        service.workers,
+    )?;
     let shutdown_grace = match args
         .shutdown_grace
         .or(file.shutdown_grace.map(Loose::into_text))
@@ -271,6 +294,50 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         shutdown_grace,
         max_body,
     })
+}
+
+/// The adaptive concurrency settings: on by default, from `min` (default 1)
+/// to `max` (default: the workers), never past the workers.
+fn concurrency(
+    enabled: Option<bool>,
+    min: Option<usize>,
+    max: Option<usize>,
+    workers: usize,
+) -> anyhow::Result<Option<ConcurrencyConfig>> {
+    if enabled == Some(false) {
+        if min.is_some() || max.is_some() {
+            bail!("--concurrency-min and --concurrency-max need --adaptive-concurrency true");
+        }
+        return Ok(None);
+    }
+    let min_given = min;
+    let min = min.unwrap_or(1);
+    if min == 0 {
+        bail!("--concurrency-min 0: expected at least 1");
+    }
+    if let Some(max) = max {
+        if max < min {
+            bail!("--concurrency-max {max}: less than --concurrency-min {min}");
+        }
+        if max > workers && workers > 0 {
+            bail!(
+                "--concurrency-max {max}: more than the {workers} workers; raise --workers to allow more tasks at once"
+            );
+        }
+    }
+    if let Some(min) = min_given
+        && min > workers
+        && workers > 0
+    {
+        bail!(
+            "--concurrency-min {min}: more than the {workers} workers; raise --workers or lower the minimum"
+        );
+    }
+    Ok(Some(ConcurrencyConfig {
+        min,
+        max,
+        ..ConcurrencyConfig::default()
+    }))
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
@@ -377,7 +444,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
             None
         };
         let (store, pg) = open_store(&s.database).await?;
-        let service = Service::start(engine, store, s.service.clone())
+        let service = Service::start(Arc::clone(&engine), store, s.service.clone())
             .await
             .context("starting the service")?;
         if let Some(pg) = pg
@@ -430,6 +497,8 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         }
         eprintln!("taskexec: shutting down (grace {:?})", s.shutdown_grace);
         service.shutdown(s.shutdown_grace).await;
+        // Fork servers and pre-built sandboxes go with the service.
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         stop_http.notify_waiters();
         // Open event streams and long polls get a moment to end.
         if let Some(server) = server {
@@ -438,4 +507,44 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_concurrency_is_on_by_default_up_to_the_workers() {
+        let c = concurrency(None, None, None, 8)
+            .expect("valid")
+            .expect("on");
+        assert_eq!((c.min, c.max, c.memory_signal), (1, None, true));
+        let c = concurrency(Some(true), Some(2), Some(6), 8)
+            .expect("valid")
+            .expect("on");
+        assert_eq!((c.min, c.max), (2, Some(6)));
+        assert_eq!(
+            concurrency(Some(false), None, None, 8).expect("valid"),
+            None
+        );
+    }
+
+    #[test]
+    fn concurrency_bounds_outside_the_workers_are_refused() {
+        let err = |min, max| {
+            concurrency(None, min, max, 4)
+                .expect_err("invalid")
+                .to_string()
+        };
+        assert!(err(Some(0), None).contains("--concurrency-min 0"));
+        assert!(err(Some(3), Some(2)).contains("less than --concurrency-min 3"));
+        assert!(err(None, Some(5)).contains("more than the 4 workers"));
+        assert!(err(Some(5), None).contains("more than the 4 workers"));
+        assert!(
+            concurrency(Some(false), Some(2), None, 4)
+                .expect_err("bounds without the limiter")
+                .to_string()
+                .contains("--adaptive-concurrency true")
+        );
+    }
 }

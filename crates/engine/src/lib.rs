@@ -9,7 +9,9 @@
 
 pub mod classify;
 pub mod clock;
+pub mod limiter;
 pub mod prepare;
+pub mod pressure;
 pub mod schema;
 pub mod service;
 
@@ -41,6 +43,9 @@ pub trait AttemptRunner: Send + Sync + Debug {
     fn run(&self, req: &RunRequest, cancel: &CancelToken) -> Result<RunOutcome, SandboxError>;
     /// Describes the environment, e.g. "container (cgroup v1)".
     fn describe(&self) -> String;
+    /// Stops what the runner keeps running between tasks (fork servers,
+    /// pre-built sandboxes) and waits until it is gone.
+    fn shutdown(&self) {}
 }
 
 impl AttemptRunner for Sandbox {
@@ -60,6 +65,10 @@ impl AttemptRunner for taskexec_sandbox::WarmSandbox {
 
     fn describe(&self) -> String {
         format!("container ({}, warm)", self.sandbox().cgroups().version())
+    }
+
+    fn shutdown(&self) {
+        taskexec_sandbox::WarmSandbox::shutdown(self)
     }
 }
 
@@ -226,6 +235,10 @@ pub struct AttemptOutput {
     pub cpu_time_ms: Option<u64>,
     /// Peak memory of the attempt.
     pub peak_memory_bytes: Option<u64>,
+    /// Time from the start of the sandbox run to the exec of the task's
+    /// code, when it got that far: the start latency the service's
+    /// concurrency limiter watches.
+    pub sandbox_start: Option<Duration>,
 }
 
 /// What follows a failed attempt.
@@ -302,6 +315,12 @@ impl Engine {
             compiled: CompileCache::default(),
             resolved: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Stops the runner's fork servers and pre-built sandboxes (see
+    /// [`AttemptRunner::shutdown`]); tasks still run afterwards, cold.
+    pub fn shutdown(&self) {
+        self.runner.shutdown();
     }
 
     /// The runtime catalogue.
@@ -658,8 +677,11 @@ impl Engine {
             stderr_truncated: false,
             cpu_time_ms: None,
             peak_memory_bytes: None,
+            sandbox_start: None,
         };
         if let Some(o) = &outcome {
+            // Zero when the task's code never started.
+            out.sandbox_start = Some(o.setup_time).filter(|d| !d.is_zero());
             if let Termination::Exited(status) = o.termination {
                 match status {
                     taskexec_sandbox::ExitStatus::Code(c) => record.exit_code = Some(c),

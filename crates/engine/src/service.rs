@@ -1,6 +1,7 @@
 //! The executor as a service: submission with admission checks, a queue in
 //! the store, workers that claim tasks the node can admit (CPU and memory
-//! bin-packing on declared requests, priority then FIFO), batched writes,
+//! bin-packing on declared requests, priority then FIFO, no more in flight
+//! than the adaptive concurrency limit of [`crate::limiter`]), batched writes,
 //! live lifecycle events, cancellation, lease renewal, crash recovery and
 //! graceful shutdown.
 //!
@@ -25,8 +26,9 @@ use taskexec_store::{
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
+use crate::limiter::{ConcurrencyConfig, Limiter};
 use crate::{Cancellation, Decision, Engine, Verdict, apply_attempt};
 
 /// Service settings.
@@ -48,6 +50,10 @@ pub struct ServiceConfig {
     pub poll_interval: Duration,
     /// Group store writes into transactions (off: one transaction each).
     pub batch_writes: bool,
+    /// Adaptive concurrency ([`crate::limiter`]): how many of the `workers`
+    /// slots may be in use at once, from sandbox start latency and memory
+    /// pressure. `None`: every slot, as admission allows.
+    pub concurrency: Option<ConcurrencyConfig>,
 }
 
 impl ServiceConfig {
@@ -64,6 +70,7 @@ impl ServiceConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             batch_writes: true,
+            concurrency: Some(ConcurrencyConfig::default()),
         }
     }
 }
@@ -158,6 +165,8 @@ pub struct Service {
     writes: mpsc::UnboundedSender<Pending>,
     stopping: AtomicBool,
     scheduler_alive: AtomicBool,
+    /// The adaptive concurrency limit (None: off, or no workers).
+    limiter: Option<Mutex<Limiter>>,
 }
 
 fn now() -> OffsetDateTime {
@@ -189,6 +198,11 @@ impl Service {
     ) -> Result<Arc<Self>, StoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
+        let cores = (config.capacity.cpu_millis / 1000).max(1) as usize;
+        let limiter = config
+            .concurrency
+            .and_then(|c| c.limiter(config.workers, cores))
+            .map(Mutex::new);
         let service = Arc::new(Self {
             engine,
             store,
@@ -200,6 +214,7 @@ impl Service {
             writes: tx,
             stopping: AtomicBool::new(false),
             scheduler_alive: AtomicBool::new(false),
+            limiter,
         });
         tokio::spawn(writer(
             Arc::clone(&service.store),
@@ -211,6 +226,11 @@ impl Service {
         service.scheduler_alive.store(true, Ordering::SeqCst);
         tokio::spawn(Arc::clone(&service).schedule());
         tokio::spawn(Arc::clone(&service).keep_leases());
+        if service.limiter.is_some() && service.config.concurrency.is_some_and(|c| c.memory_signal)
+        {
+            tokio::spawn(Arc::clone(&service).watch_memory());
+        }
+        gauge!("taskexec_concurrency_limit").set(service.concurrency_limit() as f64);
         gauge!("taskexec_cpu_capacity_millis").set(service.config.capacity.cpu_millis as f64);
         gauge!("taskexec_memory_capacity_bytes").set(service.config.capacity.memory_bytes as f64);
         Ok(service)
@@ -500,8 +520,59 @@ impl Service {
                 cpu_millis: cap.cpu_millis.saturating_sub(cpu),
                 memory_bytes: cap.memory_bytes.saturating_sub(mem),
             },
-            self.config.workers.saturating_sub(running.len()),
+            self.concurrency_limit().saturating_sub(running.len()),
         )
+    }
+
+    /// How many tasks may run at once on this node now: the adaptive limit,
+    /// or `workers` without one.
+    pub fn concurrency_limit(&self) -> usize {
+        match &self.limiter {
+            Some(l) => lock(l).limit().min(self.config.workers),
+            None => self.config.workers,
+        }
+    }
+
+    /// Feeds the limiter (if on) at this instant, exports the limit, and
+    /// wakes the scheduler when it rose.
+    fn adjust_limit(&self, feed: impl FnOnce(&mut Limiter, Instant) -> usize) {
+        let Some(l) = &self.limiter else { return };
+        let (before, after, reason) = {
+            let mut l = lock(l);
+            let before = l.limit();
+            let after = feed(&mut l, Instant::now());
+            (before, after, l.last_reason())
+        };
+        gauge!("taskexec_concurrency_limit").set(after as f64);
+        if after != before {
+            debug!(
+                from = before,
+                to = after,
+                ?reason,
+                "concurrency limit changed"
+            );
+        }
+        if after > before {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Reads the host's memory pressure every second for the limiter.
+    async fn watch_memory(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let reading = crate::pressure::read_host();
+            if let Some(s) = reading.stall_percent {
+                gauge!("taskexec_memory_stall_ratio").set(s / 100.0);
+            }
+            if let Some(a) = reading.available_ratio {
+                gauge!("taskexec_memory_available_ratio").set(a);
+            }
+            self.adjust_limit(|l, now| l.on_memory(now, &reading));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Sends a write; waits for its commit when `ack`.
@@ -799,6 +870,10 @@ impl Service {
                     .engine
                     .run_attempt(&c.record.task, &prepared, attempt, &cancel)
                     .await;
+                if let Some(latency) = out.sandbox_start {
+                    let in_flight = self.lock_running().len();
+                    self.adjust_limit(|l, now| l.on_start(now, latency, in_flight));
+                }
                 out.record.phases.queue_wait_ms = queue_wait.as_seconds_f64() * 1000.0;
                 for (phase, v) in [
                     ("prepare", out.record.phases.prepare_ms),
@@ -939,6 +1014,11 @@ impl Service {
             }
         }
     }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A result carrying every attempt so far (last attempt's output wins).

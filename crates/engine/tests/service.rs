@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{Scripted, Step};
 use serde_json::json;
+use taskexec_engine::limiter::ConcurrencyConfig;
 use taskexec_engine::service::{Service, ServiceConfig, SubmitError};
 use taskexec_engine::{Engine, EngineConfig, ManualClock};
 use taskexec_model::{ErrorType, TaskInstance, TaskStatus, TransitionRecord};
@@ -53,6 +54,15 @@ impl Fixture {
     }
 
     async fn service(&self, cpu_millis: u64, workers: usize) -> Arc<Service> {
+        self.service_with(cpu_millis, workers, |_| {}).await
+    }
+
+    async fn service_with(
+        &self,
+        cpu_millis: u64,
+        workers: usize,
+        tweak: impl FnOnce(&mut ServiceConfig),
+    ) -> Arc<Service> {
         let engine = Arc::new(Engine::new(
             EngineConfig::default(),
             Catalogue::builtin(),
@@ -68,6 +78,7 @@ impl Fixture {
         );
         config.workers = workers;
         config.poll_interval = Duration::from_millis(50);
+        tweak(&mut config);
         Service::start(engine, self.store().await, config)
             .await
             .expect("start")
@@ -335,4 +346,69 @@ async fn shutdown_cancels_what_outlives_the_grace_period() {
     let rec = s.get(ids[0].id()).await.expect("get").expect("exists");
     assert_eq!(rec.status, TaskStatus::Cancelled);
     assert!(s.ready().await.is_err(), "a stopping service is not ready");
+}
+
+/// Adaptive concurrency up to `max`, judged on windows of 4 starts with no
+/// minimum duration and without the host's memory: the limit then depends
+/// only on the start latencies the scripted runner reports, not on time.
+fn latency_only(max: Option<usize>) -> impl FnOnce(&mut ServiceConfig) {
+    move |c| {
+        c.concurrency = Some(ConcurrencyConfig {
+            max,
+            memory_signal: false,
+            window_samples: 4,
+            window_min: Duration::ZERO,
+            ..ConcurrencyConfig::default()
+        })
+    }
+}
+
+/// Submits `n` tasks and waits until every one has completed.
+async fn run_all(s: &Service, n: usize) {
+    let ids = s
+        .submit((0..n).map(|_| task(json!({}))).collect())
+        .await
+        .expect("submit");
+    for id in &ids {
+        assert_eq!(wait(s, id.id()).await.status, TaskStatus::Completed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_in_flight_never_exceed_the_concurrency_limit() {
+    let f = Fixture::new((0..12).map(|_| Step::Sleep(20)));
+    // Eight worker slots and CPU for eight tasks, but a limit of at most 2.
+    let s = f.service_with(8000, 8, latency_only(Some(2))).await;
+    assert_eq!(s.concurrency_limit(), 2);
+    run_all(&s, 12).await;
+    assert!(f.runner.max_running.load(Ordering::SeqCst) <= 2);
+    assert_eq!(s.concurrency_limit(), 2, "never above its maximum");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sandbox_starts_lower_the_concurrency_limit_and_fast_ones_raise_it() {
+    let reported_setup_ms = [10; 8].into_iter().chain([100; 16]).chain([10; 8]);
+    let f = Fixture::new(reported_setup_ms.map(Step::StartTook));
+    let s = f.service_with(4000, 4, latency_only(None)).await;
+    let max_running = || f.runner.max_running.swap(0, Ordering::SeqCst) as usize;
+    assert_eq!(s.concurrency_limit(), 4, "one per core, and 4 workers");
+    // Starts of 10 ms: the baseline.
+    run_all(&s, 8).await;
+    assert_eq!(s.concurrency_limit(), 4);
+    max_running();
+    // Starts ten times slower: the limit drops, and no more tasks run at
+    // once than it allows.
+    run_all(&s, 8).await;
+    let lowered = s.concurrency_limit();
+    assert!(lowered < 4, "limit {lowered}");
+    max_running();
+    run_all(&s, 8).await;
+    let lowest = s.concurrency_limit();
+    assert!(lowest <= lowered, "{lowest} <= {lowered}");
+    assert!(max_running() <= lowered);
+    // Fast starts again: the limit grows back, one per window.
+    run_all(&s, 8).await;
+    let recovered = s.concurrency_limit();
+    assert!(recovered > lowest, "{recovered} > {lowest}");
+    assert!(max_running() <= lowest + 1);
 }

@@ -2,11 +2,16 @@
 //! re-executed) that builds one sandbox and starts the task in it.
 //!
 //! Three processes, each with one job:
-//! - **launcher** (host PID namespace, root): reads the [`LaunchSpec`], unshares
-//!   the namespaces, builds the file system ([`crate::mounts`]), compiles the
-//!   seccomp filter, reports `Ready`, then waits for the executor's go (sent
-//!   once the launcher sits in its task cgroup), unshares the cgroup namespace
-//!   and forks the init.
+//! - **launcher** (host PID namespace, root): reads the base [`LaunchSpec`]
+//!   (the sandbox's shape, without the task), unshares the namespaces, builds
+//!   the file system ([`crate::mounts`]) with an empty work dir, compiles the
+//!   seccomp filter and reports `Ready`; then reads the task's spec (a second
+//!   frame: sent right behind the first for a cold run, whenever a task comes
+//!   for a pre-built sandbox of [`crate::pool`]), writes the task's files into
+//!   the work dir, waits for the executor's go (sent once the launcher sits
+//!   in its task cgroup), unshares the cgroup namespace and forks the init.
+//!   (A launcher whose first frame is already the whole spec, with its work
+//!   files, gets the go straight after `Ready`.)
 //! - **init** (PID 1 of the new PID namespace, root, dies with the launcher via
 //!   PDEATHSIG): mounts /proc, names the host, brings up loopback, forks the
 //!   task, reaps every process, and when the task's main process ends kills
@@ -34,6 +39,10 @@ use crate::frame::{read_frame, write_frame};
 use crate::mounts::{self, Files};
 use crate::spec::{ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, SandboxFile};
 use crate::{fsread, namespaces, rlimits, seccomp};
+
+/// The byte that announces the task's spec frame after `Ready` (any other
+/// byte is the go, for a launcher whose first frame was the whole spec).
+pub(crate) const TASK_FOLLOWS: u8 = b't';
 
 /// The first argument that turns our binary into the launcher.
 pub const LAUNCHER_ARG: &str = "__taskexec-launcher";
@@ -178,6 +187,45 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
     let t_mounts = mono_ns();
     drop(files);
 
+    // The seccomp profile belongs to the sandbox's shape: compiled before
+    // the task arrives.
+    let filters = seccomp::build_filters_for(if spec.fork_server {
+        seccomp::Profile::ForkServer
+    } else {
+        seccomp::Profile::Task
+    })
+    .map_err(|e| SetupError::new("seccomp", e.to_string()))?;
+    write_frame(
+        report,
+        &Report::Ready {
+            mono_ns: t_start,
+            ns_done_ns: t_ns,
+            mounts_done_ns: t_mounts,
+        },
+        &[],
+    )
+    .map_err(|e| SetupError::new("report", e.to_string()))?;
+
+    // Then one byte: [`TASK_FOLLOWS`] and the task's spec (at once for a
+    // cold run, whenever the executor hands a task to a pre-built sandbox of
+    // the pool), then the go; or the go itself, when the first frame was the
+    // whole spec already. The go says the executor has put us in the task
+    // cgroup. From here on `spec` is the task's.
+    let mut next = [0u8; 1];
+    let spec = match spec_in.read(&mut next) {
+        Ok(1) if next[0] == TASK_FOLLOWS => {
+            let Some((task, work)) = receive_task(spec_in, &spec)? else {
+                return Ok(124); // executor gone, or a pooled sandbox it no longer wants
+            };
+            mounts::write_work_files(&task, &work)?;
+            match spec_in.read(&mut next) {
+                Ok(1) => task,
+                _ => return Ok(124), // executor gone or cancelled before the start
+            }
+        }
+        Ok(1) => spec,
+        _ => return Ok(124), // executor gone or cancelled before the start
+    };
     if spec.argv.is_empty() {
         return Err(SetupError::new("spec", "empty argv"));
     }
@@ -191,25 +239,8 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
             .map(|p| cstrings([p]))
             .transpose()?
             .map(|mut v| v.remove(0)),
-        filters: seccomp::build_filters().map_err(|e| SetupError::new("seccomp", e.to_string()))?,
+        filters,
     };
-    write_frame(
-        report,
-        &Report::Ready {
-            mono_ns: t_start,
-            ns_done_ns: t_ns,
-            mounts_done_ns: t_mounts,
-        },
-        &[],
-    )
-    .map_err(|e| SetupError::new("report", e.to_string()))?;
-
-    // Wait for the go: the executor has put us in the task cgroup.
-    let mut go = [0u8; 1];
-    match spec_in.read(&mut go) {
-        Ok(1) => {}
-        _ => return Ok(124), // executor gone or cancelled before the start
-    }
     namespaces::unshare_cgroup()?;
 
     // SAFETY: this process is single-threaded (a fresh exec of our binary
@@ -242,6 +273,33 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
         },
         Err(e) => Err(SetupError::new("init", format!("fork: {e}"))),
     }
+}
+
+/// Reads the task's spec (the second frame: the whole spec, with the work
+/// files' contents as its blobs), checks that it fits the sandbox built from
+/// `base`, and returns it with its work files. `None` when the executor
+/// closed the channel instead.
+fn receive_task(
+    spec_in: &mut File,
+    base: &LaunchSpec,
+) -> Result<Option<(LaunchSpec, Vec<SandboxFile>)>, SetupError> {
+    let Some((task, blobs)) = read_frame::<_, LaunchSpec>(spec_in)
+        .map_err(|e| SetupError::new("spec", format!("task spec: {e}")))?
+    else {
+        return Ok(None);
+    };
+    if !base.same_sandbox(&task) {
+        return Err(SetupError::new(
+            "spec",
+            "the task does not fit the sandbox built for it",
+        ));
+    }
+    let mut blobs = blobs.into_iter();
+    let work = split_files(&task.work_files, &mut blobs)?;
+    if blobs.next().is_some() {
+        return Err(SetupError::new("spec", "extra blobs in the task spec"));
+    }
+    Ok(Some((task, work)))
 }
 
 /// PID 1 of the sandbox.
@@ -408,20 +466,27 @@ fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno
         );
     }
     step!("rlimits", rlimits::apply(&spec.rlimits));
-    // Drop the capability bounding set while we still hold CAP_SETPCAP.
+    // Drop the capability bounding set while we still hold CAP_SETPCAP (a
+    // fork server keeps the few it needs: root's capabilities after execve
+    // are its bounding set).
     for cap in 0..=63 {
+        if spec.fork_server && seccomp::FORK_SERVER_CAPS.contains(&cap) {
+            continue;
+        }
         // SAFETY: prctl with integer arguments; it fails with EINVAL past
         // the last capability the kernel knows, which ends the loop.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
             break;
         }
     }
-    step!("setgroups", nix::unistd::setgroups(&[]));
-    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
-    step!("setresgid", nix::unistd::setresgid(gid, gid, gid));
-    // Changing all uids away from 0 clears the permitted, effective and
-    // ambient capability sets.
-    step!("setresuid", nix::unistd::setresuid(uid, uid, uid));
+    if !spec.fork_server {
+        step!("setgroups", nix::unistd::setgroups(&[]));
+        let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+        step!("setresgid", nix::unistd::setresgid(gid, gid, gid));
+        // Changing all uids away from 0 clears the permitted, effective and
+        // ambient capability sets.
+        step!("setresuid", nix::unistd::setresuid(uid, uid, uid));
+    }
     step!("chdir", nix::unistd::chdir(exec.work_dir.as_c_str()));
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     step!("no_new_privs", nix::sys::prctl::set_no_new_privs());

@@ -22,6 +22,7 @@ pub mod seccomp;
 mod spawn;
 pub mod spec;
 pub mod warm;
+mod zygote;
 
 pub use launcher::{LAUNCHER_ARG, run_if_launcher};
 pub use spawn::{

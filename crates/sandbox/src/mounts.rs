@@ -11,7 +11,8 @@
 //! 4. /dev: a tmpfs with null, zero, full, random and urandom bound from the
 //!    host, then made read-only;
 //! 5. the scratch tmpfs (`disk` bytes) with `work/` and `tmp/` bound at the
-//!    work dir and /tmp; the task's files are written there;
+//!    work dir and /tmp (the task's files are written there later, once the
+//!    task is known: [`write_work_files`]);
 //! 6. pivot_root into the new root, detach the old one, remount the root
 //!    read-only.
 //!
@@ -282,6 +283,15 @@ pub(crate) fn build_root(spec: &LaunchSpec, files: &Files) -> Result<(), SetupEr
         None::<&str>,
     )
     .map_err(|e| fail("pivot", "remount root read-only", e))
+}
+
+/// Writes the task's files into the work dir of a built root (after
+/// `pivot_root`: a plain sandbox path), owned by the task's user. The work
+/// dir is a fresh, empty tmpfs that no process of the task has seen yet, so
+/// nothing in it can be a planted symlink; each file is still created with
+/// `O_CREAT|O_EXCL`, which never follows one.
+pub(crate) fn write_work_files(spec: &LaunchSpec, files: &[SandboxFile]) -> Result<(), SetupError> {
+    write_files(Path::new(&spec.work_dir), files, Some((spec.uid, spec.gid)))
 }
 
 /// Mounts a fresh /proc (called by the sandbox init, inside the PID namespace).

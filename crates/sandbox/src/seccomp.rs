@@ -150,10 +150,44 @@ fn err(e: impl std::fmt::Debug) -> SeccompError {
     SeccompError(format!("{e:?}"))
 }
 
-/// Builds the filters, in the order they are to be loaded.
+/// Which process a filter is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// A task process: everything in [`DENIED`].
+    Task,
+    /// A fork server ([`crate::zygote`]): it builds each child's namespaces,
+    /// mounts and host name itself, so it may make the calls of
+    /// [`FORK_SERVER_ALLOWED`]; every child loads the task filter on top
+    /// before it runs task code (filters stack: the strictest answer wins).
+    ForkServer,
+}
+
+/// Calls of [`DENIED`] a fork server still needs for its children's setup.
+pub const FORK_SERVER_ALLOWED: &[libc::c_long] = &[
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_unshare,
+    libc::SYS_sethostname,
+];
+
+/// The capabilities a fork server keeps (as root, in its own namespaces):
+/// chown (task files), setgid and setuid (the task's ids), setpcap (the
+/// child drops the bounding set), net_admin (loopback in the child's network
+/// namespace), sys_admin (unshare, mount, host name).
+pub const FORK_SERVER_CAPS: &[i32] = &[0, 6, 7, 8, 12, 21];
+
+/// The task filters, in the order they are to be loaded.
 pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
+    build_filters_for(Profile::Task)
+}
+
+/// The filters of `profile`, in the order they are to be loaded.
+pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(_, nr) in DENIED {
+        if profile == Profile::ForkServer && FORK_SERVER_ALLOWED.contains(&nr) {
+            continue;
+        }
         rules.insert(nr, Vec::new());
         #[cfg(target_arch = "x86_64")]
         rules.insert(nr | X32_SYSCALL_BIT, Vec::new());
@@ -220,6 +254,25 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
         deny.try_into().map_err(err)?,
         clone3.try_into().map_err(err)?,
     ])
+}
+
+/// The filters as raw `struct sock_filter` arrays, for a process that loads
+/// them itself (the fork server's children): `u32 LE count`, then per
+/// filter `u32 LE instruction count` and the instructions in the kernel's
+/// native layout (`u16 code, u8 jt, u8 jf, u32 k`).
+pub fn to_bytes(filters: &[BpfProgram]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(filters.len() as u32).to_le_bytes());
+    for f in filters {
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        for ins in f {
+            out.extend_from_slice(&ins.code.to_ne_bytes());
+            out.push(ins.jt);
+            out.push(ins.jf);
+            out.extend_from_slice(&ins.k.to_ne_bytes());
+        }
+    }
+    out
 }
 
 /// Loads the filters into the calling thread. `no_new_privs` must be set.

@@ -17,7 +17,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use crate::capture::Capped;
 use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupStats, TaskCgroup};
 use crate::frame::write_frame;
-use crate::launcher::{LAUNCHER_ARG, mono_ns};
+use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
 use crate::spec::{
     ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, RlimitSpec, RoMount, SandboxFile,
 };
@@ -230,11 +230,11 @@ pub enum SandboxError {
     Protocol(String),
 }
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
+pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
     move |source| SandboxError::Io { what, source }
 }
 
-fn nix_io(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> SandboxError {
+pub(crate) fn nix_io(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> SandboxError {
     move |e| SandboxError::Io {
         what,
         source: e.into(),
@@ -279,14 +279,14 @@ impl CancelToken {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.inner.read.as_fd()
     }
 }
 
 /// Synthetic /etc files: the task sees only itself and root, never the
 /// host's accounts.
-fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
+pub(crate) fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
     let f = |path: &str, content: String| SandboxFile {
         path: path.into(),
         content: content.into_bytes(),
@@ -314,13 +314,23 @@ fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> {
 /// The sandbox: spawns one launcher per run.
 #[derive(Debug)]
 pub struct Sandbox {
-    config: SandboxConfig,
-    cgroups: Box<dyn CgroupDriver>,
+    pub(crate) config: SandboxConfig,
+    pub(crate) cgroups: Box<dyn CgroupDriver>,
 }
 
 /// Numbers task cgroups uniquely within this process (names carry the pid,
 /// so they are unique on the host), whatever the number of `Sandbox`es.
 static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh task cgroup name: `taskexec-<pid>-<n>` (the stale-cgroup sweep
+/// relies on that shape).
+pub(crate) fn cgroup_name() -> String {
+    format!(
+        "taskexec-{}-{}",
+        std::process::id(),
+        RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// A spawned launcher process, killed if dropped while running.
 struct Launcher {
@@ -338,7 +348,7 @@ impl Drop for Launcher {
     }
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
     // or -1; the descriptor is owned by the OwnedFd below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -350,7 +360,7 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Reads what is available from a nonblocking fd; false at EOF.
-fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
+pub(crate) fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
     let mut buf = [0u8; 65536];
     loop {
         match nix::unistd::read(fd, &mut buf) {
@@ -384,35 +394,32 @@ impl Sandbox {
         let t0 = Instant::now();
         let t0_mono = mono_ns();
         let mut phases: Vec<(&'static str, Duration)> = Vec::new();
-        let limits = &req.limits;
-        let name = format!(
-            "taskexec-{}-{}",
-            std::process::id(),
-            RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let cgroup = self.cgroups.create(
-            &name,
+        let cgroup = self.new_cgroup(&req.limits)?;
+        phases.push(("cgroupCreate", t0.elapsed()));
+        let result = self.run_in(req, cancel, cgroup.as_ref(), &mut phases, t0, t0_mono);
+        finish_run(cgroup.as_ref(), result, phases, t0, Duration::ZERO)
+    }
+
+    /// A new task cgroup (named by [`cgroup_name`]) with the limits of
+    /// `limits`.
+    pub(crate) fn new_cgroup(
+        &self,
+        limits: &SandboxLimits,
+    ) -> Result<Box<dyn TaskCgroup>, SandboxError> {
+        Ok(self.cgroups.create(
+            &cgroup_name(),
             &CgroupLimits {
                 memory_bytes: limits.memory_bytes,
                 pids: limits.pids,
                 cpu_request_millis: limits.cpu_request_millis,
                 cpu_limit_millis: limits.cpu_limit_millis,
             },
-        )?;
-        phases.push(("cgroupCreate", t0.elapsed()));
-        let result = self.run_in(req, cancel, cgroup.as_ref(), &mut phases, t0, t0_mono);
-        let t_clean = Instant::now();
-        let kill = cgroup.kill_all();
-        let stats = cgroup.stats();
-        let removed = cgroup.remove();
-        phases.push(("cleanup", t_clean.elapsed()));
-        let mut outcome = result?;
-        kill?;
-        removed?;
-        outcome.stats = stats?;
-        outcome.wall_time = t0.elapsed();
-        outcome.phases = phases;
-        Ok(outcome)
+        )?)
+    }
+
+    /// The (uid, gid) `req` runs as.
+    pub(crate) fn user_of(&self, req: &RunRequest) -> (u32, u32) {
+        req.user.unwrap_or((self.config.uid, self.config.gid))
     }
 
     /// Spawns the launcher with `channel` (one end of a socket pair) as its
@@ -453,21 +460,83 @@ impl Sandbox {
         t0_mono: u64,
     ) -> Result<RunOutcome, SandboxError> {
         let limits = &req.limits;
+        let (spec, etc) = self.launch_spec(req)?;
+        let prepared = self.prepare(&spec, &req.support_files, &etc)?;
+        phases.push(("spawn", prepared.spawn_time));
+        let deadline = prepared.t_spawn + limits.timeout;
+        // Hand over the task right behind the base spec, so the launcher
+        // builds namespaces and mounts and writes the task's files while we
+        // attach it to its cgroup (a cold attach on cgroup v1 waits for an
+        // RCU grace period).
+        let sent = prepared.send_task(&spec, &req.work_files);
+        let t_attach = Instant::now();
+        cgroup.attach(prepared.pid() as i32)?;
+        phases.push(("cgroupAttach", t_attach.elapsed()));
+        let attached_mono = mono_ns();
+        let go = sent.and_then(|()| prepared.send_go());
+        watch(
+            Handed {
+                prepared,
+                go,
+                deadline,
+                attached_mono,
+                cpu_base: Duration::ZERO,
+                t0,
+                t0_mono,
+            },
+            cgroup,
+            limits,
+            cancel,
+            phases,
+            &mut false,
+        )
+    }
+
+    /// Spawns a launcher and sends it the base of `spec` (see
+    /// [`LaunchSpec::base`]) with the contents of the support and /etc
+    /// files: the launcher builds the sandbox from it, then waits for its
+    /// task ([`Prepared::send_task`]).
+    pub(crate) fn prepare(
+        &self,
+        spec: &LaunchSpec,
+        support: &[SandboxFile],
+        etc: &[SandboxFile],
+    ) -> Result<Prepared, SandboxError> {
         let cloexec = OFlag::O_CLOEXEC;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair"))?;
         let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
         let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
-
         let t_spawn = Instant::now();
-        let mut launcher = self.spawn(OwnedFd::from(theirs), out_w, err_w)?;
-        let deadline = t_spawn + limits.timeout;
+        let launcher = self.spawn(OwnedFd::from(theirs), out_w, err_w)?;
+        let spawn_time = t_spawn.elapsed();
         let spawned_mono = mono_ns();
-        phases.push(("spawn", t_spawn.elapsed()));
+        let blobs: Vec<&[u8]> = support
+            .iter()
+            .chain(etc)
+            .map(|f| f.content.as_slice())
+            .collect();
+        // A launcher that died early closes the channel: its report says why.
+        let sent = write_frame(&mut &ours, &spec.base(), &blobs);
+        Ok(Prepared {
+            launcher,
+            channel: ours,
+            out_r,
+            err_r,
+            t_spawn,
+            spawn_time,
+            spawned_mono,
+            sent,
+        })
+    }
 
-        // Hand over the spec first so the launcher builds namespaces and
-        // mounts while we attach it to its cgroup (a cold attach on cgroup v1
-        // waits for an RCU grace period).
-        let (uid, gid) = req.user.unwrap_or((self.config.uid, self.config.gid));
+    /// The launcher's whole spec for `req`, and the synthetic /etc files it
+    /// names (their contents travel with the base spec).
+    pub(crate) fn launch_spec(
+        &self,
+        req: &RunRequest,
+    ) -> Result<(LaunchSpec, Vec<SandboxFile>), SandboxError> {
+        let limits = &req.limits;
+        let (uid, gid) = self.user_of(req);
         if uid == 0 || gid == 0 {
             return Err(SandboxError::Setup {
                 stage: "spec".into(),
@@ -501,263 +570,430 @@ impl Sandbox {
             collect_dir: req.collect_dir.clone(),
             collect_cap: 64 << 20,
             share_network: false,
+            fork_server: false,
         };
-        let blobs: Vec<&[u8]> = req
-            .work_files
-            .iter()
-            .chain(&req.support_files)
-            .chain(&etc)
-            .map(|f| f.content.as_slice())
-            .collect();
-        let mut spec_w = &ours;
-        // A launcher that died early closes the pipe: its report says why.
-        let sent = write_frame(&mut spec_w, &spec, &blobs);
-        let t_attach = Instant::now();
-        cgroup.attach(launcher.child.id() as i32)?;
-        phases.push(("cgroupAttach", t_attach.elapsed()));
-        let attached_mono = mono_ns();
-        let go = sent.and_then(|()| spec_w.write_all(b"g"));
-        let report_r = OwnedFd::from(ours);
+        Ok((spec, etc))
+    }
+}
 
-        // Watch the run.
-        for fd in [&out_r, &err_r, &report_r] {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-                .map_err(nix_io("fcntl"))?;
+/// A launcher whose task has been handed over, with what its watch needs.
+pub(crate) struct Handed {
+    /// The launcher.
+    pub prepared: Prepared,
+    /// Sending the spec frames and the go: an error counts only if the
+    /// launcher's reports do not say why it stopped listening.
+    pub go: std::io::Result<()>,
+    /// The wall-clock deadline.
+    pub deadline: Instant,
+    /// When the launcher was known to sit in its cgroup (monotonic ns).
+    pub attached_mono: u64,
+    /// CPU time the cgroup had used before the task was handed over (a
+    /// pre-built sandbox's set-up), not counted against the task.
+    pub cpu_base: Duration,
+    /// Start of the run.
+    pub t0: Instant,
+    /// Start of the run (monotonic ns).
+    pub t0_mono: u64,
+}
+
+/// Watches a run to its end in one poll loop (launcher exit via pidfd,
+/// stdout, stderr, reports, cancellation, the wall-clock deadline, cgroup CPU
+/// time) and makes sense of the launcher's reports. `heard` is set when the
+/// launcher sent anything at all during the watch.
+pub(crate) fn watch(
+    handed: Handed,
+    cgroup: &dyn TaskCgroup,
+    limits: &SandboxLimits,
+    cancel: Option<&CancelToken>,
+    phases: &mut Vec<(&'static str, Duration)>,
+    heard: &mut bool,
+) -> Result<RunOutcome, SandboxError> {
+    let Handed {
+        prepared:
+            Prepared {
+                mut launcher,
+                channel,
+                out_r,
+                err_r,
+                spawned_mono,
+                ..
+            },
+        go,
+        deadline,
+        attached_mono,
+        cpu_base,
+        t0,
+        t0_mono,
+    } = handed;
+    let report_r = OwnedFd::from(channel);
+    // Watch the run.
+    for fd in [&out_r, &err_r, &report_r] {
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+            .map_err(nix_io("fcntl"))?;
+    }
+    let mut stdout = Capped::new(limits.output_bytes);
+    let mut stderr = Capped::new(limits.output_bytes);
+    let mut report_bytes = Vec::new();
+    let (mut out_open, mut err_open, mut rep_open) = (true, true, true);
+    let mut killed: Option<Termination> = None;
+    let cpu_poll = limits
+        .cpu_time
+        .map(|c| (c / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)));
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        if launcher.exited && !(out_open || err_open || rep_open) {
+            break;
         }
-        let mut stdout = Capped::new(limits.output_bytes);
-        let mut stderr = Capped::new(limits.output_bytes);
-        let mut report_bytes = Vec::new();
-        let (mut out_open, mut err_open, mut rep_open) = (true, true, true);
-        let mut killed: Option<Termination> = None;
-        let cpu_poll = limits
-            .cpu_time
-            .map(|c| (c / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)));
-        let mut drain_deadline: Option<Instant> = None;
-        loop {
-            if launcher.exited && !(out_open || err_open || rep_open) {
+        let now = Instant::now();
+        if killed.is_none() {
+            let reason = if cancel.is_some_and(CancelToken::is_cancelled) {
+                Some(Termination::Cancelled)
+            } else if now >= deadline {
+                Some(Termination::TimedOut)
+            } else if let Some(limit) = limits.cpu_time {
+                (cgroup.cpu_time()?.saturating_sub(cpu_base) > limit)
+                    .then_some(Termination::CpuTimeExceeded)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                killed = Some(reason);
+                let _ = launcher.child.kill();
+                cgroup.kill_all()?;
+            }
+        }
+        if launcher.exited {
+            // Every sandbox process is gone; give the pipes a moment to
+            // report EOF, then stop regardless.
+            let d = *drain_deadline.get_or_insert(now + Duration::from_millis(500));
+            if now >= d {
                 break;
             }
-            let now = Instant::now();
-            if killed.is_none() {
-                let reason = if cancel.is_some_and(CancelToken::is_cancelled) {
-                    Some(Termination::Cancelled)
-                } else if now >= deadline {
-                    Some(Termination::TimedOut)
-                } else if let Some(limit) = limits.cpu_time {
-                    (cgroup.cpu_time()? > limit).then_some(Termination::CpuTimeExceeded)
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
-                    killed = Some(reason);
-                    let _ = launcher.child.kill();
-                    cgroup.kill_all()?;
-                }
-            }
-            if launcher.exited {
-                // Every sandbox process is gone; give the pipes a moment to
-                // report EOF, then stop regardless.
-                let d = *drain_deadline.get_or_insert(now + Duration::from_millis(500));
-                if now >= d {
-                    break;
-                }
-            }
-            let mut wait = if killed.is_some() {
-                Duration::from_millis(50)
-            } else {
-                deadline.saturating_duration_since(now)
-            };
-            if let Some(p) = cpu_poll {
-                wait = wait.min(p);
-            }
-            let mut fds = Vec::with_capacity(5);
-            let mut tags = Vec::with_capacity(5);
-            if !launcher.exited {
-                fds.push(PollFd::new(launcher.pidfd.as_fd(), PollFlags::POLLIN));
-                tags.push(0);
-            }
-            for (tag, open, fd) in [
-                (1, out_open, &out_r),
-                (2, err_open, &err_r),
-                (3, rep_open, &report_r),
-            ] {
-                if open {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    tags.push(tag);
-                }
-            }
-            if let Some(c) = cancel
-                && killed.is_none()
-            {
-                fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
-                tags.push(4);
-            }
-            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(nix_io("poll")(e)),
-            }
-            let ready: Vec<i32> = fds
-                .iter()
-                .zip(&tags)
-                .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
-                .map(|(_, t)| *t)
-                .collect();
-            for tag in ready {
-                match tag {
-                    0 => {
-                        launcher
-                            .child
-                            .wait()
-                            .map_err(io("waiting for the launcher"))?;
-                        launcher.exited = true;
-                    }
-                    1 => out_open = drain(&out_r, |d| stdout.push(d)),
-                    2 => err_open = drain(&err_r, |d| stderr.push(d)),
-                    3 => rep_open = drain(&report_r, |d| report_bytes.extend_from_slice(d)),
-                    _ => {}
-                }
+        }
+        let mut wait = if killed.is_some() {
+            Duration::from_millis(50)
+        } else {
+            deadline.saturating_duration_since(now)
+        };
+        if let Some(p) = cpu_poll {
+            wait = wait.min(p);
+        }
+        let mut fds = Vec::with_capacity(5);
+        let mut tags = Vec::with_capacity(5);
+        if !launcher.exited {
+            fds.push(PollFd::new(launcher.pidfd.as_fd(), PollFlags::POLLIN));
+            tags.push(0);
+        }
+        for (tag, open, fd) in [
+            (1, out_open, &out_r),
+            (2, err_open, &err_r),
+            (3, rep_open, &report_r),
+        ] {
+            if open {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                tags.push(tag);
             }
         }
-        let exited_mono = mono_ns();
+        if let Some(c) = cancel
+            && killed.is_none()
+        {
+            fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
+            tags.push(4);
+        }
+        let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(nix_io("poll")(e)),
+        }
+        let ready: Vec<i32> = fds
+            .iter()
+            .zip(&tags)
+            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, t)| *t)
+            .collect();
+        for tag in ready {
+            match tag {
+                0 => {
+                    launcher
+                        .child
+                        .wait()
+                        .map_err(io("waiting for the launcher"))?;
+                    launcher.exited = true;
+                }
+                1 => out_open = drain(&out_r, |d| stdout.push(d)),
+                2 => err_open = drain(&err_r, |d| stderr.push(d)),
+                3 => rep_open = drain(&report_r, |d| report_bytes.extend_from_slice(d)),
+                _ => {}
+            }
+        }
+    }
+    let exited_mono = mono_ns();
 
-        // Make sense of the reports.
-        let mut reports = Vec::new();
-        let mut cursor = &report_bytes[..];
-        loop {
-            match crate::frame::read_frame::<_, Report>(&mut cursor) {
-                Ok(Some(r)) => reports.push(r),
-                Ok(None) => break,
-                Err(e) => {
-                    if killed.is_none() {
-                        return Err(SandboxError::Protocol(e.to_string()));
-                    }
-                    break;
+    // Make sense of the reports.
+    *heard = !report_bytes.is_empty();
+    let mut reports = Vec::new();
+    let mut cursor = &report_bytes[..];
+    loop {
+        match crate::frame::read_frame::<_, Report>(&mut cursor) {
+            Ok(Some(r)) => reports.push(r),
+            Ok(None) => break,
+            Err(e) => {
+                if killed.is_none() {
+                    return Err(SandboxError::Protocol(e.to_string()));
                 }
+                break;
             }
         }
-        let mut started = None;
-        let mut finished = None;
-        for (report, blobs) in reports {
-            match report {
-                Report::Ready {
-                    mono_ns: start,
-                    ns_done_ns,
-                    mounts_done_ns,
-                } => {
-                    phases.push(("launcherStart", ns_delta(spawned_mono, start)));
-                    phases.push(("namespaces", ns_delta(start, ns_done_ns)));
-                    phases.push(("mounts", ns_delta(ns_done_ns, mounts_done_ns)));
+    }
+    let mut started = None;
+    let mut finished = None;
+    for (report, blobs) in reports {
+        match report {
+            Report::Ready {
+                mono_ns: start,
+                ns_done_ns,
+                mounts_done_ns,
+            } => {
+                phases.push(("launcherStart", ns_delta(spawned_mono, start)));
+                phases.push(("namespaces", ns_delta(start, ns_done_ns)));
+                phases.push(("mounts", ns_delta(ns_done_ns, mounts_done_ns)));
+            }
+            Report::SetupFailed { stage, message } => {
+                if killed.is_none() {
+                    return Err(SandboxError::Setup { stage, message });
                 }
-                Report::SetupFailed { stage, message } => {
-                    if killed.is_none() {
-                        return Err(SandboxError::Setup { stage, message });
-                    }
-                }
-                Report::Started {
-                    mono_ns,
-                    init_ns,
-                    proc_ns,
-                    net_ns,
-                    fork_ns,
-                } => {
-                    phases.push(("initStart", ns_delta(attached_mono, init_ns)));
-                    phases.push(("proc", ns_delta(init_ns, proc_ns)));
-                    phases.push(("network", ns_delta(proc_ns, net_ns)));
-                    phases.push(("exec", ns_delta(fork_ns, mono_ns)));
-                    started = Some(mono_ns);
-                }
-                Report::Finished {
+            }
+            Report::Started {
+                mono_ns,
+                init_ns,
+                proc_ns,
+                net_ns,
+                fork_ns,
+            } => {
+                phases.push(("initStart", ns_delta(attached_mono, init_ns)));
+                phases.push(("proc", ns_delta(init_ns, proc_ns)));
+                phases.push(("network", ns_delta(proc_ns, net_ns)));
+                phases.push(("exec", ns_delta(fork_ns, mono_ns)));
+                started = Some(mono_ns);
+            }
+            Report::Finished {
+                mono_ns,
+                status,
+                disk_full,
+                read_back,
+                collected,
+                collect_error,
+            } => {
+                finished = Some((
                     mono_ns,
                     status,
                     disk_full,
                     read_back,
                     collected,
                     collect_error,
-                } => {
-                    finished = Some((
-                        mono_ns,
-                        status,
-                        disk_full,
-                        read_back,
-                        collected,
-                        collect_error,
-                        blobs,
-                    ));
-                }
+                    blobs,
+                ));
             }
         }
-        if killed.is_none() {
-            go.map_err(io("sending the spec to the launcher"))?;
-        }
-        let (stdout, stdout_truncated) = stdout.finish();
-        let (stderr, stderr_truncated) = stderr.finish();
-        let mut outcome = RunOutcome {
-            termination: killed.unwrap_or(Termination::Cancelled),
-            stdout,
-            stdout_truncated,
-            stderr,
-            stderr_truncated,
-            read_back: Vec::new(),
-            collected: Vec::new(),
-            collect_error: None,
-            disk_full: false,
-            stats: CgroupStats::default(),
-            wall_time: t0.elapsed(),
-            run_time: Duration::ZERO,
-            setup_time: started.map(|s| ns_delta(t0_mono, s)).unwrap_or_default(),
-            phases: Vec::new(),
-        };
-        match (killed, finished) {
-            (Some(_), _) => {
-                if let Some(s) = started {
-                    outcome.run_time = ns_delta(s, exited_mono);
-                }
-            }
-            (None, Some((end, status, disk_full, read_back, collected, collect_error, blobs))) => {
-                let mut blobs = blobs.into_iter();
-                outcome.termination = Termination::Exited(status);
-                outcome.disk_full = disk_full;
-                outcome.run_time = started.map(|s| ns_delta(s, end)).unwrap_or_default();
-                phases.push(("run", outcome.run_time));
-                phases.push(("teardown", ns_delta(end, exited_mono)));
-                for rb in read_back {
-                    outcome.read_back.push(match rb {
-                        ReadBack::Missing => ReadBackResult::Missing,
-                        ReadBack::Read { truncated } => ReadBackResult::Read {
-                            data: blobs.next().ok_or_else(|| {
-                                SandboxError::Protocol("missing read-back blob".into())
-                            })?,
-                            truncated,
-                        },
-                        ReadBack::Refused { reason } => ReadBackResult::Refused { reason },
-                    });
-                }
-                for name in collected {
-                    let data = blobs
-                        .next()
-                        .ok_or_else(|| SandboxError::Protocol("missing collected blob".into()))?;
-                    outcome.collected.push((name, data));
-                }
-                outcome.collect_error = collect_error;
-            }
-            (None, None) => {
-                let code = launcher
-                    .child
-                    .try_wait()
-                    .ok()
-                    .flatten()
-                    .and_then(|s| s.code());
-                return Err(SandboxError::Protocol(format!(
-                    "the launcher ended (exit {code:?}) without a final report"
-                )));
+    }
+    if killed.is_none() {
+        go.map_err(io("sending the spec to the launcher"))?;
+    }
+    let (stdout, stdout_truncated) = stdout.finish();
+    let (stderr, stderr_truncated) = stderr.finish();
+    let mut outcome = RunOutcome {
+        termination: killed.unwrap_or(Termination::Cancelled),
+        stdout,
+        stdout_truncated,
+        stderr,
+        stderr_truncated,
+        read_back: Vec::new(),
+        collected: Vec::new(),
+        collect_error: None,
+        disk_full: false,
+        stats: CgroupStats::default(),
+        wall_time: t0.elapsed(),
+        run_time: Duration::ZERO,
+        setup_time: started.map(|s| ns_delta(t0_mono, s)).unwrap_or_default(),
+        phases: Vec::new(),
+    };
+    match (killed, finished) {
+        (Some(_), _) => {
+            if let Some(s) = started {
+                outcome.run_time = ns_delta(s, exited_mono);
             }
         }
-        Ok(outcome)
+        (None, Some((end, status, disk_full, read_back, collected, collect_error, blobs))) => {
+            let mut blobs = blobs.into_iter();
+            outcome.termination = Termination::Exited(status);
+            outcome.disk_full = disk_full;
+            outcome.run_time = started.map(|s| ns_delta(s, end)).unwrap_or_default();
+            phases.push(("run", outcome.run_time));
+            phases.push(("teardown", ns_delta(end, exited_mono)));
+            for rb in read_back {
+                outcome.read_back.push(match rb {
+                    ReadBack::Missing => ReadBackResult::Missing,
+                    ReadBack::Read { truncated } => ReadBackResult::Read {
+                        data: blobs.next().ok_or_else(|| {
+                            SandboxError::Protocol("missing read-back blob".into())
+                        })?,
+                        truncated,
+                    },
+                    ReadBack::Refused { reason } => ReadBackResult::Refused { reason },
+                });
+            }
+            for name in collected {
+                let data = blobs
+                    .next()
+                    .ok_or_else(|| SandboxError::Protocol("missing collected blob".into()))?;
+                outcome.collected.push((name, data));
+            }
+            outcome.collect_error = collect_error;
+        }
+        (None, None) => {
+            let code = launcher
+                .child
+                .try_wait()
+                .ok()
+                .flatten()
+                .and_then(|s| s.code());
+            return Err(SandboxError::Protocol(format!(
+                "the launcher ended (exit {code:?}) without a final report"
+            )));
+        }
+    }
+    Ok(outcome)
+}
+
+/// A launcher spawned and sent the base spec of its run: it builds the
+/// sandbox (namespaces, mounts, an empty work dir), reports `Ready` and waits
+/// for its task. Dropped unused, the launcher is killed.
+pub(crate) struct Prepared {
+    launcher: Launcher,
+    /// Spec frames and the go out, reports in.
+    channel: std::os::unix::net::UnixStream,
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+    /// Start of the spawn.
+    t_spawn: Instant,
+    /// How long the spawn took.
+    spawn_time: Duration,
+    spawned_mono: u64,
+    /// Sending the base spec (see [`Handed::go`]).
+    sent: std::io::Result<()>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("pid", &self.pid())
+            .finish_non_exhaustive()
     }
 }
 
-fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
+impl Prepared {
+    /// The launcher's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.launcher.child.id()
+    }
+
+    /// Sends the task's spec: the whole spec, with the contents of the work
+    /// files as blobs. Fails at once if sending the base spec failed.
+    pub(crate) fn send_task(
+        &self,
+        spec: &LaunchSpec,
+        work_files: &[SandboxFile],
+    ) -> std::io::Result<()> {
+        if let Err(e) = &self.sent {
+            return Err(std::io::Error::new(e.kind(), e.to_string()));
+        }
+        let blobs: Vec<&[u8]> = work_files.iter().map(|f| f.content.as_slice()).collect();
+        (&self.channel).write_all(&[TASK_FOLLOWS])?;
+        write_frame(&mut &self.channel, spec, &blobs)
+    }
+
+    /// Sends the go: the launcher sits in its cgroup.
+    pub(crate) fn send_go(&self) -> std::io::Result<()> {
+        (&self.channel).write_all(b"g")
+    }
+
+    /// Waits up to `timeout` for the launcher's `Ready` report: the sandbox
+    /// is built and waits for its task. Any other answer (a setup failure,
+    /// the launcher's end, silence) is an error.
+    pub(crate) fn wait_ready(&mut self, timeout: Duration) -> Result<(), SandboxError> {
+        if let Err(e) = &self.sent {
+            return Err(SandboxError::Io {
+                what: "sending the spec to the launcher",
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            });
+        }
+        self.channel
+            .set_read_timeout(Some(timeout))
+            .map_err(io("socket timeout"))?;
+        let report = crate::frame::read_frame::<_, Report>(&mut &self.channel);
+        self.channel
+            .set_read_timeout(None)
+            .map_err(io("socket timeout"))?;
+        match report {
+            Ok(Some((Report::Ready { .. }, _))) => Ok(()),
+            Ok(Some((Report::SetupFailed { stage, message }, _))) => {
+                Err(SandboxError::Setup { stage, message })
+            }
+            Ok(Some((other, _))) => Err(SandboxError::Protocol(format!(
+                "expected Ready from the launcher, got {other:?}"
+            ))),
+            Ok(None) => Err(SandboxError::Protocol(
+                "the launcher ended before it was ready".into(),
+            )),
+            Err(e) => Err(SandboxError::Io {
+                what: "waiting for the launcher to be ready",
+                source: e,
+            }),
+        }
+    }
+
+    /// Whether the launcher still waits for its task: not exited, and silent
+    /// (after `Ready` a waiting launcher says nothing until it has a task, so
+    /// anything to read, or the end of the channel, means it is gone).
+    pub(crate) fn is_waiting(&self) -> bool {
+        let mut fds = [
+            PollFd::new(self.launcher.pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.channel.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(_) => false,
+        }
+    }
+}
+
+/// The end of every run: kills whatever is left in the cgroup, reads its
+/// accounting (less `cpu_base`, the CPU time used before the task was handed
+/// over) and removes it, then completes the outcome.
+pub(crate) fn finish_run(
+    cgroup: &dyn TaskCgroup,
+    result: Result<RunOutcome, SandboxError>,
+    mut phases: Vec<(&'static str, Duration)>,
+    t0: Instant,
+    cpu_base: Duration,
+) -> Result<RunOutcome, SandboxError> {
+    let t_clean = Instant::now();
+    let kill = cgroup.kill_all();
+    let stats = cgroup.stats();
+    let removed = cgroup.remove();
+    phases.push(("cleanup", t_clean.elapsed()));
+    let mut outcome = result?;
+    kill?;
+    removed?;
+    outcome.stats = stats?;
+    outcome.stats.cpu_time = outcome.stats.cpu_time.saturating_sub(cpu_base);
+    outcome.wall_time = t0.elapsed();
+    outcome.phases = phases;
+    Ok(outcome)
+}
+
+pub(crate) fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
     files
         .iter()
         .map(|f| FileMeta {
@@ -767,6 +1003,6 @@ fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
         .collect()
 }
 
-fn ns_delta(from: u64, to: u64) -> Duration {
+pub(crate) fn ns_delta(from: u64, to: u64) -> Duration {
     Duration::from_nanos(to.saturating_sub(from))
 }

@@ -1,8 +1,10 @@
 //! What the executor asks of the launcher, and what the launcher reports back.
 //!
 //! The executor serializes a [`LaunchSpec`] (plus file contents as frame blobs)
-//! into the launcher's spec pipe; the launcher answers on its report pipe with
-//! [`Report`] frames. Paths inside the sandbox are absolute sandbox paths;
+//! into the launcher's spec pipe, in two frames: its base
+//! ([`LaunchSpec::base`], what shapes the sandbox), then, after the launcher
+//! is ready, the whole spec with the work files; the launcher answers on its
+//! report pipe with [`Report`] frames. Paths inside the sandbox are absolute sandbox paths;
 //! paths of files to create are relative to their directory and were checked
 //! by the caller (the model's `validate_static`) and again here.
 
@@ -30,7 +32,7 @@ pub struct SandboxFile {
 
 /// Metadata of a [`SandboxFile`] as it travels in the spec header; the
 /// contents follow as blobs in the same order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct FileMeta {
     pub path: String,
     pub executable: bool,
@@ -71,6 +73,59 @@ pub(crate) struct LaunchSpec {
     /// `network` permission). When false the task gets a fresh network
     /// namespace with only loopback.
     pub share_network: bool,
+    /// Start a fork server ([`crate::zygote`]) instead of a task: the
+    /// process stays root, keeps the few capabilities it needs to build
+    /// each child's isolation ([`crate::seccomp::FORK_SERVER_CAPS`]) and
+    /// runs under the fork-server seccomp profile.
+    #[serde(default)]
+    pub fork_server: bool,
+}
+
+impl LaunchSpec {
+    /// The spec without its task: what shapes the sandbox (mounts, /etc, the
+    /// support files, the user, the scratch size, the seccomp profile) and
+    /// nothing of one task (no argv, environment, work files, stdin or
+    /// read-back). The launcher builds the sandbox from this, then waits for
+    /// the whole spec (see [`LaunchSpec::same_sandbox`]).
+    pub(crate) fn base(&self) -> LaunchSpec {
+        LaunchSpec {
+            argv: Vec::new(),
+            env: Vec::new(),
+            work_files: Vec::new(),
+            stdin_path: None,
+            read_back: Vec::new(),
+            collect_dir: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether `task` asks for exactly the sandbox this (base) spec built:
+    /// everything but the per-task parts must match, so a task never runs in
+    /// a sandbox shaped for another (another user in `/etc/passwd`, other
+    /// mounts, another scratch size or seccomp profile).
+    pub(crate) fn same_sandbox(&self, task: &LaunchSpec) -> bool {
+        let with_task_parts_of = |s: &LaunchSpec| LaunchSpec {
+            argv: task.argv.clone(),
+            env: task.env.clone(),
+            work_files: task.work_files.clone(),
+            stdin_path: task.stdin_path.clone(),
+            rlimits: task.rlimits,
+            read_back: task.read_back.clone(),
+            read_back_cap: task.read_back_cap,
+            collect_dir: task.collect_dir.clone(),
+            collect_cap: task.collect_cap,
+            ..s.clone()
+        };
+        // Compared through JSON: every field, including ones added later,
+        // takes part unless it is listed above as per-task.
+        match (
+            serde_json::to_value(with_task_parts_of(self)),
+            serde_json::to_value(with_task_parts_of(task)),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// Resource limits applied with setrlimit, a second layer under cgroups.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::pool::{LauncherPool, PoolConfig};
 use crate::spawn::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError};
+use crate::zygote::{Fallback, ForkServers};
 
 /// Settings of the warm runner.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +23,7 @@ pub struct WarmConfig {
 pub struct WarmSandbox {
     sandbox: Arc<Sandbox>,
     pool: LauncherPool,
+    fork_servers: Option<ForkServers>,
 }
 
 impl WarmSandbox {
@@ -30,6 +32,9 @@ impl WarmSandbox {
         let sandbox = Arc::new(sandbox);
         Self {
             pool: LauncherPool::new(Arc::clone(&sandbox), config.pool),
+            fork_servers: config
+                .fork_servers
+                .then(|| ForkServers::new(Arc::clone(&sandbox))),
             sandbox,
         }
     }
@@ -45,6 +50,42 @@ impl WarmSandbox {
         req: &RunRequest,
         cancel: Option<&CancelToken>,
     ) -> Result<RunOutcome, SandboxError> {
+        if let Some(servers) = &self.fork_servers {
+            match servers.run(req, cancel) {
+                Ok(result) => return result,
+                Err(Fallback::NotEligible) => {}
+                Err(Fallback::ServerFailed(e)) => {
+                    // The task was not handed over: it runs cold, and the
+                    // next request starts a fresh server.
+                    tracing_free_warn(&e);
+                }
+            }
+        }
         self.pool.run(req, cancel)
     }
+
+    /// Number of fork servers running.
+    pub fn fork_server_count(&self) -> usize {
+        self.fork_servers.as_ref().map_or(0, ForkServers::count)
+    }
+
+    /// Stops every fork server and pooled sandbox.
+    pub fn shutdown(&self) {
+        if let Some(s) = &self.fork_servers {
+            s.shutdown();
+        }
+        self.pool.shutdown();
+    }
+}
+
+/// The sandbox crate does not log; a fork server that failed is reported on
+/// stderr once per failure so an operator sees why tasks run cold.
+fn tracing_free_warn(e: &SandboxError) {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("taskexec: fork server unavailable, running the task cold: {text}");
 }

@@ -27,6 +27,9 @@ pub enum Step {
     TimesOut,
     /// Run for this many milliseconds (or until cancelled), then exit 0.
     Sleep(u64),
+    /// Exit 0 at once, reporting a sandbox start (setup) of this many
+    /// milliseconds.
+    StartTook(u64),
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +110,10 @@ impl Scripted {
                 message: "simulated".into(),
             }),
             Step::TimesOut => Ok(outcome(Termination::TimedOut, "")),
+            Step::StartTook(ms) => Ok(RunOutcome {
+                setup_time: Duration::from_millis(ms),
+                ..outcome(Termination::Exited(ExitStatus::Code(0)), "null")
+            }),
             Step::BlockUntilCancelled => {
                 while !cancel.is_cancelled() {
                     std::thread::sleep(Duration::from_millis(1));

@@ -221,6 +221,9 @@ pub(crate) fn stale_owner(name: &str) -> Option<u32> {
 pub trait TaskCgroup: Send + fmt::Debug {
     /// Moves process `pid` (and so its future children) into the cgroup.
     fn attach(&self, pid: i32) -> Result<(), CgroupError>;
+    /// Replaces the limits of a cgroup made ahead of its task (a fork
+    /// server's pre-attached child); a `None` CPU limit lifts the quota.
+    fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError>;
     /// CPU time used so far by the whole cgroup.
     fn cpu_time(&self) -> Result<Duration, CgroupError>;
     /// Accounting since creation.

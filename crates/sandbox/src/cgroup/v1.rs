@@ -128,13 +128,23 @@ impl V1Cgroup {
         for dir in &self.dirs {
             fs::create_dir(dir).map_err(io_err("create", dir))?;
         }
+        self.write_limits(limits, true)
+    }
+
+    /// Writes every limit; `fresh` cgroups have no CPU quota to lift.
+    fn write_limits(&self, limits: &CgroupLimits, fresh: bool) -> Result<(), CgroupError> {
+        let memsw = self.memory.join("memory.memsw.limit_in_bytes");
+        if !fresh && memsw.exists() {
+            // memory+swap may never be below memory: lift it before the
+            // memory limit changes, set it again below.
+            write(&memsw, "-1")?;
+        }
         write(
             &self.memory.join("memory.limit_in_bytes"),
             &limits.memory_bytes.to_string(),
         )?;
         // Swap off: memsw exists only with swap accounting; without it the host
         // has no swap accounting to bypass, and swappiness 0 is the next best.
-        let memsw = self.memory.join("memory.memsw.limit_in_bytes");
         if memsw.exists() {
             write(&memsw, &limits.memory_bytes.to_string())?;
         }
@@ -149,12 +159,18 @@ impl V1Cgroup {
             )?;
             let quota = (u64::from(limit) * CFS_PERIOD_US / 1000).max(1000);
             write(&self.cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+        } else if !fresh {
+            write(&self.cpu.join("cpu.cfs_quota_us"), "-1")?;
         }
         Ok(())
     }
 }
 
 impl TaskCgroup for V1Cgroup {
+    fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        self.write_limits(limits, false)
+    }
+
     fn attach(&self, pid: i32) -> Result<(), CgroupError> {
         for dir in &self.dirs {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;

@@ -141,12 +141,18 @@ impl V2Cgroup {
                 &self.dir.join("cpu.max"),
                 &format!("{quota} {CPU_PERIOD_US}"),
             )?;
+        } else if self.dir.join("cpu.max").exists() {
+            write(&self.dir.join("cpu.max"), &format!("max {CPU_PERIOD_US}"))?;
         }
         Ok(())
     }
 }
 
 impl TaskCgroup for V2Cgroup {
+    fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        self.apply(limits)
+    }
+
     fn attach(&self, pid: i32) -> Result<(), CgroupError> {
         write(&self.dir.join("cgroup.procs"), &pid.to_string())
     }

@@ -1,0 +1,124 @@
+//! `taskexec bench`: a smoke run of the report (bash only, a couple of
+//! tasks per group, a tiny drain) that checks the JSON document's shape and
+//! the Markdown section; no timing is asserted.
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+#[test]
+fn quick_report_has_every_section_in_its_json_and_markdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let md = dir.path().join("benchmarks.md");
+    std::fs::write(&md, "# Benchmarks\n\nKept as is.\n").expect("write the markdown file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
+    cmd.args([
+        "bench",
+        "--quick",
+        "--tasks",
+        "1",
+        "--runtimes",
+        "bash",
+        "--drain-tasks",
+        "3",
+        "--json",
+        "--markdown",
+    ])
+    .arg(&md);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TASKEXEC_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run taskexec bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let r: Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
+
+    assert_eq!(r["schemaVersion"], 1);
+    assert!(r["command"].as_str().expect("command").contains("--quick"));
+    for k in ["cpuModel", "kernel", "cgroup", "build"] {
+        assert!(r["machine"][k].is_string(), "machine.{k}: {}", r["machine"]);
+    }
+    assert!(r["machine"]["cores"].as_u64().expect("cores") >= 1);
+    assert!(r["machine"]["runtimes"]["bash"].is_string());
+    assert_eq!(r["settings"]["runtimes"], serde_json::json!(["bash"]));
+    assert_eq!(r["settings"]["quick"], true);
+
+    let groups = r["groups"].as_array().expect("groups");
+    let cores = r["machine"]["cores"].as_u64().expect("cores");
+    let engine: Vec<&Value> = groups.iter().filter(|g| g["section"] == "engine").collect();
+    let service: Vec<&Value> = groups
+        .iter()
+        .filter(|g| g["section"] == "service")
+        .collect();
+    let conc = |gs: &[&Value]| -> Vec<u64> {
+        gs.iter()
+            .map(|g| g["concurrency"].as_u64().expect("concurrency"))
+            .collect()
+    };
+    assert_eq!(
+        conc(&engine),
+        [1, 2 * cores],
+        "bash script only: {engine:?}"
+    );
+    assert_eq!(conc(&service), [1, 4]);
+    for g in engine.iter().chain(&service) {
+        assert_eq!(g["runtime"], "bash");
+        assert_eq!(g["mode"], "script");
+        let kinds: Vec<&str> = g["series"]
+            .as_array()
+            .expect("series")
+            .iter()
+            .map(|s| s["kind"].as_str().expect("kind"))
+            .collect();
+        let want: &[&str] = if g["section"] == "engine" {
+            &["bare", "cold", "warm"]
+        } else {
+            &["bare", "service"]
+        };
+        assert_eq!(kinds, want, "{g}");
+        for s in g["series"].as_array().expect("series") {
+            assert!(s["n"].as_u64().expect("n") >= 1, "{s}");
+            for k in ["p50Ms", "p99Ms", "meanMs", "throughputPerS", "p50Ratio"] {
+                assert!(s[k].as_f64().is_some(), "{k} in {s}");
+            }
+        }
+        assert_eq!(g["series"][0]["p50Ratio"], 1.0);
+    }
+
+    let d = &r["drain"];
+    assert_eq!(d["tasks"], 3);
+    assert_eq!(d["completed"], 3, "{d}");
+    assert_eq!(d["notCompleted"], 0);
+    assert!(d["peakRssMib"].as_f64().expect("peak RSS") > 0.0, "{d}");
+    assert!(d["drainSeconds"].as_f64().is_some());
+
+    let targets = r["targets"].as_array().expect("targets");
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["unit"] == "MiB" && t["value"].is_number()),
+        "{targets:?}"
+    );
+    for t in targets {
+        for k in ["name", "unit", "baselineName"] {
+            assert!(t[k].is_string(), "{k} in {t}");
+        }
+    }
+
+    let text = std::fs::read_to_string(&md).expect("read the markdown file");
+    assert!(text.starts_with("# Benchmarks\n\nKept as is.\n"), "{text}");
+    assert!(text.contains("## The report (`taskexec bench`)"), "{text}");
+    assert!(text.contains("| bash | script | 1 |"), "{text}");
+    assert!(text.contains("### Drain of 3 queued tasks"), "{text}");
+    assert_eq!(text.matches("taskexec bench report: begin").count(), 1);
+}

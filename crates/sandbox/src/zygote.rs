@@ -1,0 +1,1126 @@
+//! Fork servers ("zygotes"): a pre-started interpreter that has already
+//! imported the handler wrapper forks one child per task, and the child
+//! enters the task's own isolation before it touches the task's input.
+//!
+//! A fork server lives in a sandbox of its own, built by the ordinary
+//! launcher with [`LaunchSpec::fork_server`] set: new PID, mount, network,
+//! IPC, UTS and cgroup namespaces, the read-only root of the runtime, its own
+//! cgroup; it stays root there with only [`seccomp::FORK_SERVER_CAPS`] and
+//! under the fork-server seccomp profile. The server code itself is
+//! `zygote/python_zygote.py` (its docstring has the protocol).
+//!
+//! One run, from the executor's side ([`ForkServers::run`]):
+//! 1. create the task cgroup; make the task channel (a stream socket pair
+//!    with `SO_PASSCRED` on our end), the stdout/stderr pipes and a status
+//!    pipe, and send the far ends to the server with one request;
+//! 2. the child says hello: the kernel stamps the message with the child's
+//!    pid (translated into our PID namespace), and we move the child into
+//!    the task cgroup before it has read anything of the task;
+//! 3. we send the spec (files, argv, env, limits); the child unshares its
+//!    namespaces, mounts a fresh tmpfs for /task and /tmp, writes the files,
+//!    drops everything (uid, capabilities, seccomp) and reports `m` with the
+//!    work dir's descriptor, which keeps that tmpfs readable after the child
+//!    and its mount namespace are gone;
+//! 4. the server reports the child's exit status on the status pipe; we
+//!    kill whatever is left in the cgroup, read the output back through the
+//!    work dir descriptor (symlink-proof, as for a cold run), and remove the
+//!    cgroup.
+//!
+//! Concurrent children of one server share its PID namespace, so each runs
+//! under a uid of its own from [`FORK_UIDS`] (with /proc's `hidepid` and
+//! distinct uids, a child can neither see nor signal another); a request
+//! that asks for a specific uid runs cold instead.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, setsockopt, socketpair, sockopt,
+};
+use serde::Serialize;
+
+use crate::capture::Capped;
+use crate::cgroup::{CgroupLimits, CgroupStats, TaskCgroup};
+use crate::frame::{read_frame, write_frame};
+use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
+use crate::seccomp;
+use crate::spawn::{
+    CancelToken, ReadBackResult, RunOutcome, RunRequest, Sandbox, SandboxError, Termination,
+    cgroup_name, drain, etc_files, io, metas, nix_io, ns_delta, pidfd_open,
+};
+use crate::spec::{ExitStatus, LaunchSpec, Report, RlimitSpec, SandboxFile};
+
+/// The uids children of one fork server run as, one per concurrent child.
+pub const FORK_UIDS: std::ops::RangeInclusive<u32> = 62000..=62063;
+
+/// The fork-server program of each kind.
+fn server_source(kind: &str) -> Option<&'static str> {
+    match kind {
+        "python" => Some(include_str!("../zygote/python_zygote.py")),
+        _ => None,
+    }
+}
+
+const SERVER_FILE: &str = "taskexec_zygote.py";
+const FILTER_FILE: &str = "seccomp-task.bpf";
+/// How long a new server may take to import its wrapper and say ready.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a child may take to say hello and to finish its setup.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The fork servers of one executor, by key (kind, mounts, support files).
+#[derive(Debug)]
+pub(crate) struct ForkServers {
+    sandbox: Arc<Sandbox>,
+    servers: Mutex<HashMap<u64, Arc<Server>>>,
+}
+
+/// One running fork server.
+#[derive(Debug)]
+struct Server {
+    key: u64,
+    launcher: Mutex<std::process::Child>,
+    launcher_pidfd: OwnedFd,
+    /// Kept open: the launcher and the server's init report on it.
+    _channel: UnixStream,
+    control: Mutex<OwnedFd>,
+    cgroup: Mutex<Box<dyn TaskCgroup>>,
+    free_uids: Mutex<BTreeSet<u32>>,
+    log: Arc<Mutex<Vec<u8>>>,
+    hostname: String,
+    work_dir: String,
+    spares: Mutex<VecDeque<Spare>>,
+    refill: Condvar,
+    in_flight: AtomicUsize,
+    stopping: AtomicBool,
+    refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.launcher.lock() {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        if let Ok(cgroup) = self.cgroup.lock() {
+            let _ = cgroup.kill_all();
+            let _ = cgroup.remove();
+        }
+    }
+}
+
+/// Limits of a spare child's cgroup until a task sets its own.
+const SPARE_LIMITS: CgroupLimits = CgroupLimits {
+    memory_bytes: 64 << 20,
+    pids: 16,
+    cpu_request_millis: 100,
+    cpu_limit_millis: None,
+};
+
+/// Spare children kept per server at most.
+const MAX_SPARES: usize = 8;
+
+/// A forked child, attached to its own cgroup, waiting for its spec.
+#[derive(Debug)]
+struct Spare {
+    task: UnixStream,
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+    status_r: OwnedFd,
+    cgroup: Box<dyn TaskCgroup>,
+    /// The cgroup is gone already (after a run).
+    removed: bool,
+}
+
+impl Spare {
+    /// Still alive and silent (a dead child's status pipe is readable).
+    fn waiting(&self) -> bool {
+        !wait_readable(&[self.status_r.as_fd(), self.task.as_fd()], Duration::ZERO)
+            .map(|r| r[0] || r[1])
+            .unwrap_or(true)
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        // Only unused spares get here with a live child (a run moves the
+        // cgroup out first): kill it and remove its cgroup.
+        if !self.removed {
+            let _ = self.cgroup.kill_all();
+            let _ = self.cgroup.remove();
+        }
+    }
+}
+
+/// Counts a run in flight while alive.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a request could not be served warm; the caller runs it cold.
+#[derive(Debug)]
+pub(crate) enum Fallback {
+    /// Not a request a fork server can take (or all uids are busy).
+    NotEligible,
+    /// The server failed before the task was handed over.
+    ServerFailed(SandboxError),
+}
+
+fn key_of(kind: &str, req: &RunRequest) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    kind.hash(&mut h);
+    for m in &req.ro_mounts {
+        (&m.path, m.optional).hash(&mut h);
+    }
+    for f in &req.support_files {
+        (&f.path, &f.content, f.executable).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What the child needs of the request (the `spec frame` of the server's
+/// protocol).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChildSpec<'a> {
+    hostname: &'a str,
+    uid: u32,
+    gid: u32,
+    argv: &'a [String],
+    env: &'a [(String, String)],
+    work_files: Vec<crate::spec::FileMeta>,
+    disk_bytes: u64,
+    disk_inodes: u64,
+    stdin_path: Option<&'a str>,
+    rlimits: RlimitSpec,
+}
+
+fn wait_readable(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout: Duration,
+) -> Result<Vec<bool>, SandboxError> {
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|f| PollFd::new(*f, PollFlags::POLLIN))
+        .collect();
+    let ms = if timeout.is_zero() {
+        0
+    } else {
+        u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX)
+    };
+    loop {
+        match poll(&mut pfds, PollTimeout::from(ms)) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(nix_io("poll")(e)),
+        }
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+        .collect())
+}
+
+impl ForkServers {
+    pub(crate) fn new(sandbox: Arc<Sandbox>) -> Self {
+        Self {
+            sandbox,
+            servers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Number of running servers.
+    pub(crate) fn count(&self) -> usize {
+        self.servers.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Runs `req` in a fork-server child, or says why it must run cold.
+    pub(crate) fn run(
+        &self,
+        req: &RunRequest,
+        cancel: Option<&CancelToken>,
+    ) -> Result<Result<RunOutcome, SandboxError>, Fallback> {
+        let Some(kind) = req.fork_server.as_deref() else {
+            return Err(Fallback::NotEligible);
+        };
+        if server_source(kind).is_none() || req.user.is_some() || req.collect_dir.is_some() {
+            return Err(Fallback::NotEligible);
+        }
+        let key = key_of(kind, req);
+        let server = self
+            .server(key, kind, req)
+            .map_err(Fallback::ServerFailed)?;
+        let Some(uid) = server.take_uid() else {
+            return Err(Fallback::NotEligible);
+        };
+        let result = server.run(&self.sandbox, req, cancel, uid);
+        server.give_uid(uid);
+        match result {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // Nothing of the task ran; a dead server is replaced.
+                if !server.alive() {
+                    self.forget(&server);
+                }
+                Err(Fallback::ServerFailed(e))
+            }
+        }
+    }
+
+    fn forget(&self, server: &Arc<Server>) {
+        if let Ok(mut map) = self.servers.lock()
+            && map.get(&server.key).is_some_and(|s| Arc::ptr_eq(s, server))
+        {
+            map.remove(&server.key);
+        }
+    }
+
+    fn server(&self, key: u64, kind: &str, req: &RunRequest) -> Result<Arc<Server>, SandboxError> {
+        // Held while a server starts (tens of milliseconds, rare): racing
+        // first requests wait for one server instead of starting several.
+        let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(&key) {
+            if s.alive() {
+                return Ok(Arc::clone(s));
+            }
+            map.remove(&key);
+        }
+        let server = start_server(Arc::clone(&self.sandbox), key, kind, req)?;
+        map.insert(key, Arc::clone(&server));
+        Ok(server)
+    }
+
+    /// Stops every server and waits until its processes and cgroups are
+    /// gone.
+    pub(crate) fn shutdown(&self) {
+        let servers: Vec<Arc<Server>> = match self.servers.lock() {
+            Ok(mut map) => map.drain().map(|(_, s)| s).collect(),
+            Err(_) => return,
+        };
+        for server in servers {
+            server.stop();
+            let handle = server.refill_thread.lock().ok().and_then(|mut h| h.take());
+            if let Some(h) = handle {
+                let _ = h.join();
+            }
+            // The last reference: the server is stopped here.
+            drop(server);
+        }
+    }
+}
+
+impl Drop for ForkServers {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts a server on a thread of its own that then keeps its spare
+/// children topped up (one more than the runs in flight, at most
+/// [`MAX_SPARES`]) for as long as the server lives. The launcher must be
+/// spawned by a thread that outlives it: its parent-death signal fires when
+/// the spawning *thread* ends.
+fn start_server(
+    sandbox: Arc<Sandbox>,
+    key: u64,
+    kind: &str,
+    req: &RunRequest,
+) -> Result<Arc<Server>, SandboxError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let (kind, req) = (kind.to_string(), req.clone());
+    let handle = std::thread::Builder::new()
+        .name("fork-server".into())
+        .spawn(move || {
+            let server = match Server::start(&sandbox, key, &kind, &req) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let weak: Weak<Server> = Arc::downgrade(&server);
+            if tx.send(Ok(server)).is_err() {
+                return;
+            }
+            refill(&weak, &sandbox);
+        })
+        .map_err(io("starting the fork server's thread"))?;
+    let server = rx
+        .recv()
+        .map_err(|_| SandboxError::Protocol("the fork server's thread ended".into()))??;
+    if let Ok(mut h) = server.refill_thread.lock() {
+        *h = Some(handle);
+    }
+    Ok(server)
+}
+
+/// The refill loop; returns when the server stops or is gone.
+fn refill(weak: &Weak<Server>, sandbox: &Sandbox) {
+    loop {
+        let Some(server) = weak.upgrade() else {
+            return;
+        };
+        if server.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let target = (server.in_flight.load(Ordering::SeqCst) + 1).min(MAX_SPARES);
+        let have = server.spares.lock().map(|s| s.len()).unwrap_or(MAX_SPARES);
+        if have < target {
+            match server.make_spare(sandbox) {
+                Ok(spare) => {
+                    if let Ok(mut spares) = server.spares.lock() {
+                        spares.push_back(spare);
+                    }
+                }
+                Err(_) if !server.alive() => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+            continue;
+        }
+        let guard = server.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = server.refill.wait_timeout(guard, Duration::from_secs(1));
+    }
+}
+
+impl Server {
+    /// Stops the refill thread and drops the spare children.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.refill.notify_all();
+        if let Ok(mut spares) = self.spares.lock() {
+            spares.clear();
+        }
+    }
+
+    fn alive(&self) -> bool {
+        !wait_readable(&[self.launcher_pidfd.as_fd()], Duration::ZERO)
+            .map(|r| r[0])
+            .unwrap_or(true)
+    }
+
+    fn take_uid(&self) -> Option<u32> {
+        let mut free = self.free_uids.lock().ok()?;
+        let uid = *free.iter().next()?;
+        free.remove(&uid);
+        Some(uid)
+    }
+
+    fn give_uid(&self, uid: u32) {
+        if let Ok(mut free) = self.free_uids.lock() {
+            free.insert(uid);
+        }
+    }
+
+    /// Starts a server for requests like `req`.
+    fn start(
+        sandbox: &Sandbox,
+        key: u64,
+        kind: &str,
+        req: &RunRequest,
+    ) -> Result<Self, SandboxError> {
+        let source = server_source(kind).ok_or_else(|| SandboxError::Setup {
+            stage: "fork server".into(),
+            message: format!("no fork server of kind {kind}"),
+        })?;
+        let config = &sandbox.config;
+        let wrapper_file = req
+            .support_files
+            .first()
+            .ok_or_else(|| SandboxError::Protocol("a fork-server request has no wrapper".into()))?;
+        let wrapper = format!("{}/{}", config.support_dir, wrapper_file.path);
+        let filters = seccomp::build_filters().map_err(|e| SandboxError::Setup {
+            stage: "seccomp".into(),
+            message: e.to_string(),
+        })?;
+        let mut support: Vec<SandboxFile> = req.support_files.clone();
+        support.push(SandboxFile {
+            path: SERVER_FILE.into(),
+            content: source.as_bytes().to_vec(),
+            executable: false,
+        });
+        support.push(SandboxFile {
+            path: FILTER_FILE.into(),
+            content: seccomp::to_bytes(&filters),
+            executable: false,
+        });
+        // /etc/passwd names every uid a child may get.
+        let mut etc = etc_files(*FORK_UIDS.start(), *FORK_UIDS.start(), &config.hostname);
+        etc[0].content = std::iter::once("root:x:0:0:root:/root:/bin/false\n".to_string())
+            .chain(FORK_UIDS.map(|u| format!("sandbox:x:{u}:{u}:sandbox:/task:/bin/false\n")))
+            .collect::<String>()
+            .into_bytes();
+        etc[1].content = std::iter::once("root:x:0:\n".to_string())
+            .chain(FORK_UIDS.map(|u| format!("sandbox:x:{u}:\n")))
+            .collect::<String>()
+            .into_bytes();
+        let interpreter = req
+            .argv
+            .first()
+            .ok_or_else(|| SandboxError::Protocol("empty argv".into()))?;
+        let env: Vec<(String, String)> = req
+            .env
+            .iter()
+            .filter(|(k, _)| !k.starts_with("TASK_"))
+            .cloned()
+            .collect();
+        let spec = LaunchSpec {
+            hostname: config.hostname.clone(),
+            uid: *FORK_UIDS.start(),
+            gid: *FORK_UIDS.start(),
+            argv: vec![
+                interpreter.clone(),
+                "-E".into(),
+                "-s".into(),
+                "-B".into(),
+                "-u".into(),
+                format!("{}/{SERVER_FILE}", config.support_dir),
+                wrapper.clone(),
+                format!("{}/{FILTER_FILE}", config.support_dir),
+            ],
+            env,
+            ro_mounts: req.ro_mounts.clone(),
+            work_files: Vec::new(),
+            support_files: metas(&support),
+            etc_files: metas(&etc),
+            work_dir: config.work_dir.clone(),
+            support_dir: config.support_dir.clone(),
+            disk_bytes: 1 << 20,
+            disk_inodes: 1024,
+            stdin_path: None,
+            rlimits: RlimitSpec {
+                nofile: 4096,
+                fsize: 1 << 30,
+                cpu_seconds: None,
+                stack: 8 << 20,
+            },
+            read_back: Vec::new(),
+            read_back_cap: 0,
+            collect_dir: None,
+            collect_cap: 0,
+            share_network: false,
+            fork_server: true,
+        };
+        let blobs: Vec<&[u8]> = support
+            .iter()
+            .chain(&etc)
+            .map(|f| f.content.as_slice())
+            .collect();
+
+        let cgroup = sandbox.cgroups.create(
+            &cgroup_name(),
+            &CgroupLimits {
+                memory_bytes: 512 << 20,
+                pids: 1024,
+                cpu_request_millis: 1000,
+                cpu_limit_millis: None,
+            },
+        )?;
+        let (ours, theirs) = UnixStream::pair().map_err(io("socketpair"))?;
+        let (control, control_theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(nix_io("socketpair"))?;
+        let (log_r, log_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(nix_io("pipe"))?;
+        let mut cmd = Command::new(&config.launcher.program);
+        cmd.arg(LAUNCHER_ARG)
+            .arg(std::process::id().to_string())
+            .env_clear()
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::from(control_theirs))
+            .stderr(Stdio::from(log_w))
+            .current_dir("/");
+        let child = cmd
+            .spawn()
+            .map_err(io("spawning the fork server's launcher"))?;
+        let launcher_pidfd = pidfd_open(child.id()).map_err(io("pidfd_open"))?;
+        let server = Server {
+            key,
+            launcher: Mutex::new(child),
+            launcher_pidfd,
+            _channel: ours,
+            control: Mutex::new(control),
+            cgroup: Mutex::new(cgroup),
+            free_uids: Mutex::new(FORK_UIDS.collect()),
+            log: Arc::new(Mutex::new(Vec::new())),
+            hostname: config.hostname.clone(),
+            work_dir: config.work_dir.clone(),
+            spares: Mutex::new(VecDeque::new()),
+            refill: Condvar::new(),
+            in_flight: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            refill_thread: Mutex::new(None),
+        };
+        // The server's log: kept (capped) for error messages.
+        let log = Arc::clone(&server.log);
+        std::thread::Builder::new()
+            .name("fork-server-log".into())
+            .spawn(move || {
+                let mut f = std::fs::File::from(log_r);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        // Keep the last 16 KiB.
+                        l.extend_from_slice(&buf[..n]);
+                        let excess = l.len().saturating_sub(16 << 10);
+                        l.drain(..excess);
+                    }
+                }
+            })
+            .map_err(io("starting the fork server's log thread"))?;
+
+        let mut w = &server._channel;
+        // The launcher's two frames: the sandbox's shape, then the "task"
+        // (the server itself, with no work files).
+        write_frame(&mut w, &spec.base(), &blobs)
+            .and_then(|()| w.write_all(&[TASK_FOLLOWS]))
+            .and_then(|()| write_frame(&mut w, &spec, &[]))
+            .map_err(io("sending the fork server's spec"))?;
+        let pid = server.launcher.lock().map(|l| l.id()).unwrap_or(0);
+        server
+            .cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach(pid as i32)?;
+        w.write_all(b"g").map_err(io("starting the fork server"))?;
+        server.await_ready()?;
+        Ok(server)
+    }
+
+    /// Waits for the server's `R` (or its launcher's failure report).
+    fn await_ready(&self) -> Result<(), SandboxError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.failed("did not start in time"));
+            }
+            let ready = wait_readable(&[control.as_fd(), self.launcher_pidfd.as_fd()], left)?;
+            if ready[0] {
+                let mut b = [0u8; 1];
+                return match nix::unistd::read(&*control, &mut b) {
+                    Ok(1) if b[0] == b'R' => Ok(()),
+                    _ => Err(self.failed("ended before it was ready")),
+                };
+            }
+            if ready[1] {
+                return Err(self.failed("ended before it was ready"));
+            }
+        }
+    }
+
+    /// A setup error with what the launcher reported and the server logged.
+    fn failed(&self, what: &str) -> SandboxError {
+        let _ = self.launcher.lock().map(|mut l| l.kill());
+        let mut message = format!("the fork server {what}");
+        let mut channel = &self._channel;
+        let _ = channel.set_nonblocking(true);
+        let mut bytes = Vec::new();
+        let _ = channel.read_to_end(&mut bytes);
+        let mut cursor = &bytes[..];
+        while let Ok(Some((report, _))) = read_frame::<_, Report>(&mut cursor) {
+            if let Report::SetupFailed { stage, message: m } = report {
+                message.push_str(&format!("; setup failed at {stage}: {m}"));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(log) = self.log.lock() {
+            let tail = String::from_utf8_lossy(&log).trim().to_string();
+            if !tail.is_empty() {
+                message.push_str(&format!("; its log: {tail}"));
+            }
+        }
+        SandboxError::Setup {
+            stage: "fork server".into(),
+            message,
+        }
+    }
+
+    /// Runs one request in a child running as `uid`. The outer `Err` means
+    /// the task was never handed over (run it cold); the inner result is the
+    /// run's.
+    /// Forks a child and moves it into a cgroup of its own: a spare, ready
+    /// for any task. Made ahead of time by the refill thread, so the cgroup
+    /// attach (on cgroup v1 it may wait out an RCU grace period) and the
+    /// fork are off the task's path.
+    fn make_spare(&self, sandbox: &Sandbox) -> Result<Spare, SandboxError> {
+        let cloexec = OFlag::O_CLOEXEC;
+        let (task, task_theirs) = UnixStream::pair().map_err(io("socketpair"))?;
+        setsockopt(&task, sockopt::PassCred, &true).map_err(nix_io("SO_PASSCRED"))?;
+        let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        let (status_r, status_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
+        {
+            let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            let fds: [RawFd; 4] = [
+                task_theirs.as_raw_fd(),
+                out_w.as_raw_fd(),
+                err_w.as_raw_fd(),
+                status_w.as_raw_fd(),
+            ];
+            sendmsg::<()>(
+                control.as_raw_fd(),
+                &[IoSlice::new(b"{}")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(nix_io("sending a request to the fork server"))?;
+        }
+        drop((task_theirs, out_w, err_w, status_w));
+        // Hello: the child's pid, then its cgroup (spare limits until a
+        // task sets its own).
+        let (msg, pid) = recv_with_creds(&task, &status_r, STEP_TIMEOUT)?;
+        if msg.first() != Some(&b'h') {
+            return Err(self.failed("child did not say hello"));
+        }
+        let pid = pid.ok_or_else(|| SandboxError::Protocol("hello without credentials".into()))?;
+        let cgroup = sandbox.cgroups.create(&cgroup_name(), &SPARE_LIMITS)?;
+        let spare = Spare {
+            task,
+            out_r,
+            err_r,
+            status_r,
+            cgroup,
+            removed: false,
+        };
+        spare.cgroup.attach(pid)?;
+        Ok(spare)
+    }
+
+    /// A spare child: a ready one if there is one, else a fresh one.
+    fn take_spare(&self, sandbox: &Sandbox) -> Result<Spare, SandboxError> {
+        loop {
+            let next = self
+                .spares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            self.refill.notify_one();
+            match next {
+                Some(spare) if spare.waiting() => return Ok(spare),
+                Some(_dead) => continue,
+                None => return self.make_spare(sandbox),
+            }
+        }
+    }
+
+    /// Runs one request in a child running as `uid`. The outer `Err` means
+    /// the task was never handed over (run it cold); the inner result is the
+    /// run's.
+    fn run(
+        &self,
+        sandbox: &Sandbox,
+        req: &RunRequest,
+        cancel: Option<&CancelToken>,
+        uid: u32,
+    ) -> Result<Result<RunOutcome, SandboxError>, SandboxError> {
+        let t0 = Instant::now();
+        let t0_mono = mono_ns();
+        let limits = &req.limits;
+        let mut phases: Vec<(&'static str, Duration)> = Vec::new();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = InFlight(&self.in_flight);
+        let spare = self.take_spare(sandbox)?;
+        phases.push(("takeChild", t0.elapsed()));
+        let t_limits = Instant::now();
+        spare.cgroup.set_limits(&CgroupLimits {
+            memory_bytes: limits.memory_bytes,
+            pids: limits.pids,
+            cpu_request_millis: limits.cpu_request_millis,
+            cpu_limit_millis: limits.cpu_limit_millis,
+        })?;
+        // The CPU the idle child used is not the task's.
+        let cpu_base = spare.cgroup.cpu_time().unwrap_or_default();
+        phases.push(("cgroupLimits", t_limits.elapsed()));
+        let mut spare = spare;
+
+        // The spec; from here on the task is handed over.
+        let spec = ChildSpec {
+            hostname: &self.hostname,
+            uid,
+            gid: uid,
+            argv: &req.argv,
+            env: &req.env,
+            work_files: metas(&req.work_files),
+            disk_bytes: limits.disk_bytes,
+            disk_inodes: (limits.disk_bytes / 4096).clamp(1024, 1 << 20),
+            stdin_path: req.stdin_path.as_deref(),
+            rlimits: RlimitSpec {
+                nofile: limits.nofile,
+                fsize: limits.disk_bytes,
+                cpu_seconds: limits.cpu_time.map(|d| d.as_secs_f64().ceil() as u64 + 1),
+                stack: 8 << 20,
+            },
+        };
+        let blobs: Vec<&[u8]> = req
+            .work_files
+            .iter()
+            .map(|f| f.content.as_slice())
+            .collect();
+        let t_spec = Instant::now();
+        let sent = write_frame(&mut &spare.task, &spec, &blobs);
+        // Whether the task's code may have run: `m` received, or the run
+        // was stopped (cancel, limits) and its verdict stands.
+        let mut started = false;
+        let result = self.watch(
+            req,
+            cancel,
+            &spare,
+            &mut phases,
+            (t0, t0_mono, t_spec),
+            sent,
+            &mut started,
+        );
+        let t_clean = Instant::now();
+        let kill = spare.cgroup.kill_all();
+        let stats = spare.cgroup.stats();
+        let removed = spare.cgroup.remove();
+        spare.removed = true;
+        phases.push(("cleanup", t_clean.elapsed()));
+        let finish = (|| {
+            let mut outcome = result?;
+            kill?;
+            removed?;
+            outcome.stats = stats?;
+            outcome.stats.cpu_time = outcome.stats.cpu_time.saturating_sub(cpu_base);
+            outcome.wall_time = t0.elapsed();
+            outcome.phases = phases;
+            Ok::<_, SandboxError>(outcome)
+        })();
+        match finish {
+            // The child died before the task's code could start (its server
+            // was killed, say): nothing of the task ran, so it may run cold.
+            Err(e) if !started => Err(e),
+            other => Ok(other),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn watch(
+        &self,
+        req: &RunRequest,
+        cancel: Option<&CancelToken>,
+        spare: &Spare,
+        phases: &mut Vec<(&'static str, Duration)>,
+        (t0, t0_mono, t_spec): (Instant, u64, Instant),
+        sent: std::io::Result<()>,
+        started: &mut bool,
+    ) -> Result<RunOutcome, SandboxError> {
+        let Spare {
+            task,
+            out_r,
+            err_r,
+            status_r,
+            cgroup,
+            ..
+        } = spare;
+        let cgroup = cgroup.as_ref();
+        let limits = &req.limits;
+        let deadline = t0 + limits.timeout;
+        for fd in [out_r, err_r, status_r] {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(nix_io("fcntl"))?;
+        }
+        task.set_nonblocking(true).map_err(io("fcntl"))?;
+        let mut stdout = Capped::new(limits.output_bytes);
+        let mut stderr = Capped::new(limits.output_bytes);
+        let mut status_bytes = Vec::new();
+        let mut task_bytes = Vec::new();
+        let mut work_dir: Option<OwnedFd> = None;
+        let (mut out_open, mut err_open, mut status_open, mut task_open) = (true, true, true, true);
+        let mut killed: Option<Termination> = None;
+        let mut started_mono: Option<u64> = None;
+        let mut exited_mono: Option<u64> = None;
+        let cpu_poll = limits
+            .cpu_time
+            .map(|c| (c / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)));
+        let mut drain_deadline: Option<Instant> = None;
+        if sent.is_err() {
+            // The child is gone already; its status says why.
+            task_open = false;
+        }
+        loop {
+            let now = Instant::now();
+            if !status_open {
+                if exited_mono.is_none() {
+                    exited_mono = Some(mono_ns());
+                    // The main process ended: nothing else of the task may
+                    // outlive it (daemons included).
+                    cgroup.kill_all()?;
+                }
+                if !(out_open || err_open || task_open) {
+                    break;
+                }
+                let d = *drain_deadline.get_or_insert(now + Duration::from_millis(500));
+                if now >= d {
+                    break;
+                }
+            }
+            if killed.is_none() && status_open {
+                let reason = if cancel.is_some_and(CancelToken::is_cancelled) {
+                    Some(Termination::Cancelled)
+                } else if now >= deadline {
+                    Some(Termination::TimedOut)
+                } else if let Some(limit) = limits.cpu_time {
+                    (cgroup.cpu_time()? > limit).then_some(Termination::CpuTimeExceeded)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    killed = Some(reason);
+                    *started = true;
+                    cgroup.kill_all()?;
+                }
+            }
+            let mut wait = if killed.is_some() || !status_open {
+                Duration::from_millis(50)
+            } else {
+                deadline.saturating_duration_since(now)
+            };
+            if let Some(p) = cpu_poll {
+                wait = wait.min(p);
+            }
+            let mut fds = Vec::with_capacity(5);
+            let mut tags = Vec::with_capacity(5);
+            for (tag, open, fd) in [
+                (0, status_open, status_r.as_fd()),
+                (1, out_open, out_r.as_fd()),
+                (2, err_open, err_r.as_fd()),
+                (3, task_open, task.as_fd()),
+            ] {
+                if open {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                    tags.push(tag);
+                }
+            }
+            if let Some(c) = cancel
+                && killed.is_none()
+            {
+                fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
+                tags.push(4);
+            }
+            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(nix_io("poll")(e)),
+            }
+            let ready: Vec<i32> = fds
+                .iter()
+                .zip(&tags)
+                .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, t)| *t)
+                .collect();
+            for tag in ready {
+                match tag {
+                    0 => status_open = drain(status_r, |d| status_bytes.extend_from_slice(d)),
+                    1 => out_open = drain(out_r, |d| stdout.push(d)),
+                    2 => err_open = drain(err_r, |d| stderr.push(d)),
+                    3 => loop {
+                        match recv_message(task) {
+                            Ok(Some((bytes, fd))) => {
+                                if let Some(fd) = fd {
+                                    work_dir = Some(fd);
+                                }
+                                if started_mono.is_none() && bytes.first() == Some(&b'm') {
+                                    let stamp = bytes
+                                        .get(1..9)
+                                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                                        .map(u64::from_le_bytes);
+                                    started_mono = Some(stamp.unwrap_or_else(mono_ns));
+                                    *started = true;
+                                    phases.push(("setup", t_spec.elapsed()));
+                                }
+                                task_bytes.extend_from_slice(&bytes);
+                            }
+                            Ok(None) => {
+                                task_open = false;
+                                break;
+                            }
+                            Err(nix::errno::Errno::EAGAIN) => break,
+                            Err(nix::errno::Errno::EINTR) => continue,
+                            Err(_) => {
+                                task_open = false;
+                                break;
+                            }
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+        let exited_mono = exited_mono.unwrap_or_else(mono_ns);
+        if killed.is_none() && task_bytes.first() == Some(&b'E') {
+            return Err(SandboxError::Setup {
+                stage: "fork server child".into(),
+                message: String::from_utf8_lossy(&task_bytes[1..]).into_owned(),
+            });
+        }
+        let status = parse_status(&status_bytes);
+        if killed.is_none() && (status.is_none() || started_mono.is_none()) {
+            let log = self
+                .log
+                .lock()
+                .map(|l| String::from_utf8_lossy(&l).trim().to_string())
+                .unwrap_or_default();
+            return Err(SandboxError::Protocol(format!(
+                "the fork-server child ended (status {:?}) without starting the task; server log: {log}",
+                String::from_utf8_lossy(&status_bytes)
+            )));
+        }
+        let (stdout, stdout_truncated) = stdout.finish();
+        let (stderr, stderr_truncated) = stderr.finish();
+        let mut outcome = RunOutcome {
+            termination: killed.unwrap_or(Termination::Cancelled),
+            stdout,
+            stdout_truncated,
+            stderr,
+            stderr_truncated,
+            read_back: Vec::new(),
+            collected: Vec::new(),
+            collect_error: None,
+            disk_full: false,
+            stats: CgroupStats::default(),
+            wall_time: t0.elapsed(),
+            run_time: started_mono
+                .map(|s| ns_delta(s, exited_mono))
+                .unwrap_or_default(),
+            setup_time: started_mono
+                .map(|s| ns_delta(t0_mono, s))
+                .unwrap_or_default(),
+            phases: Vec::new(),
+        };
+        phases.push(("run", outcome.run_time));
+        if killed.is_some() {
+            return Ok(outcome);
+        }
+        outcome.termination = Termination::Exited(status.unwrap_or(ExitStatus::Code(125)));
+        let t_read = Instant::now();
+        let work = work_dir.ok_or_else(|| {
+            SandboxError::Protocol("no work dir from the fork-server child".into())
+        })?;
+        for path in &req.read_back {
+            let rel = path
+                .strip_prefix(self.work_dir.as_str())
+                .map(|p| p.trim_start_matches('/'))
+                .ok_or_else(|| SandboxError::Protocol(format!("{path} is outside the work dir")))?;
+            outcome.read_back.push(
+                match crate::fsread::read_capped(&work, rel, limits.output_bytes) {
+                    Ok((data, truncated)) => ReadBackResult::Read { data, truncated },
+                    Err(crate::fsread::ReadError::Missing) => ReadBackResult::Missing,
+                    Err(e) => ReadBackResult::Refused {
+                        reason: e.to_string(),
+                    },
+                },
+            );
+        }
+        outcome.disk_full = nix::sys::statvfs::fstatvfs(&work)
+            .map(|s| s.blocks_available() == 0 || s.files_available() == 0)
+            .unwrap_or(false);
+        phases.push(("teardown", t_read.elapsed()));
+        Ok(outcome)
+    }
+}
+
+fn parse_status(bytes: &[u8]) -> Option<ExitStatus> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (kind, num) = text.split_at_checked(1)?;
+    let n: i32 = num.parse().ok()?;
+    match kind {
+        "e" => Some(ExitStatus::Code(n)),
+        "s" => Some(ExitStatus::Signal(n)),
+        _ => None,
+    }
+}
+
+/// Receives one message with its credentials, waiting at most `timeout`
+/// (and giving up early when the status pipe says the child has ended).
+fn recv_with_creds(
+    task: &UnixStream,
+    status_r: &OwnedFd,
+    timeout: Duration,
+) -> Result<(Vec<u8>, Option<i32>), SandboxError> {
+    let ready = wait_readable(&[task.as_fd(), status_r.as_fd()], timeout)?;
+    if !ready[0] {
+        return Err(SandboxError::Protocol(if ready[1] {
+            "the fork-server child ended before its hello".into()
+        } else {
+            "no hello from the fork-server child in time".into()
+        }));
+    }
+    let mut buf = [0u8; 64];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 1]);
+    let msg = recvmsg::<()>(
+        task.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(nix_io("recvmsg"))?;
+    let mut pid = None;
+    for c in msg.cmsgs().map_err(nix_io("recvmsg"))? {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+            ControlMessageOwned::ScmRights(fds) => {
+                for raw in fds {
+                    // SAFETY: the kernel just installed `raw` in our table
+                    // for this message; nothing else owns it. Closed here:
+                    // a hello carries no descriptor.
+                    drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+            _ => {}
+        }
+    }
+    let n = msg.bytes;
+    Ok((buf[..n].to_vec(), pid))
+}
+
+/// One nonblocking receive: `Ok(None)` at end of stream.
+fn recv_message(task: &UnixStream) -> nix::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
+    let mut buf = vec![0u8; 65536];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 1]);
+    let msg = recvmsg::<()>(
+        task.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let n = msg.bytes;
+    let mut fd = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for raw in fds {
+                // SAFETY: as in `recv_with_creds`.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    if n == 0 && fd.is_none() {
+        return Ok(None);
+    }
+    Ok(Some((buf[..n].to_vec(), fd)))
+}
