@@ -2,8 +2,9 @@
 //! ([`crate::pool`]) and fork servers ([`crate::zygote`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::pool::{LauncherPool, PoolConfig};
+use crate::pool::{LauncherPool, PoolConfig, PoolStats};
 use crate::spawn::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError};
 use crate::zygote::{Fallback, ForkServers};
 
@@ -17,6 +18,23 @@ pub struct WarmConfig {
     pub fork_servers: bool,
 }
 
+/// Counters and gauges of a [`WarmSandbox`], for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WarmStats {
+    /// The launcher pools'.
+    pub pool: PoolStats,
+    /// Fork servers running now.
+    pub fork_servers: usize,
+    /// Forked children waiting for a task now, all servers together.
+    pub fork_server_spares: usize,
+    /// Tasks handed to a fork-server child (whatever their outcome).
+    pub fork_server_runs: u64,
+    /// Tasks a fork server should have run that ran in a sandbox instead:
+    /// the server failed (to start, or before the hand-over) or all its
+    /// uids were busy.
+    pub fork_server_fallbacks: u64,
+}
+
 /// Runs each request the fastest safe way available: a fork-server child,
 /// else a pre-built sandbox, else a cold one.
 #[derive(Debug)]
@@ -24,6 +42,10 @@ pub struct WarmSandbox {
     sandbox: Arc<Sandbox>,
     pool: LauncherPool,
     fork_servers: Option<ForkServers>,
+    /// See [`WarmStats::fork_server_runs`].
+    fork_runs: AtomicU64,
+    /// See [`WarmStats::fork_server_fallbacks`].
+    fork_fallbacks: AtomicU64,
 }
 
 impl WarmSandbox {
@@ -36,6 +58,8 @@ impl WarmSandbox {
                 .fork_servers
                 .then(|| ForkServers::new(Arc::clone(&sandbox))),
             sandbox,
+            fork_runs: AtomicU64::new(0),
+            fork_fallbacks: AtomicU64::new(0),
         }
     }
 
@@ -52,11 +76,18 @@ impl WarmSandbox {
     ) -> Result<RunOutcome, SandboxError> {
         if let Some(servers) = &self.fork_servers {
             match servers.run(req, cancel) {
-                Ok(result) => return result,
+                Ok(result) => {
+                    self.fork_runs.fetch_add(1, Ordering::Relaxed);
+                    return result;
+                }
                 Err(Fallback::NotEligible) => {}
+                Err(Fallback::Busy) => {
+                    self.fork_fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(Fallback::ServerFailed(e)) => {
                     // The task was not handed over: it runs cold, and the
                     // next request starts a fresh server.
+                    self.fork_fallbacks.fetch_add(1, Ordering::Relaxed);
                     tracing_free_warn(&e);
                 }
             }
@@ -67,6 +98,27 @@ impl WarmSandbox {
     /// Number of fork servers running.
     pub fn fork_server_count(&self) -> usize {
         self.fork_servers.as_ref().map_or(0, ForkServers::count)
+    }
+
+    /// The pool sizing in use.
+    pub fn pool_config(&self) -> &PoolConfig {
+        self.pool.config()
+    }
+
+    /// The counters and gauges now. May wait while a fork server starts
+    /// (tens of milliseconds, at most its start timeout): call it off an
+    /// async executor's threads.
+    pub fn stats(&self) -> WarmStats {
+        WarmStats {
+            pool: self.pool.stats(),
+            fork_servers: self.fork_server_count(),
+            fork_server_spares: self
+                .fork_servers
+                .as_ref()
+                .map_or(0, ForkServers::spare_count),
+            fork_server_runs: self.fork_runs.load(Ordering::Relaxed),
+            fork_server_fallbacks: self.fork_fallbacks.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops every fork server and pooled sandbox.

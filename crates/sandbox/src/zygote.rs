@@ -97,7 +97,6 @@ struct Server {
     cgroup: Mutex<Box<dyn TaskCgroup>>,
     free_uids: Mutex<BTreeSet<u32>>,
     log: Arc<Mutex<Vec<u8>>>,
-    hostname: String,
     work_dir: String,
     spares: Mutex<VecDeque<Spare>>,
     refill: Condvar,
@@ -174,8 +173,11 @@ impl Drop for InFlight<'_> {
 /// Why a request could not be served warm; the caller runs it cold.
 #[derive(Debug)]
 pub(crate) enum Fallback {
-    /// Not a request a fork server can take (or all uids are busy).
+    /// Not a request a fork server can take.
     NotEligible,
+    /// A request a fork server can take, but every uid of its server is
+    /// taken by a run in flight.
+    Busy,
     /// The server failed before the task was handed over.
     ServerFailed(SandboxError),
 }
@@ -197,7 +199,6 @@ fn key_of(kind: &str, req: &RunRequest) -> u64 {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ChildSpec<'a> {
-    hostname: &'a str,
     uid: u32,
     gid: u32,
     argv: &'a [String],
@@ -248,6 +249,17 @@ impl ForkServers {
         self.servers.lock().map(|s| s.len()).unwrap_or(0)
     }
 
+    /// Spare children waiting for a task, all servers together.
+    pub(crate) fn spare_count(&self) -> usize {
+        // Counted under the map's lock, without a reference of our own: the
+        // last reference to a server stops it, and that is `shutdown`'s.
+        self.servers.lock().map_or(0, |map| {
+            map.values()
+                .map(|s| s.spares.lock().map_or(0, |sp| sp.len()))
+                .sum()
+        })
+    }
+
     /// Runs `req` in a fork-server child, or says why it must run cold.
     pub(crate) fn run(
         &self,
@@ -265,7 +277,7 @@ impl ForkServers {
             .server(key, kind, req)
             .map_err(Fallback::ServerFailed)?;
         let Some(uid) = server.take_uid() else {
-            return Err(Fallback::NotEligible);
+            return Err(Fallback::Busy);
         };
         let result = server.run(&self.sandbox, req, cancel, uid);
         server.give_uid(uid);
@@ -559,7 +571,6 @@ impl Server {
             cgroup: Mutex::new(cgroup),
             free_uids: Mutex::new(FORK_UIDS.collect()),
             log: Arc::new(Mutex::new(Vec::new())),
-            hostname: config.hostname.clone(),
             work_dir: config.work_dir.clone(),
             spares: Mutex::new(VecDeque::new()),
             refill: Condvar::new(),
@@ -705,6 +716,11 @@ impl Server {
             removed: false,
         };
         spare.cgroup.attach(pid)?;
+        // In its cgroup: the child builds its namespaces and mounts now,
+        // ahead of any task.
+        (&spare.task)
+            .write_all(b"p")
+            .map_err(io("preparing a fork-server child"))?;
         Ok(spare)
     }
 
@@ -757,7 +773,6 @@ impl Server {
 
         // The spec; from here on the task is handed over.
         let spec = ChildSpec {
-            hostname: &self.hostname,
             uid,
             gid: uid,
             argv: &req.argv,

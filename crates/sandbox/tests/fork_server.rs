@@ -184,10 +184,14 @@ fn json_output(out: &RunOutcome) -> serde_json::Value {
 
 /// What a task can see of the state another task could have left.
 const PROBE: &str = r#"
-import json, os, sys
+import json, os, random, socket, sys
 def main(x):
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
     return {
+        "fds": fds,
+        "random": random.random(),
+        "hostname": socket.gethostname(),
         "task_files": sorted(os.listdir("/task")),
         "tmp_files": sorted(os.listdir("/tmp")),
         "leak_env": os.environ.get("LEAK"),
@@ -226,7 +230,13 @@ fn consecutive_children_of_one_server_share_nothing() {
     let out = w.run(&handler(&leaver, "null"), None).expect("runs");
     assert_eq!(json_output(&out)["ok"], true);
     let seen = json_output(&w.run(&handler(PROBE, "null"), None).expect("runs"));
-    assert_eq!(w.fork_server_count(), 1, "both ran in the same server");
+    let again = json_output(&w.run(&handler(PROBE, "null"), None).expect("runs"));
+    assert_eq!(w.fork_server_count(), 1, "all ran in the same server");
+    // Descriptors: stdin, stdout, stderr and the one listing /proc/self/fd.
+    assert_eq!(seen["fds"], serde_json::json!([0, 1, 2, 3]), "{seen}");
+    assert_eq!(seen["hostname"], "sandbox");
+    // The random module is reseeded in every child, not inherited.
+    assert_ne!(seen["random"], again["random"]);
     assert_eq!(
         seen["task_files"],
         serde_json::json!([".taskexec", "main.py"]),

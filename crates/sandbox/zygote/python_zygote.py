@@ -54,6 +54,7 @@ CLONE_NEWNET = 0x40000000
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_BIND = 4096
+MS_REMOUNT = 32
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_CAPBSET_DROP = 24
@@ -136,7 +137,7 @@ def _safe_relative(path):
 def _write_files(files, blobs, uid, gid):
     """Writes the task's files as root (the server has no DAC override),
     then hands every directory to the task's uid."""
-    base = SCRATCH + "/work"
+    base = WORK
     dirs = [base]
     for meta, content in zip(files, blobs):
         parts = _safe_relative(meta["path"])
@@ -162,33 +163,41 @@ def _write_files(files, blobs, uid, gid):
         os.chown(d, uid, gid)
 
 
-def _isolate(spec, blobs, uid, gid, out_fd, err_fd):
-    """Everything between the hello and the handler; returns the work dir
-    descriptor to hand to the executor."""
+def _prepare():
+    """The part of the isolation that needs no task, done while the child
+    waits as a spare (already in its own cgroup): new namespaces, a fresh
+    tmpfs bound at /task and /tmp, loopback up. The host name is the
+    server's, copied with the UTS namespace. Returns the work dir's
+    descriptor."""
     _check(
         _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP),
         "unshare",
     )
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
-    data = "size=%d,nr_inodes=%d,mode=0755" % (spec["diskBytes"], spec["diskInodes"])
     _check(
-        _libc.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, data.encode()),
+        _libc.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,nr_inodes=64,mode=0755"),
         "tmpfs",
     )
     os.mkdir(SCRATCH + "/work", 0o755)
     os.mkdir(SCRATCH + "/tmp", 0o755)
     os.chmod(SCRATCH + "/tmp", 0o1777)
-    _write_files(spec["workFiles"], blobs, uid, gid)
     _check(_libc.mount((SCRATCH + "/work").encode(), WORK.encode(), None, MS_BIND, None), "bind /task")
     _check(_libc.mount((SCRATCH + "/tmp").encode(), SCRATCH.encode(), None, MS_BIND, None), "bind /tmp")
     work_fd = os.open(WORK, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    socket.sethostname(spec["hostname"])
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         fcntl.ioctl(probe.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", IFF_UP | IFF_RUNNING))
     finally:
         probe.close()
+    return work_fd
+
+
+def _isolate(spec, blobs, uid, gid, out_fd, err_fd):
+    """The rest of the isolation, once the task is known: its disk size,
+    files, stdio, rlimits, ids, seccomp and environment."""
+    data = "size=%d,nr_inodes=%d" % (spec["diskBytes"], spec["diskInodes"])
+    _check(_libc.mount(None, WORK.encode(), None, MS_REMOUNT | MS_NOSUID | MS_NODEV, data.encode()), "size the tmpfs")
+    _write_files(spec["workFiles"], blobs, uid, gid)
 
     stdin = spec.get("stdinPath")
     in_fd = os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW) if stdin else os.open("/dev/null", os.O_RDONLY)
@@ -222,7 +231,6 @@ def _isolate(spec, blobs, uid, gid, out_fd, err_fd):
 
     os.environ.clear()
     os.environ.update({k: v for k, v in spec["env"]})
-    return work_fd
 
 
 def _child(fds):
@@ -231,6 +239,10 @@ def _child(fds):
     task = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=task_fd)
     try:
         task.sendall(b"h")
+        # "p": we are in our own cgroup; build what needs no task.
+        if _recv_exact(task, 1) != b"p":
+            raise SetupError("expected the executor's prepare")
+        work_fd = _prepare()
         spec, blobs = _read_frame(task)
         uid, gid = spec["uid"], spec["gid"]
         if uid == 0 or gid == 0:
@@ -239,7 +251,7 @@ def _child(fds):
         if WRAPPER not in argv:
             raise SetupError("the fork server runs %s only" % WRAPPER)
         sys.argv = argv[argv.index(WRAPPER) :]
-        work_fd = _isolate(spec, blobs, uid, gid, out_fd, err_fd)
+        _isolate(spec, blobs, uid, gid, out_fd, err_fd)
         del spec, blobs
         socket.send_fds(task, [b"m" + struct.pack("<Q", time.monotonic_ns())], [work_fd])
         os.close(work_fd)
