@@ -160,6 +160,29 @@ pub enum Profile {
     /// [`FORK_SERVER_ALLOWED`]; every child loads the task filter on top
     /// before it runs task code (filters stack: the strictest answer wins).
     ForkServer,
+    /// A fork-server child, loaded once its namespaces and mounts are built
+    /// and before any task is known: the task filter without `mount`, which
+    /// the child still needs to size its tmpfs for the task. On hand-over it
+    /// sizes it, then loads [`build_mount_filter`]: the two together refuse
+    /// exactly what [`Profile::Task`] refuses.
+    ForkChild,
+}
+
+/// The filter that completes [`Profile::ForkChild`]: `mount` refused.
+pub fn build_mount_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_mount, Vec::new());
+    #[cfg(target_arch = "x86_64")]
+    rules.insert(libc::SYS_mount | X32_SYSCALL_BIT, Vec::new());
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        target_arch()?,
+    )
+    .map_err(err)?
+    .try_into()
+    .map_err(err)
 }
 
 /// Calls of [`DENIED`] a fork server still needs for its children's setup.
@@ -186,6 +209,9 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(_, nr) in DENIED {
         if profile == Profile::ForkServer && FORK_SERVER_ALLOWED.contains(&nr) {
+            continue;
+        }
+        if profile == Profile::ForkChild && nr == libc::SYS_mount {
             continue;
         }
         rules.insert(nr, Vec::new());
@@ -286,6 +312,17 @@ pub(crate) fn apply(filters: &[BpfProgram]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fork_child_profile_and_the_mount_filter_build() {
+        let early = build_filters_for(Profile::ForkChild).expect("builds");
+        assert_eq!(early.len(), 2);
+        let full = build_filters().expect("builds");
+        assert!(early[0].len() < full[0].len(), "mount is left out");
+        let mount = build_mount_filter().expect("builds");
+        assert!(!mount.is_empty());
+        assert!(!to_bytes(&early).is_empty());
+    }
 
     #[test]
     fn filters_build_and_cover_the_required_calls() {

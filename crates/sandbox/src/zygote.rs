@@ -72,7 +72,9 @@ fn server_source(kind: &str) -> Option<&'static str> {
 }
 
 const SERVER_FILE: &str = "taskexec_zygote.py";
-const FILTER_FILE: &str = "seccomp-task.bpf";
+/// The child's filters: loaded while spare, and on hand-over.
+const FILTER_FILE: &str = "seccomp-child.bpf";
+const FINAL_FILTER_FILE: &str = "seccomp-child-final.bpf";
 /// How long a new server may take to import its wrapper and say ready.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a child may take to say hello and to finish its setup.
@@ -454,10 +456,13 @@ impl Server {
             .first()
             .ok_or_else(|| SandboxError::Protocol("a fork-server request has no wrapper".into()))?;
         let wrapper = format!("{}/{}", config.support_dir, wrapper_file.path);
-        let filters = seccomp::build_filters().map_err(|e| SandboxError::Setup {
+        let seccomp_err = |e: seccomp::SeccompError| SandboxError::Setup {
             stage: "seccomp".into(),
             message: e.to_string(),
-        })?;
+        };
+        let filters =
+            seccomp::build_filters_for(seccomp::Profile::ForkChild).map_err(seccomp_err)?;
+        let final_filter = seccomp::build_mount_filter().map_err(seccomp_err)?;
         let mut support: Vec<SandboxFile> = req.support_files.clone();
         support.push(SandboxFile {
             path: SERVER_FILE.into(),
@@ -467,6 +472,11 @@ impl Server {
         support.push(SandboxFile {
             path: FILTER_FILE.into(),
             content: seccomp::to_bytes(&filters),
+            executable: false,
+        });
+        support.push(SandboxFile {
+            path: FINAL_FILTER_FILE.into(),
+            content: seccomp::to_bytes(&[final_filter]),
             executable: false,
         });
         // /etc/passwd names every uid a child may get.
@@ -502,6 +512,7 @@ impl Server {
                 format!("{}/{SERVER_FILE}", config.support_dir),
                 wrapper.clone(),
                 format!("{}/{FILTER_FILE}", config.support_dir),
+                format!("{}/{FINAL_FILTER_FILE}", config.support_dir),
             ],
             env,
             ro_mounts: req.ro_mounts.clone(),

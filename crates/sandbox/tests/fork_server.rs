@@ -366,7 +366,11 @@ fn measure_warm_against_cold() {
     }
     for _ in 0..3 {
         let o = w.run(&req, None).expect("warm");
-        println!("warm phases: {:?}", o.phases);
+        println!(
+            "warm phases: {:?} {}",
+            o.phases,
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     println!(
         "handler task p50: warm {:.2} ms, cold {:.2} ms",

@@ -4,7 +4,7 @@ Usage (started by the taskexec launcher inside a sandbox of its own, as root
 with only the capabilities listed in seccomp::FORK_SERVER_CAPS, under the
 fork-server seccomp profile, no_new_privs set):
 
-    python3 -E -s -B -u python_zygote.py WRAPPER SECCOMP_FILE
+    python3 -E -s -B -u python_zygote.py WRAPPER CHILD_FILTERS FINAL_FILTERS
 
 Descriptor 1 is the control socket (SOCK_SEQPACKET) to the executor. The
 server imports the handler wrapper once, says b"R", then serves requests:
@@ -28,7 +28,8 @@ in this order: new mount, network, IPC, UTS and cgroup namespaces; a fresh
 size-limited tmpfs for /task and /tmp with the task's files; host name and
 loopback; stdio; a new session; rlimits; the capability bounding set
 dropped; no supplementary groups and the task's own uid/gid (which clears
-every capability); no_new_privs; the task seccomp filters. See
+every capability); no_new_privs; the task seccomp filters (all but the
+mount rule loaded while the child is spare, the mount rule last). See
 docs/security.md for what a task shares with the pre-fork image.
 """
 
@@ -189,6 +190,11 @@ def _prepare():
         fcntl.ioctl(probe.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", IFF_UP | IFF_RUNNING))
     finally:
         probe.close()
+    # The task filter but for mount (still needed to size the tmpfs): from
+    # here on no namespace or mount change but that one is possible.
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0), "no_new_privs")
+    for _buf, prog in FILTERS:
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0), "seccomp")
     return work_fd
 
 
@@ -226,7 +232,7 @@ def _isolate(spec, blobs, uid, gid, out_fd, err_fd):
     os.chdir(WORK)
     os.umask(0o022)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0), "no_new_privs")
-    for _buf, prog in FILTERS:
+    for _buf, prog in FINAL_FILTERS:
         _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0), "seccomp")
 
     os.environ.clear()
@@ -366,6 +372,7 @@ def _serve(control):
 if __name__ == "__main__":
     WRAPPER = sys.argv[1]
     FILTERS = _load_filters(sys.argv[2])
+    FINAL_FILTERS = _load_filters(sys.argv[3])
     sys.path.insert(0, os.path.dirname(WRAPPER))
     import importlib.util
 
