@@ -141,3 +141,110 @@ fn tracing_free_warn(e: &SandboxError) {
     }
     eprintln!("taskexec: fork server unavailable, running the task cold: {text}");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupVersion, TaskCgroup};
+
+    /// Every cgroup creation fails: a cold run ends before it spawns anything.
+    #[derive(Debug)]
+    struct NoCgroups;
+
+    impl CgroupDriver for NoCgroups {
+        fn version(&self) -> CgroupVersion {
+            CgroupVersion::V2
+        }
+        fn create(
+            &self,
+            _name: &str,
+            _limits: &CgroupLimits,
+        ) -> Result<Box<dyn TaskCgroup>, CgroupError> {
+            Err(CgroupError::Unavailable {
+                detail: "unit test".into(),
+            })
+        }
+        fn parents(&self) -> Vec<std::path::PathBuf> {
+            Vec::new()
+        }
+    }
+
+    /// A handler request for the python fork server, without the wrapper
+    /// the server needs: its start fails before it spawns anything.
+    fn request() -> RunRequest {
+        RunRequest {
+            argv: vec!["/usr/bin/python3".into()],
+            env: Vec::new(),
+            ro_mounts: Vec::new(),
+            work_files: Vec::new(),
+            support_files: Vec::new(),
+            stdin_path: None,
+            read_back: Vec::new(),
+            collect_dir: None,
+            limits: crate::SandboxLimits {
+                memory_bytes: 64 << 20,
+                disk_bytes: 1 << 20,
+                pids: 16,
+                cpu_request_millis: 100,
+                cpu_limit_millis: None,
+                timeout: Duration::from_secs(1),
+                cpu_time: None,
+                output_bytes: 1024,
+                nofile: 64,
+            },
+            user: None,
+            fork_server: Some("python".into()),
+        }
+    }
+
+    fn warm(fork_servers: bool) -> WarmSandbox {
+        let sandbox = Sandbox::new(
+            crate::SandboxConfig::new(crate::LauncherCommand {
+                program: "/nonexistent".into(),
+            }),
+            Box::new(NoCgroups),
+        );
+        WarmSandbox::new(
+            sandbox,
+            WarmConfig {
+                pool: PoolConfig {
+                    max_per_key: 0,
+                    ..PoolConfig::default()
+                },
+                fork_servers,
+            },
+        )
+    }
+
+    #[test]
+    fn a_failed_fork_server_counts_a_fallback_and_the_task_runs_cold() {
+        let w = warm(true);
+        assert_eq!(w.stats(), WarmStats::default());
+        assert!(w.run(&request(), None).is_err(), "no cgroups: cold fails");
+        let s = w.stats();
+        assert_eq!(
+            (
+                s.fork_server_fallbacks,
+                s.fork_server_runs,
+                s.fork_servers,
+                s.fork_server_spares
+            ),
+            (1, 0, 0, 0)
+        );
+        assert_eq!((s.pool.misses, s.pool.hits, s.pool.keys), (1, 0, 1));
+        w.shutdown();
+    }
+
+    #[test]
+    fn without_fork_servers_nothing_falls_back() {
+        let w = warm(false);
+        let mut req = request();
+        assert!(w.run(&req, None).is_err());
+        req.fork_server = None;
+        assert!(w.run(&req, None).is_err());
+        let s = w.stats();
+        assert_eq!((s.fork_server_fallbacks, s.pool.misses), (0, 2));
+    }
+}

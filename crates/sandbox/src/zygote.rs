@@ -493,10 +493,14 @@ impl Server {
             .argv
             .first()
             .ok_or_else(|| SandboxError::Protocol("empty argv".into()))?;
+        // Only the variables the executor itself sets for every task, never
+        // the first request's own: the server's initial environment block
+        // stays on its stack, and so in every child it forks, where any
+        // later task could read it.
         let env: Vec<(String, String)> = req
             .env
             .iter()
-            .filter(|(k, _)| !k.starts_with("TASK_"))
+            .filter(|(k, _)| matches!(k.as_str(), "PATH" | "HOME" | "LANG"))
             .cloned()
             .collect();
         let spec = LaunchSpec {

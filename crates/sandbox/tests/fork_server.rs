@@ -254,6 +254,37 @@ fn consecutive_children_of_one_server_share_nothing() {
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// Every "NAME=value" string on the task's stack, where the kernel put the
+/// process's initial environment block (for a forked child: the server's).
+const STACK_ENV: &str = r#"
+import ctypes
+def main(x):
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if fields[-1] == "[stack]":
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            mem = ctypes.string_at(lo, hi - lo)
+            return [w.decode("latin-1") for w in mem.split(b"\0") if b"=" in w and w[:1].isalpha()]
+"#;
+
+#[test]
+fn the_environment_of_the_task_that_started_a_server_does_not_reach_later_tasks() {
+    let _s = serial();
+    let w = warm();
+    let secret = format!("hunter2-{}", std::process::id());
+    let mut first = handler(STACK_ENV, "null");
+    first.env.push(("FIRST_TASK_SECRET".into(), secret.clone()));
+    let own = json_output(&w.run(&first, None).expect("runs"));
+    assert!(
+        own.to_string().contains("\"PATH="),
+        "the scan finds the environment block: {own}"
+    );
+    let later = json_output(&w.run(&handler(STACK_ENV, "null"), None).expect("runs"));
+    assert_eq!(w.fork_server_count(), 1, "both ran in the same server");
+    assert!(!later.to_string().contains(&secret), "{later}");
+    assert!(!later.to_string().contains("FIRST_TASK_SECRET"), "{later}");
+}
+
 #[test]
 fn concurrent_children_run_as_different_users_and_cannot_see_each_other() {
     let _s = serial();
@@ -377,4 +408,30 @@ fn measure_warm_against_cold() {
         median(warm_ms),
         median(cold_ms)
     );
+}
+
+/// Not a test: warm handler tasks from four threads at once, for a profiler
+/// (`cargo test --release -p taskexec-sandbox --test fork_server load --
+/// --ignored --nocapture`).
+#[test]
+#[ignore = "a load for profiling, run by hand"]
+fn load_four_at_a_time() {
+    let _s = serial();
+    let w = warm();
+    let req = handler("def main(x):\n    return x\n", "{\"x\": 1}");
+    let _ = w.run(&req, None).expect("warm-up");
+    let t = std::time::Instant::now();
+    let per_thread = 250;
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..per_thread {
+                    let o = w.run(&req, None).expect("warm");
+                    assert_eq!(o.termination, Termination::Exited(ExitStatus::Code(0)));
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    println!("{:.1} tasks/s", f64::from(4 * per_thread) / secs);
 }

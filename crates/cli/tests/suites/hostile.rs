@@ -61,7 +61,7 @@ fn py_env(code: &str, extra: &[&str], envs: &[(&str, &str)]) -> Run {
     args.extend_from_slice(extra);
     let r = run_code(&program(code), "python", &args, envs);
     assert_eq!(
-        is_warm(&r),
+        is_warm(&r.result),
         WARM,
         "ran in the mode under test: {}",
         r.result["executionMetadata"]["executionEnvironment"]
@@ -73,10 +73,13 @@ fn py_env(code: &str, extra: &[&str], envs: &[(&str, &str)]) -> Run {
 /// the sandbox phase `takeChild` (taking a forked child). The execution
 /// environment says "warm" for the runner, also when a request falls back
 /// to a cold sandbox, so it does not tell.
-fn is_warm(r: &Run) -> bool {
-    r.attempts()
-        .iter()
-        .any(|a| !a["phases"]["sandbox"]["takeChild"].is_null())
+fn is_warm(result: &Value) -> bool {
+    result["executionMetadata"]["attempts"]
+        .as_array()
+        .is_some_and(|a| {
+            a.iter()
+                .any(|a| !a["phases"]["sandbox"]["takeChild"].is_null())
+        })
 }
 
 /// Python code that, when the task's process exits, replaces the output
@@ -476,7 +479,10 @@ attempt("kill_init", lambda: os.kill(1, signal.SIGKILL))
         // killed: every one of them still exists afterwards.
         assert!(out["kill_all"]["ok"].is_null(), "{out}");
         assert!(out["kill_all"]["errno"].is_null(), "{out}");
-        assert!(out["before"].as_array().is_some_and(|b| b.len() > 1), "{out}");
+        assert!(
+            out["before"].as_array().is_some_and(|b| b.len() > 1),
+            "{out}"
+        );
     } else {
         // Alone with its init: no other process to signal at all.
         assert_eq!(errno_of(&r, "kill_all"), "ESRCH", "{out}");
@@ -621,7 +627,10 @@ fn task_output_symlinked_to_a_host_file_is_not_read() {
 
 #[test]
 fn task_output_replaced_by_a_fifo_is_refused_without_blocking() {
-    let r = py(&at_exit_replace_output("os.mkfifo(path)"), &["--timeout", "5s"]);
+    let r = py(
+        &at_exit_replace_output("os.mkfifo(path)"),
+        &["--timeout", "5s"],
+    );
     r.expect(1, "FAILED", Some("OUTPUT_VALIDATION"));
     assert!(
         r.message().contains("not a regular file"),
@@ -731,11 +740,19 @@ print(seen["stack_environment"])
     );
     assert!(!stdout.contains("TASKEXEC_TEST_SECRET"), "{stdout}");
     let out = r.output();
+    let on_stack: Vec<&str> = out["stack_environment"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     assert!(
-        out["stack_environment"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e.as_str().is_some_and(|e| e.starts_with("PATH=")))),
+        on_stack.iter().any(|e| e.starts_with("PATH=")),
         "the stack scan finds the environment block: {out}"
+    );
+    assert!(
+        !on_stack.iter().any(|e| e.contains("TASKEXEC_TEST_SECRET")),
+        "{out}"
     );
     if WARM {
         // The child never calls execve: after it drops root for the task's
@@ -753,14 +770,20 @@ print(seen["stack_environment"])
     );
 }
 
-/// The start time (in clock ticks since boot) of host process `pid`: with
-/// the pid, it names one process even if the pid is reused.
-fn start_time(pid: u32) -> Option<u64> {
+/// Host process `pid`: its start time (in clock ticks since boot; with
+/// the pid, it names one process even if the pid is reused) and whether it
+/// is still running code, that is neither a zombie nor already in the
+/// kernel's exit path (`PF_EXITING`, set once a killed process starts to
+/// exit).
+fn start_and_running(pid: u32) -> Option<(u64, bool)> {
+    const PF_EXITING: u64 = 0x4;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may contain spaces) in parentheses;
-    // starttime is field 22, the 20th after ")".
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    // The fields after the command (which may contain spaces) in
+    // parentheses: state is field 3, flags field 9, starttime field 22.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let flags: u64 = fields.get(6)?.parse().ok()?;
+    let running = *fields.first()? != "Z" && flags & PF_EXITING == 0;
+    Some((fields.get(19)?.parse().ok()?, running))
 }
 
 /// Every live host process descending from `root` (its launchers, inits,
@@ -788,7 +811,7 @@ fn descendants(root: u32) -> Vec<(u32, u64, String)> {
             if pp == root {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if let Some(t) = start_time(pid) {
+                if let Some((t, _)) = start_and_running(pid) {
                     found.push((pid, t, cmdline));
                 }
                 break;
@@ -835,9 +858,14 @@ time.sleep(1.5)
     let mut spawned = std::collections::BTreeSet::new();
     while Instant::now() < deadline && (cgroups.is_empty() || procs.is_empty()) {
         cgroups = util::task_cgroups(pid);
-        // The marker is in the executor's own command line too (--env).
+        // The marker is in the executor's command line too (--env), and
+        // in its children's between their fork and their exec: only the
+        // task's sleeper counts.
         procs = processes_with(&marker);
-        procs.retain(|p| *p != pid);
+        procs.retain(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"/usr/bin/python3\0-c\0"))
+        });
         spawned.extend(descendants(pid));
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -845,15 +873,11 @@ time.sleep(1.5)
     let out = child.wait_with_output().expect("wait");
     let result: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert_eq!(result["status"], "COMPLETED", "{result}");
-    let run = Run {
-        code: out.status.code().unwrap_or(-1),
-        result: result.clone(),
-        stdout: String::new(),
-        stderr: String::new(),
-        elapsed: Duration::ZERO,
-        pid,
-    };
-    assert_eq!(is_warm(&run), WARM, "ran in the mode under test: {result}");
+    assert_eq!(
+        is_warm(&result),
+        WARM,
+        "ran in the mode under test: {result}"
+    );
     // The fork server (warm) is among the processes seen while running:
     // the check below looks at it too.
     assert_eq!(
@@ -865,7 +889,7 @@ time.sleep(1.5)
     );
     assert!(
         spawned.iter().any(|(_, _, cmd)| cmd.contains(&marker)),
-        "the marked process descends from the executor: {spawned:?}"
+        "the marked process descends from the executor: {spawned:?}; marked: {procs:?}"
     );
     assert!(
         !cgroups.is_empty(),
@@ -888,11 +912,16 @@ time.sleep(1.5)
         "the marked process was seen while running"
     );
     // And afterwards: nothing. Not a process the executor started (the
-    // fork server and its launcher included: `run` shuts its runner down
-    // before it exits), not a cgroup, not a mount.
+    // fork server, its init and its launcher included: `run` shuts its
+    // runner down before it exits), not a cgroup, not a mount. Warm, the
+    // fork server's init may still be finishing its exit here: killed with
+    // its launcher at shutdown, it leaves its cgroup at once (so the cgroup
+    // can be removed) but, as a PID namespace's init, exits only once the
+    // kernel has reaped the namespace, and then waits as a zombie for the
+    // host's init. Neither runs code any more.
     let alive: Vec<_> = spawned
         .iter()
-        .filter(|(p, t, _)| start_time(*p) == Some(*t))
+        .filter(|(p, t, _)| start_and_running(*p) == Some((*t, true)))
         .collect();
     assert!(alive.is_empty(), "outlived the run: {alive:?}");
     assert_eq!(util::task_cgroups(pid), Vec::<std::path::PathBuf>::new());
