@@ -105,6 +105,8 @@ struct Server {
     in_flight: AtomicUsize,
     stopping: AtomicBool,
     refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The limits new spares get: the last task's.
+    spare_limits: Mutex<CgroupLimits>,
 }
 
 impl Drop for Server {
@@ -120,7 +122,9 @@ impl Drop for Server {
     }
 }
 
-/// Limits of a spare child's cgroup until a task sets its own.
+/// Limits of a spare child's cgroup until a task sets its own (after the
+/// first task, spares are made with the last task's limits, so a run of
+/// alike tasks skips rewriting them).
 const SPARE_LIMITS: CgroupLimits = CgroupLimits {
     memory_bytes: 64 << 20,
     pids: 16,
@@ -134,6 +138,8 @@ const MAX_SPARES: usize = 8;
 /// A forked child, attached to its own cgroup, waiting for its spec.
 #[derive(Debug)]
 struct Spare {
+    /// The limits its cgroup was made with.
+    limits: CgroupLimits,
     task: UnixStream,
     out_r: OwnedFd,
     err_r: OwnedFd,
@@ -592,6 +598,7 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             refill_thread: Mutex::new(None),
+            spare_limits: Mutex::new(SPARE_LIMITS),
         };
         // The server's log: kept (capped) for error messages.
         let log = Arc::clone(&server.log);
@@ -721,8 +728,10 @@ impl Server {
             return Err(self.failed("child did not say hello"));
         }
         let pid = pid.ok_or_else(|| SandboxError::Protocol("hello without credentials".into()))?;
-        let cgroup = sandbox.cgroups.create(&cgroup_name(), &SPARE_LIMITS)?;
+        let limits = *self.spare_limits.lock().unwrap_or_else(|p| p.into_inner());
+        let cgroup = sandbox.cgroups.create(&cgroup_name(), &limits)?;
         let spare = Spare {
+            limits,
             task,
             out_r,
             err_r,
@@ -775,12 +784,16 @@ impl Server {
         let spare = self.take_spare(sandbox)?;
         phases.push(("takeChild", t0.elapsed()));
         let t_limits = Instant::now();
-        spare.cgroup.set_limits(&CgroupLimits {
+        let task_limits = CgroupLimits {
             memory_bytes: limits.memory_bytes,
             pids: limits.pids,
             cpu_request_millis: limits.cpu_request_millis,
             cpu_limit_millis: limits.cpu_limit_millis,
-        })?;
+        };
+        if spare.limits != task_limits {
+            spare.cgroup.set_limits(&task_limits)?;
+            *self.spare_limits.lock().unwrap_or_else(|p| p.into_inner()) = task_limits;
+        }
         // The CPU the idle child used is not the task's.
         let cpu_base = spare.cgroup.cpu_time().unwrap_or_default();
         phases.push(("cgroupLimits", t_limits.elapsed()));
