@@ -264,6 +264,13 @@ pub(crate) async fn submit_task(
         }
     }
     let service = &state.service;
+    // With `wait`, the wait is registered before the task is stored, so
+    // that a task that ends at once on this node cannot be missed and the
+    // store is not read before it ends.
+    let watch = wait.map(|_| {
+        Service::assign_id(&mut task);
+        service.watch_final(&task.id)
+    });
     let submitted = service
         .submit(vec![task])
         .await
@@ -281,11 +288,15 @@ pub(crate) async fn submit_task(
     } else {
         StatusCode::ACCEPTED
     };
-    if let Some(wait) = wait {
-        let rec = service
-            .wait_final(&id, wait)
-            .await
-            .map_err(|e| store_error("waiting for a task failed", &e))?;
+    if let (Some(wait), Some(watch)) = (wait, watch) {
+        let waited = if watch.id() == id {
+            service.wait_watched(watch, wait, !existing).await
+        } else {
+            // An idempotent repeat: the earlier task.
+            drop(watch);
+            service.wait_final(&id, wait).await
+        };
+        let rec = waited.map_err(|e| store_error("waiting for a task failed", &e))?;
         return Ok(match rec {
             Some(rec) if rec.status.is_final() => (StatusCode::OK, Json(rec)).into_response(),
             Some(rec) => task_ref(ok_or_accepted, id, rec.status),

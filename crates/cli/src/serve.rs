@@ -15,6 +15,7 @@ use clap::Args;
 use serde::Deserialize;
 use taskexec_engine::limiter::ConcurrencyConfig;
 use taskexec_engine::service::{Service, ServiceConfig};
+use taskexec_sandbox::WarmConfig;
 use taskexec_store::{Capacity, PgStore, SqliteStore, TaskStore};
 use tracing::info;
 
@@ -74,6 +75,30 @@ pub struct ServeArgs {
     /// least 1s; default 30s). Hidden: for tests and tuning.
     #[arg(long, env = "TASKEXEC_LEASE", hide = true)]
     pub lease: Option<String>,
+    /// Keep sandboxes built ahead of time and fork servers, so tasks start
+    /// faster (true/false, default true); off, every task runs in a sandbox
+    /// built for it.
+    #[arg(long, env = "TASKEXEC_WARM")]
+    pub warm: Option<bool>,
+    /// Pre-built sandboxes kept per runtime and limit class even when idle
+    /// (default 0).
+    #[arg(long, env = "TASKEXEC_WARM_POOL_MIN")]
+    pub warm_pool_min: Option<usize>,
+    /// Pre-built sandboxes at most per runtime and limit class (default 4;
+    /// 0 turns the pools off).
+    #[arg(long, env = "TASKEXEC_WARM_POOL_MAX")]
+    pub warm_pool_max: Option<usize>,
+    /// Pre-built sandboxes at most in all (default 16).
+    #[arg(long, env = "TASKEXEC_WARM_POOL_TOTAL")]
+    pub warm_pool_total: Option<usize>,
+    /// A runtime and limit class without tasks this long shrinks to
+    /// --warm-pool-min, e.g. 30s (the default) or 5m.
+    #[arg(long, env = "TASKEXEC_WARM_POOL_IDLE")]
+    pub warm_pool_idle: Option<String>,
+    /// Run handler-mode tasks of runtimes with a fork server in children of
+    /// a pre-started interpreter (true/false, default true).
+    #[arg(long, env = "TASKEXEC_FORK_SERVERS")]
+    pub fork_servers: Option<bool>,
     /// A TOML file with any of the settings above.
     #[arg(long, env = "TASKEXEC_CONFIG")]
     pub config: Option<PathBuf>,
@@ -134,6 +159,18 @@ struct FileConfig {
     concurrency_max: Option<usize>,
     /// Lease of a claimed task.
     lease: Option<Loose>,
+    /// Warm runner on or off.
+    warm: Option<bool>,
+    /// Pre-built sandboxes kept per key.
+    warm_pool_min: Option<usize>,
+    /// Pre-built sandboxes at most per key.
+    warm_pool_max: Option<usize>,
+    /// Pre-built sandboxes at most in all.
+    warm_pool_total: Option<usize>,
+    /// Idle time after which a key shrinks.
+    warm_pool_idle: Option<Loose>,
+    /// Fork servers on or off.
+    fork_servers: Option<bool>,
 }
 
 /// Total memory from /proc/meminfo.
@@ -159,6 +196,8 @@ struct Settings {
     auth_token: Option<String>,
     shutdown_grace: Duration,
     max_body: usize,
+    /// The warm runner's settings (`None`: off, every task runs cold).
+    warm: Option<WarmConfig>,
 }
 
 fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
@@ -286,6 +325,16 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
     if auth_token.as_deref() == Some("") {
         bail!("--auth-token: the token is empty");
     }
+    let warm = warm(WarmInput {
+        enabled: args.warm.or(file.warm),
+        fork_servers: args.fork_servers.or(file.fork_servers),
+        pool_min: args.warm_pool_min.or(file.warm_pool_min),
+        pool_max: args.warm_pool_max.or(file.warm_pool_max),
+        pool_total: args.warm_pool_total.or(file.warm_pool_total),
+        pool_idle: args
+            .warm_pool_idle
+            .or(file.warm_pool_idle.map(Loose::into_text)),
+    })?;
     Ok(Settings {
         listen,
         database,
@@ -293,7 +342,88 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         auth_token,
         shutdown_grace,
         max_body,
+        warm,
     })
+}
+
+/// The warm runner's settings as given (flag, variable or file).
+#[derive(Debug, Default)]
+struct WarmInput {
+    enabled: Option<bool>,
+    fork_servers: Option<bool>,
+    pool_min: Option<usize>,
+    pool_max: Option<usize>,
+    pool_total: Option<usize>,
+    pool_idle: Option<String>,
+}
+
+/// Most pre-built sandboxes a node may keep (each is a launcher process, a
+/// cgroup and a scratch tmpfs).
+const MAX_WARM_SANDBOXES: usize = 4096;
+
+/// The warm runner's settings: on by default with fork servers and the
+/// pool's default sizing; `min <= max <= total`, where a per-key cap left
+/// to its default follows a lower total.
+fn warm(w: WarmInput) -> anyhow::Result<Option<WarmConfig>> {
+    if w.enabled == Some(false) {
+        let given = [
+            (w.pool_min.is_some(), "--warm-pool-min"),
+            (w.pool_max.is_some(), "--warm-pool-max"),
+            (w.pool_total.is_some(), "--warm-pool-total"),
+            (w.pool_idle.is_some(), "--warm-pool-idle"),
+            (w.fork_servers == Some(true), "--fork-servers true"),
+        ];
+        if let Some((_, name)) = given.iter().find(|(g, _)| *g) {
+            bail!("{name} needs --warm true (the warm runner is off)");
+        }
+        return Ok(None);
+    }
+    let mut config = crate::setup::default_warm_config();
+    if let Some(f) = w.fork_servers {
+        config.fork_servers = f;
+    }
+    let pool = &mut config.pool;
+    let default = |given: bool| if given { "" } else { " (the default)" };
+    if let Some(total) = w.pool_total {
+        if total > MAX_WARM_SANDBOXES {
+            bail!("--warm-pool-total {total}: expected a number from 0 to {MAX_WARM_SANDBOXES}");
+        }
+        pool.max_total = total;
+    }
+    match w.pool_max {
+        Some(max) if max > pool.max_total => bail!(
+            "--warm-pool-max {max}: more than --warm-pool-total {}{}; raise --warm-pool-total",
+            pool.max_total,
+            default(w.pool_total.is_some())
+        ),
+        Some(max) => pool.max_per_key = max,
+        None => pool.max_per_key = pool.max_per_key.min(pool.max_total),
+    }
+    if let Some(min) = w.pool_min {
+        if min > pool.max_per_key {
+            let capped = w.pool_max.is_none()
+                && pool.max_per_key < taskexec_sandbox::pool::PoolConfig::default().max_per_key;
+            bail!(
+                "--warm-pool-min {min}: more than --warm-pool-max {}{}; raise --warm-pool-max",
+                pool.max_per_key,
+                if capped {
+                    " (the default, capped by --warm-pool-total)"
+                } else {
+                    default(w.pool_max.is_some())
+                }
+            );
+        }
+        pool.min_per_key = min;
+    }
+    if let Some(v) = w.pool_idle {
+        let idle = taskexec_model::parse_duration(&v)
+            .map_err(|e| anyhow::anyhow!("--warm-pool-idle {v:?}: {e}"))?;
+        if idle < Duration::from_secs(1) {
+            bail!("--warm-pool-idle {v:?}: expected at least 1s");
+        }
+        pool.idle_after = idle;
+    }
+    Ok(Some(config))
 }
 
 /// The adaptive concurrency settings: on by default, from `min` (default 1)
@@ -412,7 +542,22 @@ fn spawn_wakeups(pg: PgStore, service: Arc<Service>) {
 /// that only executes).
 pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow::Result<ExitCode> {
     let s = settings(args)?;
-    let engine = Arc::new(crate::setup::engine(g, crate::setup::Warmth::Warm)?);
+    let warmth = match s.warm.clone() {
+        Some(config) => crate::setup::Warmth::Configured(config),
+        None => crate::setup::Warmth::Cold,
+    };
+    match &s.warm {
+        Some(w) => info!(
+            pool_min = w.pool.min_per_key,
+            pool_max = w.pool.max_per_key,
+            pool_total = w.pool.max_total,
+            pool_idle = ?w.pool.idle_after,
+            fork_servers = w.fork_servers,
+            "warm runner on"
+        ),
+        None => info!("warm runner off: every task runs in a sandbox built for it"),
+    }
+    let engine = Arc::new(crate::setup::engine(g, warmth)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -527,6 +672,169 @@ mod tests {
             concurrency(Some(false), None, None, 8).expect("valid"),
             None
         );
+    }
+
+    #[test]
+    fn the_warm_runner_is_on_by_default_with_fork_servers() {
+        let w = warm(WarmInput::default()).expect("valid").expect("on");
+        assert!(w.fork_servers);
+        assert_eq!(w.pool, taskexec_sandbox::pool::PoolConfig::default());
+        let w = warm(WarmInput {
+            enabled: Some(true),
+            fork_servers: Some(false),
+            pool_min: Some(1),
+            pool_max: Some(2),
+            pool_total: Some(3),
+            pool_idle: Some("5m".into()),
+        })
+        .expect("valid")
+        .expect("on");
+        assert!(!w.fork_servers);
+        assert_eq!(
+            (
+                w.pool.min_per_key,
+                w.pool.max_per_key,
+                w.pool.max_total,
+                w.pool.idle_after
+            ),
+            (1, 2, 3, Duration::from_secs(300))
+        );
+        let off = WarmInput {
+            enabled: Some(false),
+            fork_servers: Some(false),
+            ..WarmInput::default()
+        };
+        assert!(warm(off).expect("valid").is_none());
+    }
+
+    #[test]
+    fn a_lower_total_caps_the_default_per_key_cap() {
+        let w = warm(WarmInput {
+            pool_total: Some(2),
+            ..WarmInput::default()
+        })
+        .expect("valid")
+        .expect("on");
+        assert_eq!((w.pool.max_per_key, w.pool.max_total), (2, 2));
+        let e = warm(WarmInput {
+            pool_min: Some(3),
+            pool_total: Some(2),
+            ..WarmInput::default()
+        })
+        .expect_err("a floor above the capped cap")
+        .to_string();
+        assert!(
+            e.contains("--warm-pool-max 2 (the default, capped by --warm-pool-total)"),
+            "{e}"
+        );
+        // No pool at all, fork servers still on.
+        let w = warm(WarmInput {
+            pool_max: Some(0),
+            ..WarmInput::default()
+        })
+        .expect("valid")
+        .expect("on");
+        assert_eq!(w.pool.max_per_key, 0);
+        assert!(w.fork_servers);
+    }
+
+    #[test]
+    fn inconsistent_warm_settings_are_refused_with_the_setting() {
+        let err = |w: WarmInput| warm(w).expect_err("invalid").to_string();
+        let e = err(WarmInput {
+            pool_min: Some(3),
+            pool_max: Some(2),
+            ..WarmInput::default()
+        });
+        assert!(
+            e.contains("--warm-pool-min 3: more than --warm-pool-max 2;"),
+            "{e}"
+        );
+        let e = err(WarmInput {
+            pool_min: Some(5),
+            ..WarmInput::default()
+        });
+        assert!(
+            e.contains("more than --warm-pool-max 4 (the default)"),
+            "{e}"
+        );
+        let e = err(WarmInput {
+            pool_max: Some(20),
+            ..WarmInput::default()
+        });
+        assert!(
+            e.contains("--warm-pool-max 20: more than --warm-pool-total 16 (the default)"),
+            "{e}"
+        );
+        let e = err(WarmInput {
+            pool_total: Some(100_000),
+            ..WarmInput::default()
+        });
+        assert!(e.contains("--warm-pool-total 100000: expected"), "{e}");
+        let e = err(WarmInput {
+            pool_idle: Some("soon".into()),
+            ..WarmInput::default()
+        });
+        assert!(e.starts_with("--warm-pool-idle \"soon\":"), "{e}");
+        let e = err(WarmInput {
+            pool_idle: Some("500ms".into()),
+            ..WarmInput::default()
+        });
+        assert!(e.contains("expected at least 1s"), "{e}");
+        let e = err(WarmInput {
+            enabled: Some(false),
+            pool_max: Some(2),
+            ..WarmInput::default()
+        });
+        assert!(e.contains("--warm-pool-max needs --warm true"), "{e}");
+        let e = err(WarmInput {
+            enabled: Some(false),
+            fork_servers: Some(true),
+            ..WarmInput::default()
+        });
+        assert!(e.contains("--fork-servers true needs --warm true"), "{e}");
+    }
+
+    /// `taskexec serve`'s flags alone.
+    #[derive(Debug, clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> ServeArgs {
+        use clap::Parser;
+        Serve::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .expect("flags parse")
+            .args
+    }
+
+    #[test]
+    fn warm_settings_come_from_the_file_under_the_flag() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("serve.toml");
+        std::fs::write(
+            &path,
+            "warm_pool_min = 1\nwarm_pool_max = 3\nwarm_pool_idle = \"2m\"\nfork_servers = false\n",
+        )
+        .expect("write the config");
+        let config = path.to_str().expect("a UTF-8 path");
+        let args = parse(&["--config", config, "--warm-pool-max", "2"]);
+        let w = settings(args).expect("valid").warm.expect("on");
+        assert_eq!(
+            (w.pool.min_per_key, w.pool.max_per_key, w.pool.idle_after),
+            (1, 2, Duration::from_secs(120))
+        );
+        assert!(!w.fork_servers);
+
+        std::fs::write(&path, "warm = false\n").expect("write the config");
+        let args = parse(&["--config", config]);
+        assert!(settings(args).expect("valid").warm.is_none());
+
+        std::fs::write(&path, "warm_pool = 3\n").expect("write the config");
+        let args = parse(&["--config", config]);
+        let e = format!("{:#}", settings(args).expect_err("unknown key"));
+        assert!(e.contains("warm_pool"), "{e}");
     }
 
     #[test]

@@ -94,12 +94,25 @@ pub fn catalogue(g: &GlobalArgs) -> anyhow::Result<Catalogue> {
 }
 
 /// How the engine starts sandboxes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Warmth {
     /// Every task in a sandbox built for it on the spot (`taskexec run`).
     Cold,
-    /// Pre-built sandboxes and fork servers (the service).
+    /// Pre-built sandboxes and fork servers, sized as by default
+    /// ([`default_warm_config`]).
     Warm,
+    /// Pre-built sandboxes and fork servers as configured (`serve`,
+    /// `worker`).
+    Configured(WarmConfig),
+}
+
+/// The warm runner's default settings: the pool's default sizing, fork
+/// servers on.
+pub fn default_warm_config() -> WarmConfig {
+    WarmConfig {
+        fork_servers: true,
+        ..WarmConfig::default()
+    }
 }
 
 /// The engine over a real sandbox.
@@ -119,13 +132,8 @@ pub fn engine(g: &GlobalArgs, warmth: Warmth) -> anyhow::Result<Engine> {
     let sandbox = Sandbox::new(SandboxConfig::new(launcher), cgroups);
     let runner: Arc<dyn AttemptRunner> = match warmth {
         Warmth::Cold => Arc::new(sandbox),
-        Warmth::Warm => Arc::new(WarmSandbox::new(
-            sandbox,
-            WarmConfig {
-                fork_servers: true,
-                ..WarmConfig::default()
-            },
-        )),
+        Warmth::Warm => Arc::new(WarmSandbox::new(sandbox, default_warm_config())),
+        Warmth::Configured(config) => Arc::new(WarmSandbox::new(sandbox, config)),
     };
     Ok(Engine::new(
         EngineConfig::default(),

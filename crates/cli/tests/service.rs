@@ -1048,3 +1048,119 @@ fn the_cli_client_submits_waits_lists_and_cancels() {
         .collect();
     assert_eq!(ids, [sid.as_str()]);
 }
+
+/// The value of an unlabelled metric in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls /metrics until `done` holds for the page; returns it.
+#[track_caller]
+fn wait_metrics(s: &Server, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = s.get("/metrics").text;
+        if done(&page) {
+            return page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not in time; metrics:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_warm_runner_reports_its_state_and_is_gone_after_sigterm() {
+    let mut s = Setup::new()
+        .flag("--warm-pool-min", "1")
+        .flag("--warm-pool-idle", "1m")
+        .start();
+    // Published at start, before any task.
+    let page = wait_metrics(&s, "warm metrics at start", |p| {
+        metric(p, "taskexec_warm_pool_ready").is_some()
+    });
+    for name in [
+        "taskexec_warm_pool_target",
+        "taskexec_fork_servers",
+        "taskexec_fork_server_spares",
+    ] {
+        assert!(metric(&page, name).is_some(), "{name} missing:\n{page}");
+    }
+
+    // A script task: the pool learns its key and keeps one sandbox of it.
+    let r = s.post("/v1/tasks?wait=60s", &bash("echo warm"));
+    assert_eq!(r.json["status"], "COMPLETED", "{}", r.text);
+    // A handler task: a fork server starts and runs it.
+    let mut handler = python("def main(input):\n    return {'n': input['n'] + 1}\n");
+    handler["definition"]["mode"] = json!("handler");
+    handler["input"] = json!({"n": 1});
+    let r = s.post("/v1/tasks?wait=60s", &handler);
+    assert_eq!(r.json["status"], "COMPLETED", "{}", r.text);
+    assert_eq!(r.json["result"]["output"], json!({"n": 2}), "{}", r.text);
+    let page = wait_metrics(&s, "a warm sandbox and a fork server", |p| {
+        metric(p, "taskexec_warm_pool_ready").is_some_and(|v| v >= 1.0)
+            && metric(p, "taskexec_fork_servers") == Some(1.0)
+            && metric(p, "taskexec_fork_server_runs_total") == Some(1.0)
+    });
+    assert!(
+        metric(&page, "taskexec_warm_pool_misses_total").is_some_and(|v| v >= 1.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "taskexec_fork_server_fallbacks_total").unwrap_or(0.0),
+        0.0,
+        "{page}"
+    );
+
+    // SIGTERM: the fork server and the pre-built sandboxes go with the server.
+    let status = s.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}; log:\n{}", s.log());
+    let left = util::task_cgroups(s.pid);
+    assert!(left.is_empty(), "cgroups left by a clean exit: {left:?}");
+    let launchers = util::processes_with(&format!("__taskexec-launcher\0{}\0", s.pid));
+    assert!(launchers.is_empty(), "launchers left: {launchers:?}");
+}
+
+#[test]
+fn warm_false_runs_every_task_cold_and_exports_no_warm_metrics() {
+    let s = Setup::new().flag("--warm", "false").start();
+    let r = s.post("/v1/tasks?wait=60s", &bash("echo cold"));
+    assert_eq!(r.json["status"], "COMPLETED", "{}", r.text);
+    let page = s.get("/metrics").text;
+    assert!(
+        page.contains("taskexec_tasks_finished_total"),
+        "metrics:\n{page}"
+    );
+    assert!(!page.contains("taskexec_warm_pool"), "metrics:\n{page}");
+    assert!(!page.contains("taskexec_fork_server"), "metrics:\n{page}");
+}
+
+#[test]
+fn an_invalid_warm_setting_stops_the_start_and_names_the_setting() {
+    let (code, _, err) = cli(&[
+        "serve",
+        "--database",
+        "sqlite::memory:",
+        "--warm-pool-min",
+        "9",
+        "--warm-pool-max",
+        "2",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--warm-pool-min 9: more than --warm-pool-max 2"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&[
+        "worker",
+        "--database",
+        "sqlite::memory:",
+        "--warm-pool-idle",
+        "soon",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--warm-pool-idle \"soon\""), "{err}");
+}

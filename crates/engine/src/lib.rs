@@ -25,7 +25,9 @@ use taskexec_model::{
     RetryLimits, RunAs, TaskError, TaskInstance, TaskResult, TaskStatus, ValidRetryPolicy,
 };
 use taskexec_runtimes::{Catalogue, Plan, ResolvedRuntime, RuntimeError};
-use taskexec_sandbox::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError, Termination};
+use taskexec_sandbox::{
+    CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError, Termination, WarmStats,
+};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
@@ -46,6 +48,12 @@ pub trait AttemptRunner: Send + Sync + Debug {
     /// Stops what the runner keeps running between tasks (fork servers,
     /// pre-built sandboxes) and waits until it is gone.
     fn shutdown(&self) {}
+    /// The warm runner's counters and gauges; `None` for a runner that
+    /// keeps nothing warm. May block briefly (call it off the async
+    /// executor's threads).
+    fn warm_stats(&self) -> Option<WarmStats> {
+        None
+    }
 }
 
 impl AttemptRunner for Sandbox {
@@ -69,6 +77,10 @@ impl AttemptRunner for taskexec_sandbox::WarmSandbox {
 
     fn shutdown(&self) {
         taskexec_sandbox::WarmSandbox::shutdown(self)
+    }
+
+    fn warm_stats(&self) -> Option<WarmStats> {
+        Some(taskexec_sandbox::WarmSandbox::stats(self))
     }
 }
 
@@ -321,6 +333,12 @@ impl Engine {
     /// [`AttemptRunner::shutdown`]); tasks still run afterwards, cold.
     pub fn shutdown(&self) {
         self.runner.shutdown();
+    }
+
+    /// The warm runner's counters and gauges (see
+    /// [`AttemptRunner::warm_stats`]); blocking.
+    pub fn warm_stats(&self) -> Option<WarmStats> {
+        self.runner.warm_stats()
     }
 
     /// The runtime catalogue.

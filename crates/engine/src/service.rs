@@ -20,16 +20,17 @@ use taskexec_model::{
     AttemptRecord, ErrorType, Lifecycle, TaskError, TaskInstance, TaskResult, TaskStatus,
     TransitionRecord,
 };
+use taskexec_sandbox::WarmStats;
 use taskexec_store::{
     CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, StoreError, Submitted,
     TaskRecord, TaskStore, Write,
 };
 use time::OffsetDateTime;
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::limiter::{ConcurrencyConfig, Limiter};
-use crate::{Cancellation, Decision, Engine, Verdict, apply_attempt};
+use crate::{Cancellation, Decision, Engine, Prepared, Verdict, apply_attempt};
 
 /// Service settings.
 #[derive(Debug, Clone)]
@@ -138,8 +139,9 @@ type Ack = oneshot::Sender<Result<(), String>>;
 /// What the writer is asked to do.
 #[derive(Debug)]
 enum Pending {
-    /// Commit a write; acknowledge if asked.
-    Write(Box<Write>, Option<Ack>),
+    /// Commit writes (in one transaction, with whatever else is pending);
+    /// acknowledge if asked.
+    Write(Vec<Write>, Option<Ack>),
     /// Acknowledge once everything sent before is committed.
     Flush(Ack),
 }
@@ -151,6 +153,136 @@ struct Running {
     cpu_millis: u64,
     memory_bytes: u64,
 }
+
+/// Tasks prepared at submission on this node, kept for their first claim
+/// here (by task id), so that it does not validate and plan them again.
+/// Bounded (a plan holds the task's files): past [`PREPARED_MAX`] entries
+/// or [`PREPARED_MAX_BYTES`] of files, those older than [`PREPARED_TTL`]
+/// (claimed by another node, or long queued) are dropped, and if that is
+/// not enough nothing more is kept; a claim that finds no entry prepares
+/// the task itself.
+#[derive(Debug, Default)]
+struct PreparedCache(Mutex<PreparedEntries>);
+
+#[derive(Debug, Default)]
+struct PreparedEntries {
+    /// By task id: when it was kept, its size, the preparation.
+    map: HashMap<String, (Instant, usize, Prepared)>,
+    /// Sum of the sizes.
+    bytes: usize,
+}
+
+/// Most entries of the [`PreparedCache`].
+const PREPARED_MAX: usize = 1024;
+/// Most bytes of files held by the [`PreparedCache`].
+const PREPARED_MAX_BYTES: usize = 32 << 20;
+/// Age past which a [`PreparedCache`] entry may be dropped when it is full.
+const PREPARED_TTL: Duration = Duration::from_secs(30);
+
+impl PreparedCache {
+    fn put(&self, id: &str, prepared: Prepared) {
+        let size = prepared
+            .plan
+            .files
+            .iter()
+            .chain(&prepared.plan.support_files)
+            .map(|f| f.content.len() + f.path.len())
+            .sum::<usize>();
+        let mut e = lock(&self.0);
+        let full = |e: &PreparedEntries| {
+            e.map.len() >= PREPARED_MAX || e.bytes + size > PREPARED_MAX_BYTES
+        };
+        if full(&e) {
+            e.map.retain(|_, (at, _, _)| at.elapsed() < PREPARED_TTL);
+            e.bytes = e.map.values().map(|(_, n, _)| n).sum();
+            if full(&e) {
+                return;
+            }
+        }
+        e.bytes += size;
+        if let Some((_, old, _)) = e
+            .map
+            .insert(id.to_string(), (Instant::now(), size, prepared))
+        {
+            e.bytes -= old;
+        }
+    }
+
+    fn take(&self, id: &str) -> Option<Prepared> {
+        let mut e = lock(&self.0);
+        let (_, size, p) = e.map.remove(id)?;
+        e.bytes -= size;
+        Some(p)
+    }
+}
+
+/// The waiters for final results on this node, by task id: the writer of
+/// a final result wakes them once it is committed, without a store read
+/// or a broadcast to every other waiter.
+/// Each entry is numbered, so that a watch only ever removes its own.
+#[derive(Debug, Default)]
+struct FinalWaiters(Mutex<(u64, HashMap<String, Waiting>)>);
+
+/// The number of an entry of [`FinalWaiters`] and the channel of its wake.
+type Waiting = (u64, watch::Sender<bool>);
+
+impl FinalWaiters {
+    fn watch(self: &Arc<Self>, id: &str) -> FinalWatch {
+        let mut guard = lock(&self.0);
+        let (next, map) = &mut *guard;
+        let (generation, tx) = map.entry(id.to_string()).or_insert_with(|| {
+            *next += 1;
+            (*next, watch::channel(false).0)
+        });
+        FinalWatch {
+            waiters: Arc::clone(self),
+            id: id.to_string(),
+            generation: *generation,
+            rx: tx.subscribe(),
+        }
+    }
+
+    fn wake(&self, id: &str) {
+        if let Some((_, tx)) = lock(&self.0).1.remove(id) {
+            tx.send_replace(true);
+        }
+    }
+}
+
+/// A registered wait for the final result of one task
+/// ([`Service::watch_final`]); registering before the task is submitted
+/// means its end cannot be missed.
+#[derive(Debug)]
+pub struct FinalWatch {
+    waiters: Arc<FinalWaiters>,
+    id: String,
+    generation: u64,
+    rx: watch::Receiver<bool>,
+}
+
+impl FinalWatch {
+    /// The task watched.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for FinalWatch {
+    fn drop(&mut self) {
+        let map = &mut lock(&self.waiters.0).1;
+        // Ours is still counted: drop the entry if no one else waits.
+        if map
+            .get(&self.id)
+            .is_some_and(|(g, tx)| *g == self.generation && tx.receiver_count() <= 1)
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
+/// How often a waiter re-reads a task that sent no event here (it may run
+/// on another node sharing the database).
+const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// The service.
 #[derive(Debug)]
@@ -167,6 +299,10 @@ pub struct Service {
     scheduler_alive: AtomicBool,
     /// The adaptive concurrency limit (None: off, or no workers).
     limiter: Option<Mutex<Limiter>>,
+    /// Waiters for final results.
+    finals: Arc<FinalWaiters>,
+    /// Preparations made at submission, for the first claim here.
+    prepared: PreparedCache,
 }
 
 fn now() -> OffsetDateTime {
@@ -215,6 +351,8 @@ impl Service {
             stopping: AtomicBool::new(false),
             scheduler_alive: AtomicBool::new(false),
             limiter,
+            finals: Arc::default(),
+            prepared: PreparedCache::default(),
         });
         tokio::spawn(writer(
             Arc::clone(&service.store),
@@ -230,6 +368,7 @@ impl Service {
         {
             tokio::spawn(Arc::clone(&service).watch_memory());
         }
+        tokio::spawn(Arc::clone(&service).publish_warm_stats());
         gauge!("taskexec_concurrency_limit").set(service.concurrency_limit() as f64);
         gauge!("taskexec_cpu_capacity_millis").set(service.config.capacity.cpu_millis as f64);
         gauge!("taskexec_memory_capacity_bytes").set(service.config.capacity.memory_bytes as f64);
@@ -258,10 +397,9 @@ impl Service {
             return Err(SubmitError::Unavailable);
         }
         let mut new = Vec::with_capacity(tasks.len());
+        let mut preparations = Vec::with_capacity(tasks.len());
         for (index, mut task) in tasks.into_iter().enumerate() {
-            if task.id.is_empty() {
-                task.id = uuid::Uuid::new_v4().to_string();
-            }
+            Self::assign_id(&mut task);
             let prepared = self.engine.prepare(&task).map_err(|error| {
                 counter!("taskexec_tasks_rejected_total", "error_type" => error.error_type.as_str()).increment(1);
                 SubmitError::Rejected { index, error }
@@ -302,6 +440,7 @@ impl Service {
                 received: record(None, TaskStatus::Received, 0, "received"),
                 task,
             });
+            preparations.push(prepared);
         }
         let runtimes: Vec<String> = new.iter().map(|t| t.runtime.clone()).collect();
         let submitted = match self.store.submit(new, self.config.max_queued).await {
@@ -314,13 +453,26 @@ impl Service {
             }
             Err(e) => return Err(SubmitError::Store(e)),
         };
-        for (s, rt) in submitted.iter().zip(runtimes) {
-            if matches!(s, Submitted::Created { .. }) {
+        let keep = self.config.workers > 0;
+        for ((s, rt), prepared) in submitted.iter().zip(runtimes).zip(preparations) {
+            if let Submitted::Created { id } = s {
                 counter!("taskexec_tasks_submitted_total", "runtime" => rt).increment(1);
+                if keep {
+                    self.prepared.put(id, prepared);
+                }
             }
         }
         self.wake.notify_one();
         Ok(submitted)
+    }
+
+    /// Gives `task` a new id (a UUID v4) if it has none, as [`Self::submit`]
+    /// does: to know the id before submitting, e.g. to
+    /// [`Self::watch_final`] it.
+    pub fn assign_id(task: &mut TaskInstance) {
+        if task.id.is_empty() {
+            task.id = uuid::Uuid::new_v4().to_string();
+        }
     }
 
     /// One task.
@@ -338,6 +490,13 @@ impl Service {
         self.events.subscribe()
     }
 
+    /// Registers a wait for the final result of task `id`, to pass to
+    /// [`Self::wait_watched`]: registered before the task is submitted, it
+    /// cannot miss the task's end.
+    pub fn watch_final(&self, id: &str) -> FinalWatch {
+        self.finals.watch(id)
+    }
+
     /// Waits until task `id` is final or `timeout` passes; the record then
     /// (None if there is no such task).
     pub async fn wait_final(
@@ -345,35 +504,55 @@ impl Service {
         id: &str,
         timeout: Duration,
     ) -> Result<Option<TaskRecord>, StoreError> {
-        let mut rx = self.subscribe();
+        self.wait_watched(self.watch_final(id), timeout, false)
+            .await
+    }
+
+    /// Waits until the task of `watch` is final or `timeout` passes; the
+    /// record then (None if there is no such task). `fresh`: the task was
+    /// just submitted (and created) by the caller after the watch was
+    /// registered, so the store is not read before something happens.
+    ///
+    /// A task that ends on this node wakes the wait when its result is
+    /// committed; one running on another node (several nodes on one
+    /// database) sends nothing here, so the store is also read every
+    /// 100 ms.
+    pub async fn wait_watched(
+        &self,
+        mut watch: FinalWatch,
+        timeout: Duration,
+        fresh: bool,
+    ) -> Result<Option<TaskRecord>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut read = !fresh;
         loop {
-            let Some(rec) = self.store.get(id).await? else {
-                return Ok(None);
-            };
-            if rec.status.is_final() {
-                return Ok(Some(rec));
-            }
-            // Wait for this task's final event (or any lag), then re-read;
-            // re-read anyway every 100 ms, since a task running on another
-            // node (several nodes on one database) sends no event here.
-            let step = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
-            let waited = tokio::time::timeout_at(step, async {
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) if ev.id == id && ev.is_final => return,
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
+            if read {
+                // A wake is used once (its entry is gone): watch anew
+                // before reading, so that nothing is missed in between.
+                if *watch.rx.borrow() || watch.rx.has_changed().is_err() {
+                    let id = watch.id.clone();
+                    watch = self.finals.watch(&id);
                 }
-            })
-            .await;
-            if waited.is_err() && tokio::time::Instant::now() < deadline {
-                continue;
+                let Some(rec) = self.store.get(&watch.id).await? else {
+                    return Ok(None);
+                };
+                if rec.status.is_final() {
+                    return Ok(Some(rec));
+                }
             }
-            if waited.is_err() {
-                return self.store.get(id).await;
+            read = true;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return self.store.get(&watch.id).await;
+            }
+            let step = (now + WAIT_POLL).min(deadline);
+            // Woken, or the poll is due: re-read. (A channel closed without
+            // a wake cannot happen, but would wait for the poll.)
+            if tokio::time::timeout_at(step, watch.rx.wait_for(|done| *done))
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                tokio::time::sleep_until(step).await;
             }
         }
     }
@@ -407,6 +586,8 @@ impl Service {
                         is_final: true,
                     });
                 }
+                self.finals.wake(id);
+                drop(self.prepared.take(id));
             }
             CancelOutcome::Requested { .. } => {
                 if let Some(r) = self.lock_running().get(id) {
@@ -575,15 +756,34 @@ impl Service {
         }
     }
 
-    /// Sends a write; waits for its commit when `ack`.
-    async fn write(&self, w: Write, ack: bool) {
+    /// Publishes the warm runner's counters and gauges at start and every
+    /// [`WARM_STATS_EVERY`] until the service stops; at once returns for a
+    /// runner that keeps nothing warm. They are read on a blocking thread:
+    /// reading waits while a fork server starts.
+    async fn publish_warm_stats(self: Arc<Self>) {
+        loop {
+            let engine = Arc::clone(&self.engine);
+            let Ok(Some(stats)) = tokio::task::spawn_blocking(move || engine.warm_stats()).await
+            else {
+                return;
+            };
+            record_warm_stats(&stats);
+            tokio::time::sleep(WARM_STATS_EVERY).await;
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Sends writes, to be committed in one transaction; waits for the
+    /// commit when `ack`.
+    async fn write(&self, writes: Vec<Write>, ack: bool) {
+        if writes.is_empty() {
+            return;
+        }
         if ack {
             let (tx, rx) = oneshot::channel();
-            if self
-                .writes
-                .send(Pending::Write(Box::new(w), Some(tx)))
-                .is_ok()
-            {
+            if self.writes.send(Pending::Write(writes, Some(tx))).is_ok() {
                 match rx.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => error!(error = %e, "store write failed"),
@@ -591,18 +791,20 @@ impl Service {
                 }
             }
         } else {
-            let _ = self.writes.send(Pending::Write(Box::new(w), None));
+            let _ = self.writes.send(Pending::Write(writes, None));
         }
     }
 
-    /// Records a transition in the lifecycle, the store and the event stream.
-    async fn transition(
+    /// Records a transition in the lifecycle and the event stream, and adds
+    /// its store write to `batch` (for the caller to send).
+    fn transition(
         &self,
         id: &str,
         lc: &mut Lifecycle,
         store_attempt: u32,
         to: TaskStatus,
         reason: &str,
+        batch: &mut Vec<Write>,
     ) {
         if let Err(e) = lc.transition(to, now(), reason) {
             warn!(task_id = id, error = %e, "illegal lifecycle transition");
@@ -613,15 +815,11 @@ impl Service {
             .last()
             .cloned()
             .expect("a transition was just recorded");
-        self.write(
-            Write::Transition {
-                id: id.to_string(),
-                attempt: store_attempt,
-                record: rec.clone(),
-            },
-            false,
-        )
-        .await;
+        batch.push(Write::Transition {
+            id: id.to_string(),
+            attempt: store_attempt,
+            record: rec.clone(),
+        });
         if !to.is_final() {
             let _ = self.events.send(TaskEvent {
                 id: id.to_string(),
@@ -632,9 +830,17 @@ impl Service {
         }
     }
 
-    /// Ends a task: stores the result (waiting for the commit), then
-    /// announces the final transition.
-    async fn finish(&self, id: &str, runtime: &str, store_attempt: u32, result: TaskResult) {
+    /// Ends a task: stores the result with the writes of `batch` in one
+    /// transaction (waiting for the commit), then announces the final
+    /// transition and wakes the waiters.
+    async fn finish(
+        &self,
+        id: &str,
+        runtime: &str,
+        store_attempt: u32,
+        result: TaskResult,
+        mut batch: Vec<Write>,
+    ) {
         let status = result.status;
         let error_type = result
             .error
@@ -649,15 +855,12 @@ impl Service {
         )
         .increment(1);
         let last = result.history.last().cloned();
-        self.write(
-            Write::Finish {
-                id: id.to_string(),
-                attempt: store_attempt,
-                result,
-            },
-            true,
-        )
-        .await;
+        batch.push(Write::Finish {
+            id: id.to_string(),
+            attempt: store_attempt,
+            result,
+        });
+        self.write(batch, true).await;
         if let Some(rec) = last {
             let _ = self.events.send(TaskEvent {
                 id: id.to_string(),
@@ -666,6 +869,7 @@ impl Service {
                 is_final: true,
             });
         }
+        self.finals.wake(id);
     }
 
     /// Recovery at start: attempts this node was running when it died are
@@ -702,14 +906,10 @@ impl Service {
             stderr_tail: String::new(),
             phases: Default::default(),
         };
-        self.write(
-            Write::AttemptDone {
-                id: id.clone(),
-                record: rec.clone(),
-            },
-            false,
-        )
-        .await;
+        let batch = vec![Write::AttemptDone {
+            id: id.clone(),
+            record: rec.clone(),
+        }];
         let mut attempts = c.record.attempts.clone();
         attempts.push(rec);
         let errors: Vec<TaskError> = attempts.iter().filter_map(|a| a.error.clone()).collect();
@@ -724,12 +924,15 @@ impl Service {
                 error: e,
             },
         };
-        self.conclude(&id, &mut lc, attempt, &c.record, attempts, decision, None)
-            .await;
+        self.conclude(
+            &id, &mut lc, attempt, &c.record, attempts, decision, None, batch,
+        )
+        .await;
     }
 
     /// Applies a decision after a failed attempt: requeue with backoff, or
-    /// store the final result.
+    /// store the final result; with the writes of `batch`, in one
+    /// transaction.
     #[allow(clippy::too_many_arguments)]
     async fn conclude(
         &self,
@@ -740,37 +943,42 @@ impl Service {
         attempts: Vec<AttemptRecord>,
         decision: Decision,
         last: Option<&crate::AttemptOutput>,
+        mut batch: Vec<Write>,
     ) {
+        // An attempt interrupted before its first transition was stored
+        // (a crash right after the claim) resumes from RECEIVED.
+        if lc.state() == TaskStatus::Received {
+            self.transition(
+                id,
+                lc,
+                attempt,
+                TaskStatus::Preparing,
+                "preparing",
+                &mut batch,
+            );
+        }
         match decision {
             Decision::Retry { delay } => {
                 counter!("taskexec_retries_total").increment(1);
-                if lc.state() == TaskStatus::Received {
-                    self.transition(id, lc, attempt, TaskStatus::Preparing, "preparing")
-                        .await;
-                }
                 let reason = format!("retry (backoff {} ms)", delay.as_millis());
-                self.transition(id, lc, attempt, TaskStatus::Preparing, &reason)
-                    .await;
+                self.transition(id, lc, attempt, TaskStatus::Preparing, &reason, &mut batch);
                 let run_after = now() + delay;
-                self.write(
-                    Write::Requeue {
-                        id: id.to_string(),
-                        attempt,
-                        run_after,
-                    },
-                    true,
-                )
-                .await;
+                batch.push(Write::Requeue {
+                    id: id.to_string(),
+                    attempt,
+                    run_after,
+                });
+                self.write(batch, true).await;
                 self.wake.notify_one();
             }
             Decision::Final { status, error } => {
-                self.transition(id, lc, attempt, status, &error.message)
-                    .await;
+                self.transition(id, lc, attempt, status, &error.message, &mut batch);
                 let mut result = base_result(stored, attempts, last);
                 result.status = status;
                 result.error = Some(error);
                 result.history = lc.history().to_vec();
-                self.finish(id, &stored.runtime, attempt, result).await;
+                self.finish(id, &stored.runtime, attempt, result, batch)
+                    .await;
             }
         }
     }
@@ -782,17 +990,12 @@ impl Service {
                 break;
             }
             let (free, slots) = self.free();
+            let want = slots.min(64);
             let mut claimed = Vec::new();
             if slots > 0 && free.cpu_millis > 0 && free.memory_bytes > 0 {
                 match self
                     .store
-                    .claim(
-                        &self.config.node,
-                        free,
-                        slots.min(64),
-                        now(),
-                        self.config.lease,
-                    )
+                    .claim(&self.config.node, free, want, now(), self.config.lease)
                     .await
                 {
                     Ok(c) => claimed = c,
@@ -823,7 +1026,10 @@ impl Service {
                 let span = tracing::info_span!("task", task_id = %c.record.task.id);
                 tokio::spawn(async move { me.work(c, cancel).await }.instrument(span));
             }
-            if got == 0 || got >= slots {
+            // Fewer than asked: nothing more fits now; a submission, a
+            // requeue or a task's end wakes the loop (a wake during the
+            // claim is kept). All slots taken: so is a task's end.
+            if got < want || got >= slots {
                 tokio::select! {
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(self.config.poll_interval) => {}
@@ -842,20 +1048,42 @@ impl Service {
             .record(queue_wait.as_seconds_f64());
         let mut lc =
             Lifecycle::resume(c.record.history.clone()).unwrap_or_else(|| Lifecycle::new(now()));
+        // The transitions up to RUNNING are stored in one transaction, sent
+        // without waiting for it (the attempt runs meanwhile).
+        let mut batch = Vec::new();
         if lc.state() == TaskStatus::Received {
-            self.transition(&id, &mut lc, attempt, TaskStatus::Preparing, "claimed")
-                .await;
+            self.transition(
+                &id,
+                &mut lc,
+                attempt,
+                TaskStatus::Preparing,
+                "claimed",
+                &mut batch,
+            );
         }
         let t0 = Instant::now();
-        match self.engine.prepare(&c.record.task) {
+        // A task submitted on this node was prepared then, with the same
+        // engine: its first claim here uses that; any other claim prepares.
+        let prepared = match self.prepared.take(&id) {
+            Some(p) if attempt == 1 => Ok(p),
+            _ => self.engine.prepare(&c.record.task),
+        };
+        match prepared {
             Err(error) => {
-                self.transition(&id, &mut lc, attempt, TaskStatus::Rejected, &error.message)
-                    .await;
+                self.transition(
+                    &id,
+                    &mut lc,
+                    attempt,
+                    TaskStatus::Rejected,
+                    &error.message,
+                    &mut batch,
+                );
                 let mut result = base_result(&c.record, c.record.attempts.clone(), None);
                 result.status = TaskStatus::Rejected;
                 result.error = Some(error);
                 result.history = lc.history().to_vec();
-                self.finish(&id, &c.record.runtime, attempt, result).await;
+                self.finish(&id, &c.record.runtime, attempt, result, batch)
+                    .await;
             }
             Ok(prepared) => {
                 self.transition(
@@ -864,8 +1092,9 @@ impl Service {
                     attempt,
                     TaskStatus::Running,
                     &format!("attempt {attempt} started on {}", self.config.node),
-                )
-                .await;
+                    &mut batch,
+                );
+                self.write(batch, false).await;
                 let mut out = self
                     .engine
                     .run_attempt(&c.record.task, &prepared, attempt, &cancel)
@@ -887,14 +1116,12 @@ impl Service {
                 {
                     counter!("taskexec_sandbox_setup_failures_total").increment(1);
                 }
-                self.write(
-                    Write::AttemptDone {
-                        id: id.clone(),
-                        record: out.record.clone(),
-                    },
-                    false,
-                )
-                .await;
+                // The attempt's record, its final transition (or requeue)
+                // and the result: one transaction.
+                let mut batch = vec![Write::AttemptDone {
+                    id: id.clone(),
+                    record: out.record.clone(),
+                }];
                 let mut attempts = c.record.attempts.clone();
                 attempts.push(out.record.clone());
                 match out.verdict.clone() {
@@ -905,13 +1132,14 @@ impl Service {
                             attempt,
                             TaskStatus::Completed,
                             &format!("attempt {attempt} completed"),
-                        )
-                        .await;
+                            &mut batch,
+                        );
                         let mut result = base_result(&c.record, attempts, Some(&out));
                         result.status = TaskStatus::Completed;
                         result.output = output;
                         result.history = lc.history().to_vec();
-                        self.finish(&id, &c.record.runtime, attempt, result).await;
+                        self.finish(&id, &c.record.runtime, attempt, result, batch)
+                            .await;
                     }
                     Verdict::Failed(error) => {
                         let errors: Vec<TaskError> =
@@ -936,6 +1164,7 @@ impl Service {
                             attempts,
                             decision,
                             Some(&out),
+                            batch,
                         )
                         .await;
                     }
@@ -1016,6 +1245,28 @@ impl Service {
     }
 }
 
+/// How often the warm runner's metrics are refreshed.
+const WARM_STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// Sets the warm runner's metrics (see docs/metrics.md). Its counters are
+/// kept by the runner and exported as they stand.
+fn record_warm_stats(s: &WarmStats) {
+    let p = &s.pool;
+    gauge!("taskexec_warm_pool_ready").set(p.warm as f64);
+    gauge!("taskexec_warm_pool_target").set(p.target as f64);
+    gauge!("taskexec_warm_pool_keys").set(p.keys as f64);
+    counter!("taskexec_warm_pool_hits_total").absolute(p.hits);
+    counter!("taskexec_warm_pool_misses_total").absolute(p.misses);
+    counter!("taskexec_warm_pool_created_total").absolute(p.created);
+    counter!("taskexec_warm_pool_discarded_total").absolute(p.discarded);
+    counter!("taskexec_warm_pool_retired_total").absolute(p.retired);
+    counter!("taskexec_warm_pool_build_failures_total").absolute(p.failed);
+    gauge!("taskexec_fork_servers").set(s.fork_servers as f64);
+    gauge!("taskexec_fork_server_spares").set(s.fork_server_spares as f64);
+    counter!("taskexec_fork_server_runs_total").absolute(s.fork_server_runs);
+    counter!("taskexec_fork_server_fallbacks_total").absolute(s.fork_server_fallbacks);
+}
+
 /// Locks a mutex whose data stays consistent even if a holder panicked.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -1075,7 +1326,7 @@ async fn writer(
         for p in pending {
             match p {
                 Pending::Write(w, ack) => {
-                    writes.push(*w);
+                    writes.extend(w);
                     acks.extend(ack);
                 }
                 Pending::Flush(ack) => acks.push(ack),

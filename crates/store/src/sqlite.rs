@@ -16,6 +16,7 @@
 //! docs).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,7 +57,20 @@ const FILE_PREFIX: &str = "sqlite://";
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Taken by every transaction that writes, before its `BEGIN
+    /// IMMEDIATE`: this process's writers queue here, in order, instead of
+    /// colliding on SQLite's write lock, whose busy handler sleeps 1 ms
+    /// and more per collision. Other processes on the same file still meet
+    /// the busy timeout.
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// A write transaction and this process's write turn, held until both are
+/// dropped (the transaction first: declare the guard first).
+type WriteTx = (
+    tokio::sync::OwnedMutexGuard<()>,
+    sqlx::Transaction<'static, Sqlite>,
+);
 
 impl SqliteStore {
     /// Opens (creating it if missing) the database at `url` and migrates it.
@@ -95,7 +109,10 @@ impl SqliteStore {
             return Err(StoreError::BadUrl(url.to_owned()));
         };
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     /// Closes every connection, waiting for those in use to be returned.
@@ -104,9 +121,10 @@ impl SqliteStore {
     }
 
     /// Starts a transaction that holds the write lock from its first
-    /// statement.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// statement, after this process's earlier writers (see `write_lock`).
+    async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        let turn = Arc::clone(&self.write_lock).lock_owned().await;
+        Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 }
 
@@ -285,7 +303,7 @@ impl TaskStore for SqliteStore {
         tasks: Vec<NewTask>,
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut out = Vec::with_capacity(tasks.len());
         let mut fresh: Vec<&NewTask> = Vec::with_capacity(tasks.len());
         let mut batch_keys: HashMap<&str, &str> = HashMap::new();
@@ -418,7 +436,25 @@ impl TaskStore for SqliteStore {
         // Candidates that fit in `free` on their own, in claim order; the
         // window is bounded, the greedy fit below picks from it.
         let window = i64::try_from(limit.saturating_mul(8).clamp(64, 1024)).unwrap_or(1024);
-        let mut tx = self.begin_write().await?;
+        // Most claims of an idle or keeping-up node find nothing: answer
+        // those from a read, without waiting for the write lock. A task
+        // committed just after this read is found by the next claim (its
+        // submission wakes the claimer).
+        let any: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT 1 FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
+             AND memory_bytes <= ? AND ",
+            not_final!(),
+            " LIMIT 1"
+        ))
+        .bind(now_ms)
+        .bind(u64_int(free.cpu_millis))
+        .bind(u64_int(free.memory_bytes))
+        .fetch_optional(&self.pool)
+        .await?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        let (_turn, mut tx) = self.begin_write().await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
@@ -483,7 +519,7 @@ impl TaskStore for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         for chunk in ids.chunks(IN_CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new("UPDATE tasks SET lease_until = ");
             qb.push_bind(to_ms(until))
@@ -510,7 +546,7 @@ impl TaskStore for SqliteStore {
         id: &str,
         record: TransitionRecord,
     ) -> Result<CancelOutcome, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let row = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
@@ -585,7 +621,7 @@ impl TaskStore for SqliteStore {
         let lease_until = now_ms.saturating_add(duration_ms(lease));
         // The write lock is held from the start: no other transaction can
         // take the same tasks over in between.
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
@@ -666,7 +702,7 @@ impl SqliteStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         // The state of each task written (and whether it changed), read
         // once and changed in memory; events are appended as they come, the
         // changed rows stored at the end.
