@@ -113,6 +113,33 @@ async fn a_submitted_task_runs_and_its_result_and_history_are_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_registered_before_submission_gets_the_stored_result() {
+    let f = Fixture::new([Step::Exit(0, "1"), Step::Exit(0, "2")]);
+    let s = f.service(2000, 2).await;
+    for expected in [1, 2] {
+        let mut t = task(json!({}));
+        Service::assign_id(&mut t);
+        let watch = s.watch_final(&t.id);
+        let ids = s.submit(vec![t]).await.expect("submit");
+        assert_eq!(watch.id(), ids[0].id());
+        let rec = s
+            .wait_watched(watch, Duration::from_secs(20), true)
+            .await
+            .expect("store")
+            .expect("task exists");
+        assert_eq!(rec.status, TaskStatus::Completed);
+        // What the waiter got is what is stored.
+        let stored = s.get(ids[0].id()).await.expect("get").expect("stored");
+        assert_eq!(rec, stored);
+        assert_eq!(rec.result.expect("result").output, json!(expected));
+    }
+    // A wait for a task already final answers from the store.
+    let done = s.list(&Default::default()).await.expect("list").items;
+    let rec = wait(&s, &done[0].id).await;
+    assert_eq!(rec.status, TaskStatus::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retryable_failure_is_requeued_and_retried() {
     let f = Fixture::new([Step::SetupFails, Step::Exit(0, "7")]);
     let s = f.service(2000, 2).await;

@@ -1,7 +1,9 @@
 //! SQLite backend of [`TaskStore`]: one database file (or a private
 //! in-memory database for tests), opened in WAL mode with
-//! `synchronous=NORMAL`, a 5 s busy timeout and foreign keys on, behind a
-//! small connection pool. Reads run in parallel; every transaction that
+//! `synchronous=NORMAL` (`FULL` with `?synchronous=full`), a 5 s busy
+//! timeout and foreign keys on, behind a small connection pool; this
+//! process's write transactions queue on an async mutex before they take
+//! SQLite's write lock. Reads run in parallel; every transaction that
 //! writes starts with `BEGIN IMMEDIATE`, so it takes SQLite's single write
 //! lock before it reads what it is going to change (two claimers can never
 //! take the same task, and no transaction fails on a lock upgrade).
@@ -78,7 +80,11 @@ impl SqliteStore {
     /// `url` is `sqlite://PATH` (a file, created if missing) or
     /// `sqlite::memory:` (a private in-memory database on one connection,
     /// gone when the store is dropped); anything else is
-    /// [`StoreError::BadUrl`].
+    /// [`StoreError::BadUrl`]. A file database runs in WAL mode with
+    /// `synchronous=NORMAL` (a commit survives a crash of the process, not
+    /// necessarily a power loss); `sqlite://PATH?synchronous=full` syncs
+    /// the log at every commit instead (survives a power loss, costs an
+    /// fsync per transaction).
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
         let base = SqliteConnectOptions::new()
             .foreign_keys(true)
@@ -93,16 +99,25 @@ impl SqliteStore {
                 .max_lifetime(None)
                 .connect_with(base.filename(":memory:"))
                 .await?
-        } else if let Some(path) = url.strip_prefix(FILE_PREFIX)
+        } else if let Some(rest) = url.strip_prefix(FILE_PREFIX)
+            && let (path, query) = rest.split_once('?').unwrap_or((rest, ""))
             && !path.is_empty()
         {
+            let synchronous = match query {
+                "" | "synchronous=normal" => SqliteSynchronous::Normal,
+                "synchronous=full" => SqliteSynchronous::Full,
+                _ => return Err(StoreError::BadUrl(url.to_owned())),
+            };
             let options = base
                 .filename(path)
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal);
+                .synchronous(synchronous);
+            // An in-process database needs no liveness check at each
+            // acquire (a round trip to the connection's thread).
             SqlitePoolOptions::new()
                 .max_connections(FILE_CONNECTIONS)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await?
         } else {
@@ -126,6 +141,22 @@ impl SqliteStore {
         let turn = Arc::clone(&self.write_lock).lock_owned().await;
         Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
+}
+
+/// A column with the task's whole history as one JSON array (its events'
+/// JSON joined in order), so that a row and its history come from one
+/// statement, hence one snapshot.
+macro_rules! history_column {
+    () => {
+        "'[' || COALESCE((SELECT group_concat(record_json, ',' ORDER BY n) FROM events \
+         WHERE task_id = tasks.id), '') || ']' AS history_json"
+    };
+}
+
+/// The history of a row selected with [`history_column`].
+fn read_history(row: &SqliteRow, id: &str) -> Result<Vec<TransitionRecord>, StoreError> {
+    let json: String = row.try_get("history_json")?;
+    serde_json::from_str(&json).map_err(json_err(id))
 }
 
 /// Reads a row selected with [`task_columns`].
@@ -356,22 +387,24 @@ impl TaskStore for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        // A read transaction: the row and its events from one snapshot.
-        let mut tx = self.pool.begin().await?;
+        // One statement: the row and its events from one snapshot.
         let row = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
+            ", ",
+            history_column!(),
             " FROM tasks WHERE id = ?"
         ))
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        let record = match row {
-            Some(row) => Some(into_record(read_row(&row)?, &mut tx).await?),
-            None => None,
-        };
-        tx.commit().await?;
-        Ok(record)
+        match row {
+            Some(row) => {
+                let history = read_history(&row, id)?;
+                Ok(Some(read_row(&row)?.into_record(history)?))
+            }
+            None => Ok(None),
+        }
     }
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
@@ -458,6 +491,8 @@ impl TaskStore for SqliteStore {
         let rows = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
+            ", ",
+            history_column!(),
             " FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
              AND memory_bytes <= ? AND ",
             not_final!(),
@@ -469,16 +504,24 @@ impl TaskStore for SqliteStore {
         .bind(window)
         .fetch_all(&mut *tx)
         .await?;
-        let rows = rows.iter().map(read_row).collect::<Result<Vec<_>, _>>()?;
+        let rows = rows
+            .iter()
+            .map(|r| {
+                let row = read_row(r)?;
+                let history = read_history(r, &row.id)?;
+                Ok((row, history))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let fit = greedy_fit(
-            rows.iter().map(|r| (r.cpu_millis, r.memory_bytes)),
+            rows.iter().map(|(r, _)| (r.cpu_millis, r.memory_bytes)),
             free,
             limit,
         );
-        let mut rows: Vec<Option<TaskRow>> = rows.into_iter().map(Some).collect();
+        let mut rows: Vec<Option<(TaskRow, Vec<TransitionRecord>)>> =
+            rows.into_iter().map(Some).collect();
         let mut out = Vec::with_capacity(fit.len());
         for i in fit {
-            let Some(mut row) = rows.get_mut(i).and_then(Option::take) else {
+            let Some((mut row, history)) = rows.get_mut(i).and_then(Option::take) else {
                 continue;
             };
             sqlx::query(
@@ -491,7 +534,6 @@ impl TaskStore for SqliteStore {
             .bind(&row.id)
             .execute(&mut *tx)
             .await?;
-            let history = load_history(&mut tx, &row.id).await?;
             row.node = Some(node.to_owned());
             row.queued = false;
             row.updated_at = now_ms;

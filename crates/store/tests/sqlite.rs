@@ -77,6 +77,8 @@ async fn unsupported_urls_are_refused() {
         "sqlite:store.db",
         "store.db",
         "sqlite::memory",
+        "sqlite://store.db?synchronous=off",
+        "sqlite://store.db?journal_mode=delete",
     ] {
         let err = SqliteStore::open(url).await.expect_err(url);
         assert!(
@@ -84,6 +86,17 @@ async fn unsupported_urls_are_refused() {
             "{url}: {err:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn synchronous_full_is_an_option_of_the_url() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("full.db");
+    let store = SqliteStore::open(&format!("sqlite://{}?synchronous=full", path.display()))
+        .await
+        .expect("open");
+    store.ping().await.expect("ping");
+    assert!(path.exists(), "the path is the part before the query");
 }
 
 #[tokio::test]
