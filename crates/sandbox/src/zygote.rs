@@ -85,6 +85,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct ForkServers {
     sandbox: Arc<Sandbox>,
     servers: Mutex<HashMap<u64, Arc<Server>>>,
+    /// Finished children go here: a thread waits for their last process
+    /// and removes their cgroup. `None` once shut down.
+    reaper: Mutex<Option<std::sync::mpsc::Sender<Spare>>>,
+    reaper_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// One running fork server.
@@ -246,9 +250,18 @@ fn wait_readable(
 
 impl ForkServers {
     pub(crate) fn new(sandbox: Arc<Sandbox>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Spare>();
+        // Dropping a spare kills what is left of it, waits until it is
+        // gone and removes its cgroup (see `Drop for Spare`).
+        let thread = std::thread::Builder::new()
+            .name("fork-server-reaper".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok();
         Self {
             sandbox,
             servers: Mutex::new(HashMap::new()),
+            reaper: Mutex::new(thread.is_some().then_some(tx)),
+            reaper_thread: Mutex::new(thread),
         }
     }
 
@@ -287,7 +300,16 @@ impl ForkServers {
         let Some(uid) = server.take_uid() else {
             return Err(Fallback::Busy);
         };
-        let result = server.run(&self.sandbox, req, cancel, uid);
+        let Some(reaper) = self
+            .reaper
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().cloned())
+        else {
+            server.give_uid(uid);
+            return Err(Fallback::NotEligible); // shut down
+        };
+        let result = server.run(&self.sandbox, req, cancel, uid, &reaper);
         server.give_uid(uid);
         match result {
             Ok(r) => Ok(r),
@@ -340,6 +362,14 @@ impl ForkServers {
             // The last reference: the server is stopped here.
             drop(server);
         }
+        // Then every finished child is reaped before we return.
+        if let Ok(mut r) = self.reaper.lock() {
+            r.take();
+        }
+        let thread = self.reaper_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 }
 
@@ -350,7 +380,7 @@ impl Drop for ForkServers {
 }
 
 /// Starts a server on a thread of its own that then keeps its spare
-/// children topped up (one more than the runs in flight, at most
+/// children topped up (two more than the runs in flight, at most
 /// [`MAX_SPARES`]) for as long as the server lives. The launcher must be
 /// spawned by a thread that outlives it: its parent-death signal fires when
 /// the spawning *thread* ends.
@@ -397,7 +427,9 @@ fn refill(weak: &Weak<Server>, sandbox: &Sandbox) {
         if server.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let target = (server.in_flight.load(Ordering::SeqCst) + 1).min(MAX_SPARES);
+        // Two ahead: a spare's cgroup attach can wait out an RCU grace
+        // period (cgroup v1), longer than a task takes.
+        let target = (server.in_flight.load(Ordering::SeqCst) + 2).min(MAX_SPARES);
         let have = server.spares.lock().map(|s| s.len()).unwrap_or(MAX_SPARES);
         if have < target {
             match server.make_spare(sandbox) {
@@ -774,6 +806,7 @@ impl Server {
         req: &RunRequest,
         cancel: Option<&CancelToken>,
         uid: u32,
+        reaper: &std::sync::mpsc::Sender<Spare>,
     ) -> Result<Result<RunOutcome, SandboxError>, SandboxError> {
         let t0 = Instant::now();
         let t0_mono = mono_ns();
@@ -797,7 +830,6 @@ impl Server {
         // The CPU the idle child used is not the task's.
         let cpu_base = spare.cgroup.cpu_time().unwrap_or_default();
         phases.push(("cgroupLimits", t_limits.elapsed()));
-        let mut spare = spare;
 
         // The spec; from here on the task is handed over.
         let spec = ChildSpec {
@@ -836,15 +868,20 @@ impl Server {
             &mut started,
         );
         let t_clean = Instant::now();
-        let kill = spare.cgroup.kill_all();
         let stats = spare.cgroup.stats();
-        let removed = spare.cgroup.remove();
-        spare.removed = true;
+        // Waiting for the last process to be gone and removing the cgroup
+        // happen off the task's path; a run whose task was never handed
+        // over keeps it synchronous (the caller runs the task cold next).
+        if started {
+            if let Err(std::sync::mpsc::SendError(spare)) = reaper.send(spare) {
+                drop(spare);
+            }
+        } else {
+            drop(spare);
+        }
         phases.push(("cleanup", t_clean.elapsed()));
         let finish = (|| {
             let mut outcome = result?;
-            kill?;
-            removed?;
             outcome.stats = stats?;
             outcome.stats.cpu_time = outcome.stats.cpu_time.saturating_sub(cpu_base);
             outcome.wall_time = t0.elapsed();
@@ -899,12 +936,26 @@ impl Server {
             .cpu_time
             .map(|c| (c / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)));
         let mut drain_deadline: Option<Instant> = None;
+        // The child's last words ("x<code>", sent as it calls _exit): the
+        // result is known before its exit and its server's report.
+        let mut last_words: Vec<u8> = Vec::new();
+        let mut early: Option<ExitStatus> = None;
         if sent.is_err() {
             // The child is gone already; its status says why.
             task_open = false;
         }
         loop {
             let now = Instant::now();
+            if early.is_some() && killed.is_none() {
+                // Its output is flushed; kill the rest of the task without
+                // waiting for its exit (the reaper makes sure later), take
+                // what the pipes hold, and stop.
+                exited_mono = Some(mono_ns());
+                cgroup.signal_all()?;
+                drain(out_r, |d| stdout.push(d));
+                drain(err_r, |d| stderr.push(d));
+                break;
+            }
             if !status_open {
                 if exited_mono.is_none() {
                     exited_mono = Some(mono_ns());
@@ -982,19 +1033,41 @@ impl Server {
                     3 => loop {
                         match recv_message(task) {
                             Ok(Some((bytes, fd))) => {
-                                if let Some(fd) = fd {
-                                    work_dir = Some(fd);
+                                let mut rest = &bytes[..];
+                                if started_mono.is_none() {
+                                    // Our own code's messages: `m` with the
+                                    // work dir, or `E` with a setup error.
+                                    if work_dir.is_none() {
+                                        work_dir = fd;
+                                    }
+                                    if bytes.first() == Some(&b'm') && bytes.len() >= 9 {
+                                        let stamp = <[u8; 8]>::try_from(&bytes[1..9])
+                                            .map(u64::from_le_bytes)
+                                            .unwrap_or_else(|_| mono_ns());
+                                        started_mono = Some(stamp);
+                                        *started = true;
+                                        phases.push(("setup", t_spec.elapsed()));
+                                        rest = &bytes[9..];
+                                    } else {
+                                        if task_bytes.len() < 64 << 10 {
+                                            task_bytes.extend_from_slice(&bytes);
+                                        }
+                                        rest = &[];
+                                    }
+                                } else {
+                                    // From here the task's code holds the
+                                    // socket too: only a short "x<code>" is
+                                    // understood; descriptors are dropped.
+                                    drop(fd);
                                 }
-                                if started_mono.is_none() && bytes.first() == Some(&b'm') {
-                                    let stamp = bytes
-                                        .get(1..9)
-                                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                                        .map(u64::from_le_bytes);
-                                    started_mono = Some(stamp.unwrap_or_else(mono_ns));
-                                    *started = true;
-                                    phases.push(("setup", t_spec.elapsed()));
+                                if !rest.is_empty() {
+                                    last_words.extend_from_slice(rest);
+                                    if last_words.len() > 32 {
+                                        task_open = false;
+                                        break;
+                                    }
+                                    early = parse_last_words(&last_words);
                                 }
-                                task_bytes.extend_from_slice(&bytes);
                             }
                             Ok(None) => {
                                 task_open = false;
@@ -1019,7 +1092,7 @@ impl Server {
                 message: String::from_utf8_lossy(&task_bytes[1..]).into_owned(),
             });
         }
-        let status = parse_status(&status_bytes);
+        let status = early.or_else(|| parse_status(&status_bytes));
         if killed.is_none() && (status.is_none() || started_mono.is_none()) {
             let log = self
                 .log
@@ -1083,6 +1156,16 @@ impl Server {
         phases.push(("teardown", t_read.elapsed()));
         Ok(outcome)
     }
+}
+
+/// The child's last words: `x` and its exit code in decimal, exactly.
+fn parse_last_words(bytes: &[u8]) -> Option<ExitStatus> {
+    let digits = bytes.strip_prefix(b"x")?;
+    if digits.is_empty() || digits.len() > 3 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let code: i32 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    (code <= 255).then_some(ExitStatus::Code(code))
 }
 
 fn parse_status(bytes: &[u8]) -> Option<ExitStatus> {

@@ -189,7 +189,8 @@ def main(x):
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
     return {
-        "fds": fds,
+        "fds": fds[:4],
+        "extra_fds": [os.readlink("/proc/self/fd/%d" % f).split(":")[0] for f in fds[4:]],
         "random": random.random(),
         "hostname": socket.gethostname(),
         "task_files": sorted(os.listdir("/task")),
@@ -232,8 +233,10 @@ fn consecutive_children_of_one_server_share_nothing() {
     let seen = json_output(&w.run(&handler(PROBE, "null"), None).expect("runs"));
     let again = json_output(&w.run(&handler(PROBE, "null"), None).expect("runs"));
     assert_eq!(w.fork_server_count(), 1, "all ran in the same server");
-    // Descriptors: stdin, stdout, stderr and the one listing /proc/self/fd.
+    // Descriptors: stdin, stdout, stderr, the one listing /proc/self/fd, and
+    // the socket for the child's last words.
     assert_eq!(seen["fds"], serde_json::json!([0, 1, 2, 3]), "{seen}");
+    assert_eq!(seen["extra_fds"], serde_json::json!(["socket"]), "{seen}");
     assert_eq!(seen["hostname"], "sandbox");
     // The random module is reseeded in every child, not inherited.
     assert_ne!(seen["random"], again["random"]);
@@ -283,6 +286,47 @@ fn the_environment_of_the_task_that_started_a_server_does_not_reach_later_tasks(
     assert_eq!(w.fork_server_count(), 1, "both ran in the same server");
     assert!(!later.to_string().contains(&secret), "{later}");
     assert!(!later.to_string().contains("FIRST_TASK_SECRET"), "{later}");
+}
+
+/// Finds the child's last-words socket among its descriptors.
+const FIND_SOCKET: &str = r#"
+import os, socket
+def last_words_socket():
+    for f in sorted(int(f) for f in os.listdir("/proc/self/fd")):
+        try:
+            if f > 2 and os.readlink("/proc/self/fd/%d" % f).startswith("socket:"):
+                return socket.socket(fileno=os.dup(f))
+        except OSError:
+            pass
+"#;
+
+#[test]
+fn a_task_claiming_its_exit_early_is_stopped_there() {
+    let _s = serial();
+    let w = warm();
+    let code = format!(
+        "{FIND_SOCKET}\nimport time\ndef main(x):\n    last_words_socket().send(b\"x7\")\n    time.sleep(60)\n"
+    );
+    let out = w.run(&handler(&code, "null"), None).expect("runs");
+    // What the task said is what it gets: exit 7, and nothing of it runs on.
+    assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(7)));
+    assert!(out.wall_time < Duration::from_secs(50), "it did not wait for the sleep");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn junk_and_descriptors_on_the_last_words_socket_change_nothing() {
+    let _s = serial();
+    let w = warm();
+    let code = format!(
+        "{FIND_SOCKET}\nimport os\ndef main(x):\n    s = last_words_socket()\n    r, _w = os.pipe()\n    socket.send_fds(s, [b\"m\" + bytes(8)], [r])\n    s.send(b\"junk\" * 10000)\n    return {{\"ok\": 1}}\n"
+    );
+    let out = w.run(&handler(&code, "null"), None).expect("runs");
+    assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(0)));
+    assert_eq!(json_output(&out)["ok"], 1);
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
 #[test]

@@ -68,6 +68,7 @@ IFF_UP = 0x1
 IFF_RUNNING = 0x40
 
 WORK = "/task"
+_LAST_WORDS = None
 SCRATCH = "/tmp"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -262,7 +263,12 @@ def _child(fds):
         del spec, blobs
         socket.send_fds(task, [b"m" + struct.pack("<Q", time.monotonic_ns())], [work_fd])
         os.close(work_fd)
-        task.close()
+        # Kept (close-on-exec) for the last words, "x<code>", in _exit_fast.
+        # The task's code can write on it too; the executor then understands
+        # nothing but a well-formed "x<code>", which is no more than the task
+        # could say by exiting.
+        global _LAST_WORDS
+        _LAST_WORDS = task
     except BaseException as e:  # noqa: BLE001 - any failure here is ours
         try:
             import traceback
@@ -301,6 +307,11 @@ def _exit_fast(code):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001 - a closed stream is the task's business
+            pass
+    if _LAST_WORDS is not None:
+        try:
+            _LAST_WORDS.send(b"x%d" % (code & 0xFF))
+        except OSError:
             pass
     os._exit(code & 0xFF)
 

@@ -152,6 +152,22 @@ pub(crate) fn remove_dir(path: &Path) -> Result<(), CgroupError> {
     fs::remove_dir(path).map_err(io_err("remove", path))
 }
 
+/// Sends SIGKILL once to every process listed in a `cgroup.procs` file.
+pub(crate) fn signal_procs(procs: &Path) -> Result<(), CgroupError> {
+    let list = match fs::read_to_string(procs) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("read", procs)(e)),
+    };
+    for pid in list.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    Ok(())
+}
+
 /// Kills every process listed in a `cgroup.procs` file until it is empty.
 pub(crate) fn kill_procs(procs: &Path) -> Result<(), CgroupError> {
     for _ in 0..100 {
@@ -228,8 +244,11 @@ pub trait TaskCgroup: Send + fmt::Debug {
     fn cpu_time(&self) -> Result<Duration, CgroupError>;
     /// Accounting since creation.
     fn stats(&self) -> Result<CgroupStats, CgroupError>;
-    /// Kills every process in the cgroup.
+    /// Kills every process in the cgroup and waits until none is left.
     fn kill_all(&self) -> Result<(), CgroupError>;
+    /// Sends SIGKILL to every process in the cgroup once, without waiting
+    /// for them to be gone (a [`TaskCgroup::kill_all`] later makes sure).
+    fn signal_all(&self) -> Result<(), CgroupError>;
     /// Removes the cgroup (after `kill_all`).
     fn remove(&self) -> Result<(), CgroupError>;
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     CgroupDriver, CgroupError, CgroupLimits, CgroupMount, CgroupStats, CgroupVersion, TaskCgroup,
-    io_err, keyed, kill_procs, read_u64, remove_dir, write,
+    io_err, keyed, kill_procs, read_u64, remove_dir, signal_procs, write,
 };
 
 const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
@@ -195,6 +195,10 @@ impl TaskCgroup for V1Cgroup {
     fn kill_all(&self) -> Result<(), CgroupError> {
         kill_procs(&self.pids.join("cgroup.procs"))?;
         kill_procs(&self.memory.join("cgroup.procs"))
+    }
+
+    fn signal_all(&self) -> Result<(), CgroupError> {
+        signal_procs(&self.pids.join("cgroup.procs"))
     }
 
     fn remove(&self) -> Result<(), CgroupError> {

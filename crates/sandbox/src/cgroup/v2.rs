@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     CgroupDriver, CgroupError, CgroupLimits, CgroupStats, CgroupVersion, TaskCgroup, io_err, keyed,
-    kill_procs, read, read_u64, remove_dir, write,
+    kill_procs, read, read_u64, remove_dir, signal_procs, write,
 };
 
 const NEEDED: [&str; 3] = ["memory", "pids", "cpu"];
@@ -176,6 +176,14 @@ impl TaskCgroup for V2Cgroup {
             write(&kill, "1")?;
         }
         kill_procs(&self.dir.join("cgroup.procs"))
+    }
+
+    fn signal_all(&self) -> Result<(), CgroupError> {
+        let kill = self.dir.join("cgroup.kill");
+        if kill.exists() {
+            return write(&kill, "1");
+        }
+        signal_procs(&self.dir.join("cgroup.procs"))
     }
 
     fn remove(&self) -> Result<(), CgroupError> {
