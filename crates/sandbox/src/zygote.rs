@@ -300,12 +300,7 @@ impl ForkServers {
         let Some(uid) = server.take_uid() else {
             return Err(Fallback::Busy);
         };
-        let Some(reaper) = self
-            .reaper
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().cloned())
-        else {
+        let Some(reaper) = self.reaper.lock().ok().and_then(|r| r.as_ref().cloned()) else {
             server.give_uid(uid);
             return Err(Fallback::NotEligible); // shut down
         };

@@ -310,7 +310,10 @@ fn a_task_claiming_its_exit_early_is_stopped_there() {
     let out = w.run(&handler(&code, "null"), None).expect("runs");
     // What the task said is what it gets: exit 7, and nothing of it runs on.
     assert_eq!(out.termination, Termination::Exited(ExitStatus::Code(7)));
-    assert!(out.wall_time < Duration::from_secs(50), "it did not wait for the sleep");
+    assert!(
+        out.wall_time < Duration::from_secs(50),
+        "it did not wait for the sleep"
+    );
     drop(w);
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
