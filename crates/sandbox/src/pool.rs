@@ -684,29 +684,7 @@ mod tests {
     }
 
     fn request() -> RunRequest {
-        RunRequest {
-            argv: vec!["/bin/true".into()],
-            env: Vec::new(),
-            ro_mounts: Vec::new(),
-            work_files: Vec::new(),
-            support_files: Vec::new(),
-            stdin_path: None,
-            read_back: Vec::new(),
-            collect_dir: None,
-            limits: crate::SandboxLimits {
-                memory_bytes: 64 << 20,
-                disk_bytes: 1 << 20,
-                pids: 16,
-                cpu_request_millis: 100,
-                cpu_limit_millis: None,
-                timeout: Duration::from_secs(1),
-                cpu_time: None,
-                output_bytes: 1024,
-                nofile: 64,
-            },
-            user: None,
-            fork_server: None,
-        }
+        crate::spawn::test_request("/bin/true")
     }
 
     #[test]

@@ -678,39 +678,16 @@ pub(crate) fn watch(
         if let Some(p) = cpu_poll {
             wait = wait.min(p);
         }
-        let mut fds = Vec::with_capacity(5);
-        let mut tags = Vec::with_capacity(5);
-        if !launcher.exited {
-            fds.push(PollFd::new(launcher.pidfd.as_fd(), PollFlags::POLLIN));
-            tags.push(0);
-        }
-        for (tag, open, fd) in [
-            (1, out_open, &out_r),
-            (2, err_open, &err_r),
-            (3, rep_open, &report_r),
-        ] {
-            if open {
-                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                tags.push(tag);
-            }
-        }
-        if let Some(c) = cancel
-            && killed.is_none()
-        {
-            fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
-            tags.push(4);
-        }
-        let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(nix_io("poll")(e)),
-        }
-        let ready: Vec<i32> = fds
-            .iter()
-            .zip(&tags)
-            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(_, t)| *t)
-            .collect();
+        let ready = poll_tags(
+            &[
+                (0, !launcher.exited, launcher.pidfd.as_fd()),
+                (1, out_open, out_r.as_fd()),
+                (2, err_open, err_r.as_fd()),
+                (3, rep_open, report_r.as_fd()),
+            ],
+            cancel.filter(|_| killed.is_none()),
+            wait,
+        )?;
         for tag in ready {
             match tag {
                 0 => {
@@ -1003,6 +980,67 @@ pub(crate) fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
         .collect()
 }
 
+/// Waits up to `wait` (at least 1 ms) until one of the open descriptors of
+/// `watched` (tag, open, descriptor) is readable, or `cancel` fires (tag 4);
+/// returns the tags that are ready.
+pub(crate) fn poll_tags(
+    watched: &[(i32, bool, BorrowedFd<'_>)],
+    cancel: Option<&CancelToken>,
+    wait: Duration,
+) -> Result<Vec<i32>, SandboxError> {
+    let mut fds = Vec::with_capacity(watched.len() + 1);
+    let mut tags = Vec::with_capacity(watched.len() + 1);
+    for &(tag, open, fd) in watched {
+        if open {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            tags.push(tag);
+        }
+    }
+    if let Some(c) = cancel {
+        fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
+        tags.push(4);
+    }
+    let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+        Err(e) => return Err(nix_io("poll")(e)),
+    }
+    Ok(fds
+        .iter()
+        .zip(&tags)
+        .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+        .map(|(_, t)| *t)
+        .collect())
+}
+
 pub(crate) fn ns_delta(from: u64, to: u64) -> Duration {
     Duration::from_nanos(to.saturating_sub(from))
+}
+
+/// A small request for unit tests: `argv0` alone, tight limits.
+#[cfg(test)]
+pub(crate) fn test_request(argv0: &str) -> RunRequest {
+    RunRequest {
+        argv: vec![argv0.into()],
+        env: Vec::new(),
+        ro_mounts: Vec::new(),
+        work_files: Vec::new(),
+        support_files: Vec::new(),
+        stdin_path: None,
+        read_back: Vec::new(),
+        collect_dir: None,
+        limits: SandboxLimits {
+            memory_bytes: 64 << 20,
+            disk_bytes: 1 << 20,
+            pids: 16,
+            cpu_request_millis: 100,
+            cpu_limit_millis: None,
+            timeout: Duration::from_secs(1),
+            cpu_time: None,
+            output_bytes: 1024,
+            nofile: 64,
+        },
+        user: None,
+        fork_server: None,
+    }
 }

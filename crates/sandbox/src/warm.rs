@@ -144,7 +144,6 @@ fn tracing_free_warn(e: &SandboxError) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupVersion, TaskCgroup};
@@ -175,27 +174,8 @@ mod tests {
     /// the server needs: its start fails before it spawns anything.
     fn request() -> RunRequest {
         RunRequest {
-            argv: vec!["/usr/bin/python3".into()],
-            env: Vec::new(),
-            ro_mounts: Vec::new(),
-            work_files: Vec::new(),
-            support_files: Vec::new(),
-            stdin_path: None,
-            read_back: Vec::new(),
-            collect_dir: None,
-            limits: crate::SandboxLimits {
-                memory_bytes: 64 << 20,
-                disk_bytes: 1 << 20,
-                pids: 16,
-                cpu_request_millis: 100,
-                cpu_limit_millis: None,
-                timeout: Duration::from_secs(1),
-                cpu_time: None,
-                output_bytes: 1024,
-                nofile: 64,
-            },
-            user: None,
             fork_server: Some("python".into()),
+            ..crate::spawn::test_request("/usr/bin/python3")
         }
     }
 

@@ -56,7 +56,7 @@ use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
 use crate::seccomp;
 use crate::spawn::{
     CancelToken, ReadBackResult, RunOutcome, RunRequest, Sandbox, SandboxError, Termination,
-    cgroup_name, drain, etc_files, io, metas, nix_io, ns_delta, pidfd_open,
+    cgroup_name, drain, etc_files, io, metas, nix_io, ns_delta, pidfd_open, poll_tags,
 };
 use crate::spec::{ExitStatus, LaunchSpec, Report, RlimitSpec, SandboxFile};
 
@@ -990,36 +990,16 @@ impl Server {
             if let Some(p) = cpu_poll {
                 wait = wait.min(p);
             }
-            let mut fds = Vec::with_capacity(5);
-            let mut tags = Vec::with_capacity(5);
-            for (tag, open, fd) in [
-                (0, status_open, status_r.as_fd()),
-                (1, out_open, out_r.as_fd()),
-                (2, err_open, err_r.as_fd()),
-                (3, task_open, task.as_fd()),
-            ] {
-                if open {
-                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                    tags.push(tag);
-                }
-            }
-            if let Some(c) = cancel
-                && killed.is_none()
-            {
-                fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
-                tags.push(4);
-            }
-            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(nix_io("poll")(e)),
-            }
-            let ready: Vec<i32> = fds
-                .iter()
-                .zip(&tags)
-                .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
-                .map(|(_, t)| *t)
-                .collect();
+            let ready = poll_tags(
+                &[
+                    (0, status_open, status_r.as_fd()),
+                    (1, out_open, out_r.as_fd()),
+                    (2, err_open, err_r.as_fd()),
+                    (3, task_open, task.as_fd()),
+                ],
+                cancel.filter(|_| killed.is_none()),
+                wait,
+            )?;
             for tag in ready {
                 match tag {
                     0 => status_open = drain(status_r, |d| status_bytes.extend_from_slice(d)),

@@ -6,20 +6,12 @@ use std::time::Duration;
 
 use taskexec_sandbox::*;
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+mod common;
+use common::*;
 
 fn warm() -> WarmSandbox {
     WarmSandbox::new(
-        Sandbox::new(
-            SandboxConfig::new(LauncherCommand {
-                program: env!("CARGO_BIN_EXE_taskexec-launcher").into(),
-            }),
-            cgroup::detect(None).expect("a usable cgroup hierarchy"),
-        ),
+        sandbox(),
         WarmConfig {
             fork_servers: true,
             ..WarmConfig::default()
@@ -49,21 +41,7 @@ fn handler(code: &str, input: &str) -> RunRequest {
             ("TASK_OUTPUT".into(), "/task/.taskexec/output.json".into()),
             ("TASK_ERROR".into(), "/task/.taskexec/error.json".into()),
         ],
-        ro_mounts: [
-            "/usr",
-            "/lib",
-            "/lib64",
-            "/bin",
-            "/etc/ld.so.cache",
-            "/etc/python3",
-            "/etc/python3.11",
-        ]
-        .iter()
-        .map(|p| RoMount {
-            path: p.to_string(),
-            optional: true,
-        })
-        .collect(),
+        ro_mounts: python_mounts(),
         work_files: vec![
             SandboxFile {
                 path: "main.py".into(),
@@ -140,44 +118,6 @@ fn a_handler_runs_in_a_forked_child_with_its_input_and_output() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 }
 
-/// Task cgroups of this test process that still exist, in any hierarchy.
-fn leftover_cgroups() -> Vec<String> {
-    let prefix = format!("taskexec-{}-", std::process::id());
-    let mut found = Vec::new();
-    let mut stack = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    found.push(e.path().display().to_string());
-                }
-                stack.push(e.path());
-            }
-        }
-    }
-    found
-}
-
-/// Host pids of processes whose command line contains `marker`.
-fn pids_with(marker: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(marker) && !cmd.contains("cargo") {
-                found.push(pid);
-            }
-        }
-    }
-    found
-}
-
 fn json_output(out: &RunOutcome) -> serde_json::Value {
     serde_json::from_str(&output(out)).expect("JSON output")
 }
@@ -252,7 +192,7 @@ fn consecutive_children_of_one_server_share_nothing() {
     assert_eq!(seen["pids"], serde_json::json!([seen["me"]]), "{seen}");
     assert_ne!(seen["uid"], 0);
     // The daemon of the first task died with it.
-    assert!(pids_with(&format!("sleep {marker}")).is_empty());
+    assert!(processes_with(&format!("sleep {marker}")).is_empty());
     drop(w);
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
@@ -366,7 +306,10 @@ fn a_killed_fork_server_is_replaced_and_tasks_still_run() {
     let w = warm();
     let req = handler("def main(x):\n    return x\n", "{\"n\": 1}");
     assert_eq!(json_output(&w.run(&req, None).expect("runs"))["n"], 1);
-    let servers = pids_with("taskexec_zygote.py");
+    let servers: Vec<i32> = processes_with("taskexec_zygote.py")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect();
     assert!(!servers.is_empty(), "a server runs");
     for pid in servers {
         let _ = nix::sys::signal::kill(

@@ -5,32 +5,21 @@
 //! dropped. No test asserts on how long anything takes: waits poll the
 //! pool's stats up to a generous deadline.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use taskexec_sandbox::pool::{LauncherPool, PoolConfig, PoolStats};
 use taskexec_sandbox::*;
 
-/// The leftover checks look at every task cgroup and launcher of this
-/// process, so the tests of this file run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+mod common;
+use common::*;
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn sandbox() -> Arc<Sandbox> {
-    Arc::new(Sandbox::new(
-        SandboxConfig::new(LauncherCommand {
-            program: env!("CARGO_BIN_EXE_taskexec-launcher").into(),
-        }),
-        cgroup::detect(None).expect("a usable cgroup hierarchy"),
-    ))
+fn shared_sandbox() -> Arc<Sandbox> {
+    Arc::new(sandbox())
 }
 
 fn pool(config: PoolConfig) -> LauncherPool {
-    LauncherPool::new(sandbox(), config)
+    LauncherPool::new(shared_sandbox(), config)
 }
 
 /// A Python task with one work file, `/task/in.json`, as stdin, whose
@@ -39,21 +28,7 @@ fn request(code: &str) -> RunRequest {
     RunRequest {
         argv: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],
         env: vec![("PATH".into(), "/usr/bin".into())],
-        ro_mounts: [
-            "/usr",
-            "/lib",
-            "/lib64",
-            "/bin",
-            "/etc/ld.so.cache",
-            "/etc/python3",
-            "/etc/python3.11",
-        ]
-        .iter()
-        .map(|p| RoMount {
-            path: p.to_string(),
-            optional: true,
-        })
-        .collect(),
+        ro_mounts: python_mounts(),
         work_files: vec![SandboxFile {
             path: "in.json".into(),
             content: b"{\"x\":2}".to_vec(),
@@ -114,42 +89,6 @@ fn wait_for(pool: &LauncherPool, what: &str, mut done: impl FnMut(&PoolStats) ->
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Task cgroups of this test process that still exist, in any hierarchy.
-fn leftover_cgroups() -> Vec<String> {
-    let prefix = format!("taskexec-{}-", std::process::id());
-    let mut found = Vec::new();
-    let mut stack = vec![Path::new("/sys/fs/cgroup").to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&prefix) {
-                    found.push(e.path().display().to_string());
-                }
-                stack.push(e.path());
-            }
-        }
-    }
-    found
-}
-
-/// Host processes whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(marker) && !cmd.contains("cargo") {
-                found.push(cmd);
-            }
-        }
-    }
-    found
 }
 
 /// Launchers spawned by this process (pooled or running), by pid.
