@@ -201,6 +201,37 @@ pub struct RunOutcome {
     pub phases: Vec<(&'static str, Duration)>,
 }
 
+impl RunOutcome {
+    /// An outcome with the captured output and the times known when the
+    /// watch ends; the rest is filled in by the caller.
+    pub(crate) fn captured(
+        termination: Termination,
+        stdout: Capped,
+        stderr: Capped,
+        t0: Instant,
+        setup_time: Duration,
+    ) -> Self {
+        let (stdout, stdout_truncated) = stdout.finish();
+        let (stderr, stderr_truncated) = stderr.finish();
+        RunOutcome {
+            termination,
+            stdout,
+            stdout_truncated,
+            stderr,
+            stderr_truncated,
+            read_back: Vec::new(),
+            collected: Vec::new(),
+            collect_error: None,
+            disk_full: false,
+            stats: CgroupStats::default(),
+            wall_time: t0.elapsed(),
+            run_time: Duration::ZERO,
+            setup_time,
+            phases: Vec::new(),
+        }
+    }
+}
+
 /// Failures of ours (never the task's): the engine reports them as
 /// ENVIRONMENT_SETUP or INTERNAL.
 #[derive(Debug, thiserror::Error)]
@@ -776,24 +807,13 @@ pub(crate) fn watch(
     if killed.is_none() {
         go.map_err(io("sending the spec to the launcher"))?;
     }
-    let (stdout, stdout_truncated) = stdout.finish();
-    let (stderr, stderr_truncated) = stderr.finish();
-    let mut outcome = RunOutcome {
-        termination: killed.unwrap_or(Termination::Cancelled),
+    let mut outcome = RunOutcome::captured(
+        killed.unwrap_or(Termination::Cancelled),
         stdout,
-        stdout_truncated,
         stderr,
-        stderr_truncated,
-        read_back: Vec::new(),
-        collected: Vec::new(),
-        collect_error: None,
-        disk_full: false,
-        stats: CgroupStats::default(),
-        wall_time: t0.elapsed(),
-        run_time: Duration::ZERO,
-        setup_time: started.map(|s| ns_delta(t0_mono, s)).unwrap_or_default(),
-        phases: Vec::new(),
-    };
+        t0,
+        started.map(|s| ns_delta(t0_mono, s)).unwrap_or_default(),
+    );
     match (killed, finished) {
         (Some(_), _) => {
             if let Some(s) = started {

@@ -50,7 +50,7 @@ use nix::sys::socket::{
 use serde::Serialize;
 
 use crate::capture::Capped;
-use crate::cgroup::{CgroupLimits, CgroupStats, TaskCgroup};
+use crate::cgroup::{CgroupLimits, TaskCgroup};
 use crate::frame::{read_frame, write_frame};
 use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
 use crate::seccomp;
@@ -1079,28 +1079,18 @@ impl Server {
                 String::from_utf8_lossy(&status_bytes)
             )));
         }
-        let (stdout, stdout_truncated) = stdout.finish();
-        let (stderr, stderr_truncated) = stderr.finish();
-        let mut outcome = RunOutcome {
-            termination: killed.unwrap_or(Termination::Cancelled),
+        let mut outcome = RunOutcome::captured(
+            killed.unwrap_or(Termination::Cancelled),
             stdout,
-            stdout_truncated,
             stderr,
-            stderr_truncated,
-            read_back: Vec::new(),
-            collected: Vec::new(),
-            collect_error: None,
-            disk_full: false,
-            stats: CgroupStats::default(),
-            wall_time: t0.elapsed(),
-            run_time: started_mono
-                .map(|s| ns_delta(s, exited_mono))
-                .unwrap_or_default(),
-            setup_time: started_mono
+            t0,
+            started_mono
                 .map(|s| ns_delta(t0_mono, s))
                 .unwrap_or_default(),
-            phases: Vec::new(),
-        };
+        );
+        outcome.run_time = started_mono
+            .map(|s| ns_delta(s, exited_mono))
+            .unwrap_or_default();
         phases.push(("run", outcome.run_time));
         if killed.is_some() {
             return Ok(outcome);
@@ -1169,59 +1159,50 @@ fn recv_with_creds(
             "no hello from the fork-server child in time".into()
         }));
     }
-    let mut buf = [0u8; 64];
+    let (bytes, pid, _fds) = receive(task, MsgFlags::empty()).map_err(nix_io("recvmsg"))?;
+    Ok((bytes, pid))
+}
+
+/// One message of the task socket: its bytes, the sender's pid (with
+/// `SO_PASSCRED`) and the descriptors it carried.
+fn receive(
+    task: &UnixStream,
+    flags: MsgFlags,
+) -> nix::Result<(Vec<u8>, Option<i32>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 65536];
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 1]);
+    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 4]);
     let msg = recvmsg::<()>(
         task.as_raw_fd(),
         &mut iov,
         Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(nix_io("recvmsg"))?;
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
+    )?;
     let mut pid = None;
-    for c in msg.cmsgs().map_err(nix_io("recvmsg"))? {
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
         match c {
             ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
-            ControlMessageOwned::ScmRights(fds) => {
-                for raw in fds {
+            ControlMessageOwned::ScmRights(raw_fds) => {
+                for raw in raw_fds {
                     // SAFETY: the kernel just installed `raw` in our table
-                    // for this message; nothing else owns it. Closed here:
-                    // a hello carries no descriptor.
-                    drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                    // for this message; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
                 }
             }
             _ => {}
         }
     }
     let n = msg.bytes;
-    Ok((buf[..n].to_vec(), pid))
+    Ok((buf[..n].to_vec(), pid, fds))
 }
 
-/// One nonblocking receive: `Ok(None)` at end of stream.
+/// One nonblocking receive: `Ok(None)` at end of stream; of the
+/// descriptors a message carried, the first is kept (the others closed).
 fn recv_message(task: &UnixStream) -> nix::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
-    let mut buf = vec![0u8; 65536];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 1]);
-    let msg = recvmsg::<()>(
-        task.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )?;
-    let n = msg.bytes;
-    let mut fd = None;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            for raw in fds {
-                // SAFETY: as in `recv_with_creds`.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                fd.get_or_insert(owned);
-            }
-        }
-    }
-    if n == 0 && fd.is_none() {
+    let (bytes, _pid, fds) = receive(task, MsgFlags::MSG_DONTWAIT)?;
+    if bytes.is_empty() && fds.is_empty() {
         return Ok(None);
     }
-    Ok(Some((buf[..n].to_vec(), fd)))
+    Ok(Some((bytes, fds.into_iter().next())))
 }
