@@ -377,8 +377,12 @@ fn run_report(g: &crate::setup::GlobalArgs, args: &BenchArgs) -> anyhow::Result<
             .map(|l| l.program)
             .unwrap_or_default(),
     };
-    let machine =
-        machine::Machine::detect(cgroup_version(g), versions, launcher.display().to_string());
+    // Its file name only: the report goes into docs, which name no host path.
+    let launcher = launcher
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| launcher.display().to_string());
+    let machine = machine::Machine::detect(cgroup_version(g), versions, launcher);
 
     let mut groups = run.engine_groups(&programs, &concurrency)?;
     if let Some((p, rt)) = service_program {
