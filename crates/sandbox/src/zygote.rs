@@ -9,22 +9,29 @@
 //! under the fork-server seccomp profile. The server code itself is
 //! `zygote/python_zygote.py` (its docstring has the protocol).
 //!
-//! One run, from the executor's side ([`ForkServers::run`]):
-//! 1. create the task cgroup; make the task channel (a stream socket pair
-//!    with `SO_PASSCRED` on our end), the stdout/stderr pipes and a status
-//!    pipe, and send the far ends to the server with one request;
+//! Ahead of any task, a server's thread keeps *spare* children
+//! ([`Server::make_spare`]):
+//! 1. make the task channel (a stream socket pair with `SO_PASSCRED` on our
+//!    end), the stdout/stderr pipes and a status pipe, and send the far ends
+//!    to the server with one request; it forks;
 //! 2. the child says hello: the kernel stamps the message with the child's
-//!    pid (translated into our PID namespace), and we move the child into
-//!    the task cgroup before it has read anything of the task;
-//! 3. we send the spec (files, argv, env, limits); the child unshares its
-//!    namespaces, mounts a fresh tmpfs for /task and /tmp, writes the files,
-//!    drops everything (uid, capabilities, seccomp) and reports `m` with the
-//!    work dir's descriptor, which keeps that tmpfs readable after the child
-//!    and its mount namespace are gone;
-//! 4. the server reports the child's exit status on the status pipe; we
-//!    kill whatever is left in the cgroup, read the output back through the
-//!    work dir descriptor (symlink-proof, as for a cold run), and remove the
-//!    cgroup.
+//!    pid (translated into our PID namespace), and we move the child into a
+//!    cgroup of its own (off the task's path: on cgroup v1 a move can wait
+//!    out an RCU grace period);
+//! 3. we say "prepare": the child unshares its namespaces, mounts a fresh
+//!    tmpfs for /task and /tmp, brings up loopback and loads the task
+//!    seccomp filter but for its `mount` rule.
+//!
+//! One run ([`ForkServers::run`]): take a spare, give it the task's limits
+//! and a uid, send the spec (files, argv, env, limits); the child sizes its
+//! tmpfs, writes the files, drops everything (uid, capabilities, the last
+//! seccomp rule) and reports `m` with the work dir's descriptor, which keeps
+//! that tmpfs readable after the child and its mount namespace are gone.
+//! The run ends on the child's last words (`x<code>`, sent as it exits) or
+//! on the server's report of its exit status; we kill whatever is left in
+//! the cgroup, read the output back through the work dir descriptor
+//! (symlink-proof, as for a cold run), and hand the cgroup to a reaper
+//! thread that waits for its last process and removes it.
 //!
 //! Concurrent children of one server share its PID namespace, so each runs
 //! under a uid of its own from [`FORK_UIDS`] (with /proc's `hidepid` and
