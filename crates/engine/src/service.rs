@@ -22,8 +22,8 @@ use taskexec_model::{
 };
 use taskexec_sandbox::WarmStats;
 use taskexec_store::{
-    CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, StoreError, Submitted,
-    TaskRecord, TaskStore, Write,
+    CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, StoreError,
+    Submitted, TaskRecord, TaskStore, Write,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
@@ -297,6 +297,12 @@ pub struct Service {
     writes: mpsc::UnboundedSender<Pending>,
     stopping: AtomicBool,
     scheduler_alive: AtomicBool,
+    /// Held from reading the free capacity to recording what was claimed
+    /// with it, by the scheduler and by a submission that claims at once,
+    /// so the two never hand out the same room.
+    claiming: tokio::sync::Mutex<()>,
+    /// This service, for the tasks a submission claims at once.
+    me: std::sync::Weak<Service>,
     /// The adaptive concurrency limit (None: off, or no workers).
     limiter: Option<Mutex<Limiter>>,
     /// Waiters for final results.
@@ -339,7 +345,9 @@ impl Service {
             .concurrency
             .and_then(|c| c.limiter(config.workers, cores))
             .map(Mutex::new);
-        let service = Arc::new(Self {
+        let service = Arc::new_cyclic(|me| Self {
+            claiming: tokio::sync::Mutex::new(()),
+            me: me.clone(),
             engine,
             store,
             config,
@@ -443,7 +451,41 @@ impl Service {
             preparations.push(prepared);
         }
         let runtimes: Vec<String> = new.iter().map(|t| t.runtime.clone()).collect();
-        let submitted = match self.store.submit(new, self.config.max_queued).await {
+        // With room on this node, the submission claims in the same step
+        // (what the scheduler's next claim would take, by priority), which
+        // saves the queue's round trip; otherwise the scheduler claims.
+        let me = self
+            .me
+            .upgrade()
+            .filter(|_| self.config.workers > 0 && self.scheduler_alive.load(Ordering::SeqCst));
+        let _claiming = match &me {
+            Some(_) => Some(self.claiming.lock().await),
+            None => None,
+        };
+        let (free, slots) = self.free();
+        let want = if me.is_some() && free.cpu_millis > 0 && free.memory_bytes > 0 {
+            slots.min(64)
+        } else {
+            0
+        };
+        let stored = if want > 0 {
+            let request = ClaimRequest {
+                node: &self.config.node,
+                free,
+                limit: want,
+                now: now(),
+                lease: self.config.lease,
+            };
+            self.store
+                .submit_and_claim(new, self.config.max_queued, request)
+                .await
+        } else {
+            self.store
+                .submit(new, self.config.max_queued)
+                .await
+                .map(|s| (s, Vec::new()))
+        };
+        let (submitted, claimed) = match stored {
             Ok(s) => s,
             Err(StoreError::QueueFull { .. }) => {
                 counter!("taskexec_tasks_refused_queue_full_total").increment(1);
@@ -462,6 +504,10 @@ impl Service {
                 }
             }
         }
+        if let Some(me) = &me {
+            me.start_claimed(claimed);
+        }
+        drop(_claiming);
         self.wake.notify_one();
         Ok(submitted)
     }
@@ -989,6 +1035,7 @@ impl Service {
             if self.stopping.load(Ordering::SeqCst) {
                 break;
             }
+            let claiming = self.claiming.lock().await;
             let (free, slots) = self.free();
             let want = slots.min(64);
             let mut claimed = Vec::new();
@@ -1006,26 +1053,8 @@ impl Service {
                 }
             }
             let got = claimed.len();
-            for c in claimed {
-                let cancel = match Cancellation::new() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        error!(error = %e, "cannot create a cancellation handle");
-                        continue;
-                    }
-                };
-                self.lock_running().insert(
-                    c.record.task.id.clone(),
-                    Running {
-                        cancel: cancel.clone(),
-                        cpu_millis: c.cpu_millis.into(),
-                        memory_bytes: c.memory_bytes,
-                    },
-                );
-                let me = Arc::clone(&self);
-                let span = tracing::info_span!("task", task_id = %c.record.task.id);
-                tokio::spawn(async move { me.work(c, cancel).await }.instrument(span));
-            }
+            self.start_claimed(claimed);
+            drop(claiming);
             // Fewer than asked: nothing more fits now; a submission, a
             // requeue or a task's end wakes the loop (a wake during the
             // claim is kept). All slots taken: so is a task's end.
@@ -1037,6 +1066,30 @@ impl Service {
             }
         }
         self.scheduler_alive.store(false, Ordering::SeqCst);
+    }
+
+    /// Records claimed tasks as running here and starts their attempts.
+    fn start_claimed(self: &Arc<Self>, claimed: Vec<ClaimedTask>) {
+        for c in claimed {
+            let cancel = match Cancellation::new() {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(error = %e, "cannot create a cancellation handle");
+                    continue;
+                }
+            };
+            self.lock_running().insert(
+                c.record.task.id.clone(),
+                Running {
+                    cancel: cancel.clone(),
+                    cpu_millis: c.cpu_millis.into(),
+                    memory_bytes: c.memory_bytes,
+                },
+            );
+            let me = Arc::clone(self);
+            let span = tracing::info_span!("task", task_id = %c.record.task.id);
+            tokio::spawn(async move { me.work(c, cancel).await }.instrument(span));
+        }
     }
 
     /// Runs one claimed attempt to its decision.

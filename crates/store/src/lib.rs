@@ -214,6 +214,22 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// The claim half of [`TaskStore::submit_and_claim`]: what
+/// [`TaskStore::claim`] takes.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// The claiming node.
+    pub node: &'a str,
+    /// What is free on it.
+    pub free: Capacity,
+    /// Tasks at most.
+    pub limit: usize,
+    /// The store's "now" (run_after, lease start).
+    pub now: OffsetDateTime,
+    /// Lease length.
+    pub lease: Duration,
+}
+
 /// A task claimed for its next attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClaimedTask {
@@ -309,6 +325,25 @@ pub trait TaskStore: Send + Sync + Debug {
         tasks: Vec<NewTask>,
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError>;
+    /// [`TaskStore::submit`], then [`TaskStore::claim`] for a node with room,
+    /// as one step: what the claim takes is exactly what a claim right after
+    /// the submission would take (by priority, then submission order; the
+    /// new tasks or older ones alike). A backend may do both in one
+    /// transaction (SQLite does); the default runs them in turn, and a claim
+    /// that fails there leaves the tasks queued (the submission stands).
+    async fn submit_and_claim(
+        &self,
+        tasks: Vec<NewTask>,
+        max_queued: u64,
+        claim: ClaimRequest<'_>,
+    ) -> Result<(Vec<Submitted>, Vec<ClaimedTask>), StoreError> {
+        let submitted = self.submit(tasks, max_queued).await?;
+        let claimed = self
+            .claim(claim.node, claim.free, claim.limit, claim.now, claim.lease)
+            .await
+            .unwrap_or_default();
+        Ok((submitted, claimed))
+    }
     /// One task, whole.
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
     /// A page of tasks, newest first.

@@ -37,8 +37,8 @@ use crate::common::{
     state_columns, task_columns, to_ms, u64_int, write_target,
 };
 use crate::{
-    CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats, StoreError,
-    Submitted, TaskRecord, TaskStore, TaskSummary, Write,
+    CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats,
+    StoreError, Submitted, TaskRecord, TaskStore, TaskSummary, Write,
 };
 
 /// The embedded migrations of the SQLite schema.
@@ -327,6 +327,134 @@ async fn write_state(
     Ok(())
 }
 
+/// The submission's statements, in the caller's write transaction (dropped
+/// uncommitted, and so rolled back, on an error).
+async fn submit_in(
+    tx: &mut SqliteConnection,
+    tasks: &[NewTask],
+    max_queued: u64,
+) -> Result<Vec<Submitted>, StoreError> {
+    let mut out = Vec::with_capacity(tasks.len());
+    let mut fresh: Vec<&NewTask> = Vec::with_capacity(tasks.len());
+    let mut batch_keys: HashMap<&str, &str> = HashMap::new();
+    for new in tasks {
+        if let Some(key) = new.task.idempotency_key.as_deref() {
+            if let Some(id) = batch_keys.get(key) {
+                out.push(Submitted::Existing {
+                    id: (*id).to_owned(),
+                });
+                continue;
+            }
+            let earlier: Option<String> =
+                sqlx::query_scalar("SELECT id FROM tasks WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(id) = earlier {
+                out.push(Submitted::Existing { id });
+                continue;
+            }
+            batch_keys.insert(key, &new.task.id);
+        }
+        out.push(Submitted::Created {
+            id: new.task.id.clone(),
+        });
+        fresh.push(new);
+    }
+    if !fresh.is_empty() {
+        let depth: i64 = sqlx::query_scalar(concat!(
+            "SELECT COUNT(*) FROM tasks WHERE queued = 1 AND ",
+            not_final!()
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        let depth = int_u64(depth);
+        let adding = u64::try_from(fresh.len()).unwrap_or(u64::MAX);
+        if depth.saturating_add(adding) > max_queued {
+            return Err(StoreError::QueueFull {
+                depth,
+                max: max_queued,
+            });
+        }
+        for new in fresh {
+            insert_task(&mut *tx, new).await?;
+        }
+    }
+    Ok(out)
+}
+
+/// The claim's statements, in the caller's write transaction.
+async fn claim_in(
+    tx: &mut SqliteConnection,
+    claim: &ClaimRequest<'_>,
+) -> Result<Vec<ClaimedTask>, StoreError> {
+    let ClaimRequest {
+        node,
+        free,
+        limit,
+        now,
+        lease,
+    } = *claim;
+    let now_ms = to_ms(now);
+    let lease_until = now_ms.saturating_add(duration_ms(lease));
+    // Candidates that fit in `free` on their own, in claim order; the
+    // window is bounded, the greedy fit below picks from it.
+    let window = i64::try_from(limit.saturating_mul(8).clamp(64, 1024)).unwrap_or(1024);
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        ", ",
+        history_column!(),
+        " FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
+         AND memory_bytes <= ? AND ",
+        not_final!(),
+        " ORDER BY priority DESC, seq ASC LIMIT ?"
+    ))
+    .bind(now_ms)
+    .bind(u64_int(free.cpu_millis))
+    .bind(u64_int(free.memory_bytes))
+    .bind(window)
+    .fetch_all(&mut *tx)
+    .await?;
+    let rows = rows
+        .iter()
+        .map(|r| {
+            let row = read_row(r)?;
+            let history = read_history(r, &row.id)?;
+            Ok((row, history))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let fit = greedy_fit(
+        rows.iter().map(|(r, _)| (r.cpu_millis, r.memory_bytes)),
+        free,
+        limit,
+    );
+    let mut rows: Vec<Option<(TaskRow, Vec<TransitionRecord>)>> =
+        rows.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(fit.len());
+    for i in fit {
+        let Some((mut row, history)) = rows.get_mut(i).and_then(Option::take) else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE tasks SET queued = 0, attempt = attempt + 1, node = ?, lease_until = ?, \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(node)
+        .bind(lease_until)
+        .bind(now_ms)
+        .bind(&row.id)
+        .execute(&mut *tx)
+        .await?;
+        row.node = Some(node.to_owned());
+        row.queued = false;
+        row.updated_at = now_ms;
+        let attempt = row.attempt.saturating_add(1);
+        out.push(row.into_claimed(attempt, history, None)?);
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl TaskStore for SqliteStore {
     async fn submit(
@@ -335,55 +463,26 @@ impl TaskStore for SqliteStore {
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
         let (_turn, mut tx) = self.begin_write().await?;
-        let mut out = Vec::with_capacity(tasks.len());
-        let mut fresh: Vec<&NewTask> = Vec::with_capacity(tasks.len());
-        let mut batch_keys: HashMap<&str, &str> = HashMap::new();
-        for new in &tasks {
-            if let Some(key) = new.task.idempotency_key.as_deref() {
-                if let Some(id) = batch_keys.get(key) {
-                    out.push(Submitted::Existing {
-                        id: (*id).to_owned(),
-                    });
-                    continue;
-                }
-                let earlier: Option<String> =
-                    sqlx::query_scalar("SELECT id FROM tasks WHERE idempotency_key = ?")
-                        .bind(key)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if let Some(id) = earlier {
-                    out.push(Submitted::Existing { id });
-                    continue;
-                }
-                batch_keys.insert(key, &new.task.id);
-            }
-            out.push(Submitted::Created {
-                id: new.task.id.clone(),
-            });
-            fresh.push(new);
-        }
-        if !fresh.is_empty() {
-            let depth: i64 = sqlx::query_scalar(concat!(
-                "SELECT COUNT(*) FROM tasks WHERE queued = 1 AND ",
-                not_final!()
-            ))
-            .fetch_one(&mut *tx)
-            .await?;
-            let depth = int_u64(depth);
-            let adding = u64::try_from(fresh.len()).unwrap_or(u64::MAX);
-            if depth.saturating_add(adding) > max_queued {
-                tx.rollback().await?;
-                return Err(StoreError::QueueFull {
-                    depth,
-                    max: max_queued,
-                });
-            }
-            for new in fresh {
-                insert_task(&mut tx, new).await?;
-            }
-        }
+        let out = submit_in(&mut tx, &tasks, max_queued).await?;
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn submit_and_claim(
+        &self,
+        tasks: Vec<NewTask>,
+        max_queued: u64,
+        claim: ClaimRequest<'_>,
+    ) -> Result<(Vec<Submitted>, Vec<ClaimedTask>), StoreError> {
+        let (_turn, mut tx) = self.begin_write().await?;
+        let submitted = submit_in(&mut tx, &tasks, max_queued).await?;
+        let claimed = if claim.limit == 0 {
+            Vec::new()
+        } else {
+            claim_in(&mut tx, &claim).await?
+        };
+        tx.commit().await?;
+        Ok((submitted, claimed))
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -465,10 +564,6 @@ impl TaskStore for SqliteStore {
             return Ok(Vec::new());
         }
         let now_ms = to_ms(now);
-        let lease_until = now_ms.saturating_add(duration_ms(lease));
-        // Candidates that fit in `free` on their own, in claim order; the
-        // window is bounded, the greedy fit below picks from it.
-        let window = i64::try_from(limit.saturating_mul(8).clamp(64, 1024)).unwrap_or(1024);
         // Most claims of an idle or keeping-up node find nothing: answer
         // those from a read, without waiting for the write lock. A task
         // committed just after this read is found by the next claim (its
@@ -488,58 +583,17 @@ impl TaskStore for SqliteStore {
             return Ok(Vec::new());
         }
         let (_turn, mut tx) = self.begin_write().await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            ", ",
-            history_column!(),
-            " FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
-             AND memory_bytes <= ? AND ",
-            not_final!(),
-            " ORDER BY priority DESC, seq ASC LIMIT ?"
-        ))
-        .bind(now_ms)
-        .bind(u64_int(free.cpu_millis))
-        .bind(u64_int(free.memory_bytes))
-        .bind(window)
-        .fetch_all(&mut *tx)
+        let out = claim_in(
+            &mut tx,
+            &ClaimRequest {
+                node,
+                free,
+                limit,
+                now,
+                lease,
+            },
+        )
         .await?;
-        let rows = rows
-            .iter()
-            .map(|r| {
-                let row = read_row(r)?;
-                let history = read_history(r, &row.id)?;
-                Ok((row, history))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let fit = greedy_fit(
-            rows.iter().map(|(r, _)| (r.cpu_millis, r.memory_bytes)),
-            free,
-            limit,
-        );
-        let mut rows: Vec<Option<(TaskRow, Vec<TransitionRecord>)>> =
-            rows.into_iter().map(Some).collect();
-        let mut out = Vec::with_capacity(fit.len());
-        for i in fit {
-            let Some((mut row, history)) = rows.get_mut(i).and_then(Option::take) else {
-                continue;
-            };
-            sqlx::query(
-                "UPDATE tasks SET queued = 0, attempt = attempt + 1, node = ?, lease_until = ?, \
-                 updated_at = ? WHERE id = ?",
-            )
-            .bind(node)
-            .bind(lease_until)
-            .bind(now_ms)
-            .bind(&row.id)
-            .execute(&mut *tx)
-            .await?;
-            row.node = Some(node.to_owned());
-            row.queued = false;
-            row.updated_at = now_ms;
-            let attempt = row.attempt.saturating_add(1);
-            out.push(row.into_claimed(attempt, history, None)?);
-        }
         tx.commit().await?;
         Ok(out)
     }

@@ -22,8 +22,8 @@ use taskexec_model::{
     AttemptRecord, ErrorType, TaskError, TaskInstance, TaskResult, TaskStatus, TransitionRecord,
 };
 use taskexec_store::{
-    CancelOutcome, Capacity, ClaimedTask, ListQuery, NewTask, QueueStats, StoreError, Submitted,
-    TaskStore, Write,
+    CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListQuery, NewTask, QueueStats, StoreError,
+    Submitted, TaskStore, Write,
 };
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -49,6 +49,7 @@ macro_rules! conformance_suite {
             idempotent_within_a_batch,
             queue_full_is_atomic,
             claim_by_priority_then_fifo,
+            submit_and_claim_claims_as_a_claim_after_the_submission_would,
             claim_respects_capacity,
             claim_respects_run_after,
             concurrent_claimers_never_share,
@@ -480,6 +481,60 @@ pub async fn claim_by_priority_then_fifo(h: &dyn Harness) {
     assert_eq!(a.status, Received);
     assert_eq!(a.updated_at, at(10));
     assert_eq!(a.submitted_at, at(1));
+}
+
+/// `submit_and_claim` stores the tasks and claims what a claim right after
+/// would: by priority then submission order, within the limit and the free
+/// capacity; a full queue stores and claims nothing.
+pub async fn submit_and_claim_claims_as_a_claim_after_the_submission_would(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![prio_task("a", 0), prio_task("b", 5)]).await;
+    let request = |limit, free| ClaimRequest {
+        node: "n1",
+        free,
+        limit,
+        now: at(10),
+        lease: LEASE,
+    };
+    let (submitted, claimed) = store
+        .submit_and_claim(vec![prio_task("c", 0)], 1000, request(1, PLENTY))
+        .await
+        .expect("submit and claim");
+    assert_eq!(submitted, vec![Submitted::Created { id: "c".into() }]);
+    assert_eq!(ids(&claimed), vec!["b"], "older, higher priority first");
+    assert_eq!(claimed[0].attempt, 1);
+    assert_eq!(get(&*store, "b").await.node.as_deref(), Some("n1"));
+
+    let (_, claimed) = store
+        .submit_and_claim(vec![prio_task("d", 0)], 1000, request(2, PLENTY))
+        .await
+        .expect("submit and claim");
+    assert_eq!(ids(&claimed), vec!["a", "c"]);
+    assert!(get(&*store, "d").await.queued, "d stays queued");
+
+    // No room: stored, not claimed.
+    let none = Capacity {
+        cpu_millis: 10,
+        memory_bytes: 1 << 20,
+    };
+    let (submitted, claimed) = store
+        .submit_and_claim(vec![prio_task("e", 9)], 1000, request(4, none))
+        .await
+        .expect("submit and claim");
+    assert_eq!(submitted.len(), 1);
+    assert!(claimed.is_empty());
+    assert!(get(&*store, "e").await.queued);
+
+    // A full queue: nothing stored, nothing claimed.
+    let full = store
+        .submit_and_claim(vec![prio_task("f", 0)], 2, request(4, PLENTY))
+        .await;
+    assert!(
+        matches!(full, Err(StoreError::QueueFull { .. })),
+        "{full:?}"
+    );
+    assert!(store.get("f").await.expect("get").is_none());
+    assert!(get(&*store, "d").await.queued, "d still queued");
 }
 
 /// Small helper trait for building expected tasks.
