@@ -1000,9 +1000,10 @@ pub(crate) fn metas(files: &[SandboxFile]) -> Vec<FileMeta> {
         .collect()
 }
 
-/// Waits up to `wait` (at least 1 ms) until one of the open descriptors of
-/// `watched` (tag, open, descriptor) is readable, or `cancel` fires (tag 4);
-/// returns the tags that are ready.
+/// Waits up to `wait` until one of the open descriptors of `watched` (tag,
+/// open, descriptor) is readable, or `cancel` fires (tag 4); returns the
+/// tags that are ready. A zero `wait` only looks; an interrupted wait is
+/// resumed.
 pub(crate) fn poll_tags(
     watched: &[(i32, bool, BorrowedFd<'_>)],
     cancel: Option<&CancelToken>,
@@ -1020,10 +1021,17 @@ pub(crate) fn poll_tags(
         fds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
         tags.push(4);
     }
-    let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
-    match poll(&mut fds, PollTimeout::from(ms)) {
-        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-        Err(e) => return Err(nix_io("poll")(e)),
+    let ms = if wait.is_zero() {
+        0
+    } else {
+        u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX)
+    };
+    loop {
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(nix_io("poll")(e)),
+        }
     }
     Ok(fds
         .iter()

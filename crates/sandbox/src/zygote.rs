@@ -49,7 +49,6 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, setsockopt, socketpair, sockopt,
@@ -156,8 +155,6 @@ struct Spare {
     err_r: OwnedFd,
     status_r: OwnedFd,
     cgroup: Box<dyn TaskCgroup>,
-    /// The cgroup is gone already (after a run).
-    removed: bool,
 }
 
 impl Spare {
@@ -171,12 +168,10 @@ impl Spare {
 
 impl Drop for Spare {
     fn drop(&mut self) {
-        // Only unused spares get here with a live child (a run moves the
-        // cgroup out first): kill it and remove its cgroup.
-        if !self.removed {
-            let _ = self.cgroup.kill_all();
-            let _ = self.cgroup.remove();
-        }
+        // An unused spare, or a finished run handed to the reaper: kill
+        // what is left, wait until it is gone, remove the cgroup.
+        let _ = self.cgroup.kill_all();
+        let _ = self.cgroup.remove();
     }
 }
 
@@ -229,29 +224,17 @@ struct ChildSpec<'a> {
     rlimits: RlimitSpec,
 }
 
+/// For each of `fds`, whether it is readable within `timeout`.
 fn wait_readable(
     fds: &[std::os::fd::BorrowedFd<'_>],
     timeout: Duration,
 ) -> Result<Vec<bool>, SandboxError> {
-    let mut pfds: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|f| PollFd::new(*f, PollFlags::POLLIN))
-        .collect();
-    let ms = if timeout.is_zero() {
-        0
-    } else {
-        u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX)
-    };
-    loop {
-        match poll(&mut pfds, PollTimeout::from(ms)) {
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(nix_io("poll")(e)),
-        }
-    }
-    Ok(pfds
-        .iter()
-        .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+    let watched: Vec<(i32, bool, std::os::fd::BorrowedFd<'_>)> =
+        (0i32..).zip(fds).map(|(i, fd)| (i, true, *fd)).collect();
+    let ready = poll_tags(&watched, None, timeout)?;
+    Ok((0i32..)
+        .take(fds.len())
+        .map(|i| ready.contains(&i))
         .collect())
 }
 
@@ -771,7 +754,6 @@ impl Server {
             err_r,
             status_r,
             cgroup,
-            removed: false,
         };
         spare.cgroup.attach(pid)?;
         // In its cgroup: the child builds its namespaces and mounts now,

@@ -273,6 +273,70 @@ fn junk_and_descriptors_on_the_last_words_socket_change_nothing() {
 }
 
 #[test]
+fn a_cancelled_child_is_killed_with_everything_it_started() {
+    let _s = serial();
+    let w = warm();
+    let marker = format!("{}.{}", 200 + std::process::id() % 100, std::process::id());
+    let code = format!(
+        "import os, time\ndef main(x):\n    if os.fork() == 0:\n        os.execv(\"/bin/sleep\", [\"sleep\", \"{marker}\"])\n    time.sleep(60)\n"
+    );
+    let cancel = CancelToken::new().expect("token");
+    let out = std::thread::scope(|scope| {
+        let run = scope.spawn(|| w.run(&handler(&code, "null"), Some(&cancel)));
+        // Cancel once the task's own child runs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while processes_with(&format!("sleep {marker}")).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the task never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        cancel.cancel();
+        run.join().expect("joins").expect("runs")
+    });
+    assert_eq!(out.termination, Termination::Cancelled);
+    assert!(processes_with(&format!("sleep {marker}")).is_empty());
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn a_task_whose_server_dies_under_it_fails_and_never_runs_again() {
+    let _s = serial();
+    let w = warm();
+    let marker = format!("{}.{}", 300 + std::process::id() % 100, std::process::id());
+    let code = format!(
+        "import os, time\ndef main(x):\n    if os.fork() == 0:\n        os.execv(\"/bin/sleep\", [\"sleep\", \"{marker}\"])\n    time.sleep(60)\n"
+    );
+    let result = std::thread::scope(|scope| {
+        let run = scope.spawn(|| w.run(&handler(&code, "null"), None));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while processes_with(&format!("sleep {marker}")).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the task never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (pid, _) in processes_with("taskexec_zygote.py") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        run.join().expect("joins")
+    });
+    // Its code had started: an error of ours, not a second run elsewhere.
+    assert!(result.is_err(), "{result:?}");
+    let stats = w.stats();
+    assert_eq!(stats.fork_server_runs, 1, "{stats:?}");
+    assert_eq!(stats.fork_server_fallbacks, 0, "{stats:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
 fn concurrent_children_run_as_different_users_and_cannot_see_each_other() {
     let _s = serial();
     let w = warm();

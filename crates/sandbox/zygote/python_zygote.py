@@ -23,13 +23,14 @@ The child talks to the executor on its task channel only:
                      with the work dir's descriptor (for the read-back)
   b"E" + message     setup failed (an environment problem, not the task's)
 
-Before it touches the task's input the child enters the task's isolation,
-in this order: new mount, network, IPC, UTS and cgroup namespaces; a fresh
-size-limited tmpfs for /task and /tmp with the task's files; host name and
-loopback; stdio; a new session; rlimits; the capability bounding set
-dropped; no supplementary groups and the task's own uid/gid (which clears
-every capability); no_new_privs; the task seccomp filters (all but the
-mount rule loaded while the child is spare, the mount rule last). See
+Before it touches the task's input the child enters the task's isolation.
+While spare: new mount, network, IPC, UTS and cgroup namespaces (the host
+name comes with the UTS namespace); a fresh tmpfs for /task and /tmp;
+loopback; the capability bounding set emptied; no_new_privs; the task
+seccomp filters but for their mount rule. On hand-over: the tmpfs sized,
+the task's files; stdio; a new session; rlimits; no supplementary groups
+and the task's own uid/gid (which clears every capability); the mount
+rule. See
 docs/security.md for what a task shares with the pre-fork image.
 """
 
@@ -192,6 +193,12 @@ def _prepare():
         fcntl.ioctl(probe.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", IFF_UP | IFF_RUNNING))
     finally:
         probe.close()
+    # An empty bounding set: no capability can come back, not even through
+    # an exec. The effective ones the rest of the setup needs stay until
+    # the uid change.
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, None, 0, 0) != 0:
+            break
     # The task filter but for mount (still needed to size the tmpfs): from
     # here on no namespace or mount change but that one is possible.
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0), "no_new_privs")
@@ -225,15 +232,12 @@ def _isolate(spec, blobs, uid, gid, out_fd, err_fd):
     if lim.get("cpu_seconds") is not None:
         resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_seconds"], lim["cpu_seconds"] + 1))
 
-    for cap in range(64):
-        if _libc.prctl(PR_CAPBSET_DROP, cap, None, 0, 0) != 0:
-            break
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     os.chdir(WORK)
     os.umask(0o022)
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0), "no_new_privs")
+    # no_new_privs is set already (in _prepare, before the first filter).
     for _buf, prog in FINAL_FILTERS:
         _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0), "seccomp")
 

@@ -210,6 +210,22 @@ fn ratio(v: Option<f64>) -> String {
 }
 
 impl Report {
+    /// The engine and service groups, each section with any.
+    fn sections(&self) -> Vec<(&'static str, Vec<&Group>)> {
+        ["engine", "service"]
+            .into_iter()
+            .map(|section| {
+                let groups = self
+                    .groups
+                    .iter()
+                    .filter(|g| g.section == section)
+                    .collect();
+                (section, groups)
+            })
+            .filter(|(_, groups): &(&str, Vec<&Group>)| !groups.is_empty())
+            .collect()
+    }
+
     /// The readable table.
     pub fn text(&self) -> String {
         let mut o = String::new();
@@ -230,15 +246,7 @@ impl Report {
                 ratio(t.ratio)
             );
         }
-        for section in ["engine", "service"] {
-            let groups: Vec<&Group> = self
-                .groups
-                .iter()
-                .filter(|g| g.section == section)
-                .collect();
-            if groups.is_empty() {
-                continue;
-            }
+        for (section, groups) in self.sections() {
             let _ = writeln!(o);
             let _ = writeln!(
                 o,
@@ -370,15 +378,7 @@ impl Report {
                 ratio(t.ratio)
             );
         }
-        for section in ["engine", "service"] {
-            let groups: Vec<&Group> = self
-                .groups
-                .iter()
-                .filter(|g| g.section == section)
-                .collect();
-            if groups.is_empty() {
-                continue;
-            }
+        for (section, groups) in self.sections() {
             let _ = writeln!(o);
             let _ = writeln!(
                 o,
