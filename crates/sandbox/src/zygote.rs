@@ -95,6 +95,8 @@ pub(crate) struct ForkServers {
     /// and removes their cgroup. `None` once shut down.
     reaper: Mutex<Option<std::sync::mpsc::Sender<Spare>>>,
     reaper_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Threads of servers that died and left the map, for `shutdown`.
+    retired: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// One running fork server.
@@ -252,6 +254,7 @@ impl ForkServers {
             servers: Mutex::new(HashMap::new()),
             reaper: Mutex::new(thread.is_some().then_some(tx)),
             reaper_thread: Mutex::new(thread),
+            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -313,6 +316,19 @@ impl ForkServers {
             && map.get(&server.key).is_some_and(|s| Arc::ptr_eq(s, server))
         {
             map.remove(&server.key);
+            self.retire(server);
+        }
+    }
+
+    /// Stops a server that left the map (its spares go now) and keeps its
+    /// thread for [`ForkServers::shutdown`] to wait for: that thread may
+    /// hold the server's last reference, and so destroy it, a little later.
+    fn retire(&self, server: &Server) {
+        server.stop();
+        let handle = server.refill_thread.lock().ok().and_then(|mut h| h.take());
+        if let (Some(h), Ok(mut retired)) = (handle, self.retired.lock()) {
+            retired.retain(|h| !h.is_finished());
+            retired.push(h);
         }
     }
 
@@ -324,7 +340,9 @@ impl ForkServers {
             if s.alive() {
                 return Ok(Arc::clone(s));
             }
-            map.remove(&key);
+            if let Some(dead) = map.remove(&key) {
+                self.retire(&dead);
+            }
         }
         let server = start_server(Arc::clone(&self.sandbox), key, kind, req)?;
         map.insert(key, Arc::clone(&server));
@@ -346,6 +364,15 @@ impl ForkServers {
             }
             // The last reference: the server is stopped here.
             drop(server);
+        }
+        // Servers that died earlier: their threads may still hold them.
+        let retired: Vec<_> = self
+            .retired
+            .lock()
+            .map(|mut r| r.drain(..).collect())
+            .unwrap_or_default();
+        for h in retired {
+            let _ = h.join();
         }
         // Then every finished child is reaped before we return.
         if let Ok(mut r) = self.reaper.lock() {
