@@ -3,7 +3,8 @@
 //!
 //! Three processes, each with one job:
 //! - **launcher** (host PID namespace, root): reads the base [`LaunchSpec`]
-//!   (the sandbox's shape, without the task), unshares the namespaces, builds
+//!   (the sandbox's shape, without the task), moves itself into its task
+//!   cgroup where the driver allows it (cgroup v1), unshares the namespaces, builds
 //!   the file system ([`crate::mounts`]) with an empty work dir, compiles the
 //!   seccomp filter and reports `Ready`; then reads the task's spec (a second
 //!   frame: sent right behind the first for a cold run, whenever a task comes
@@ -154,6 +155,20 @@ fn split_files(
         .collect()
 }
 
+/// Moves this (single-threaded) process into its task cgroup by writing `0`
+/// into each hierarchy's `tasks` file: see
+/// [`crate::cgroup::TaskCgroup::self_join_files`].
+fn join_cgroup(files: &[std::path::PathBuf]) -> Result<(), SetupError> {
+    for path in files {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"0"))
+            .map_err(|e| SetupError::new("cgroup", format!("joining {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 fn cstrings<I: IntoIterator<Item = String>>(items: I) -> Result<Vec<CString>, SetupError> {
     items
         .into_iter()
@@ -174,6 +189,7 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
     let (spec, blobs): (LaunchSpec, Vec<Vec<u8>>) = read_frame(spec_in)
         .map_err(|e| SetupError::new("spec", e.to_string()))?
         .ok_or_else(|| SetupError::new("spec", "no spec received"))?;
+    join_cgroup(&spec.self_join)?;
     let mut blobs = blobs.into_iter();
     let files = Files {
         work: split_files(&spec.work_files, &mut blobs)?,
@@ -209,8 +225,9 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
     // Then one byte: [`TASK_FOLLOWS`] and the task's spec (at once for a
     // cold run, whenever the executor hands a task to a pre-built sandbox of
     // the pool), then the go; or the go itself, when the first frame was the
-    // whole spec already. The go says the executor has put us in the task
-    // cgroup. From here on `spec` is the task's.
+    // whole spec already. The go says we sit in the task cgroup (moved
+    // there by the executor, or by ourselves at the start). From here on
+    // `spec` is the task's.
     let mut next = [0u8; 1];
     let spec = match spec_in.read(&mut next) {
         Ok(1) if next[0] == TASK_FOLLOWS => {

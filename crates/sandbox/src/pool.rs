@@ -170,15 +170,19 @@ impl Prebuilt {
     /// its limits, a launcher that got the base spec and sits in the cgroup,
     /// and its `Ready`.
     fn build(sandbox: &Sandbox, template: &RunRequest) -> Result<Self, SandboxError> {
-        let (spec, etc) = sandbox.launch_spec(template)?;
+        let (mut spec, etc) = sandbox.launch_spec(template)?;
+        let cgroup = sandbox.new_cgroup(&template.limits)?;
+        spec.self_join = cgroup.self_join_files();
         let mut built = Self {
             launcher: None,
-            cgroup: Some(sandbox.new_cgroup(&template.limits)?),
+            cgroup: Some(cgroup),
         };
         let launcher = sandbox.prepare(&spec, &template.support_files, &etc)?;
         let pid = launcher.pid();
         let launcher = built.launcher.insert(launcher);
-        if let Some(cgroup) = &built.cgroup {
+        if spec.self_join.is_empty()
+            && let Some(cgroup) = &built.cgroup
+        {
             cgroup.attach(pid as i32)?;
         }
         launcher.wait_ready(READY_TIMEOUT)?;

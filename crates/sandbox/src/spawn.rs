@@ -491,18 +491,22 @@ impl Sandbox {
         t0_mono: u64,
     ) -> Result<RunOutcome, SandboxError> {
         let limits = &req.limits;
-        let (spec, etc) = self.launch_spec(req)?;
+        let (mut spec, etc) = self.launch_spec(req)?;
+        spec.self_join = cgroup.self_join_files();
         let prepared = self.prepare(&spec, &req.support_files, &etc)?;
         phases.push(("spawn", prepared.spawn_time));
         let deadline = prepared.t_spawn + limits.timeout;
-        // Hand over the task right behind the base spec, so the launcher
-        // builds namespaces and mounts and writes the task's files while we
-        // attach it to its cgroup (a cold attach on cgroup v1 waits for an
-        // RCU grace period).
+        // Hand over the task right behind the base spec. The launcher moves
+        // itself into its cgroup first thing where the driver allows it;
+        // otherwise we move it, while it builds namespaces and mounts and
+        // writes the task's files (a move by pid waits for an RCU grace
+        // period when it is the first in a while).
         let sent = prepared.send_task(&spec, &req.work_files);
-        let t_attach = Instant::now();
-        cgroup.attach(prepared.pid() as i32)?;
-        phases.push(("cgroupAttach", t_attach.elapsed()));
+        if spec.self_join.is_empty() {
+            let t_attach = Instant::now();
+            cgroup.attach(prepared.pid() as i32)?;
+            phases.push(("cgroupAttach", t_attach.elapsed()));
+        }
         let attached_mono = mono_ns();
         let go = sent.and_then(|()| prepared.send_go());
         watch(
@@ -602,6 +606,7 @@ impl Sandbox {
             collect_cap: 64 << 20,
             share_network: false,
             fork_server: false,
+            self_join: Vec::new(),
         };
         Ok((spec, etc))
     }

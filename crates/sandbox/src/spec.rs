@@ -79,6 +79,12 @@ pub(crate) struct LaunchSpec {
     /// runs under the fork-server seccomp profile.
     #[serde(default)]
     pub fork_server: bool,
+    /// Cgroup files the launcher writes `0` into first thing, to move
+    /// itself into its task cgroup (see
+    /// [`crate::cgroup::TaskCgroup::self_join_files`]); empty when the
+    /// executor moves it instead. Not part of the sandbox's shape.
+    #[serde(default)]
+    pub self_join: Vec<std::path::PathBuf>,
 }
 
 impl LaunchSpec {
@@ -114,6 +120,7 @@ impl LaunchSpec {
             read_back_cap: task.read_back_cap,
             collect_dir: task.collect_dir.clone(),
             collect_cap: task.collect_cap,
+            self_join: Vec::new(),
             ..s.clone()
         };
         // Compared through JSON: every field, including ones added later,

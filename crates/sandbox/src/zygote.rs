@@ -590,6 +590,7 @@ impl Server {
             collect_cap: 0,
             share_network: false,
             fork_server: true,
+            self_join: Vec::new(),
         };
         let blobs: Vec<&[u8]> = support
             .iter()

@@ -188,3 +188,55 @@ fn work_files_are_not_visible_on_the_host_and_vanish_with_the_run() {
         "no sandbox mount is visible on the host"
     );
 }
+
+/// A single-threaded process that writes `0` into each of a task cgroup's
+/// self-join files sits in that cgroup in every hierarchy, and so do its
+/// children: the launcher moves itself this way (cgroup v1).
+#[test]
+fn writing_0_into_the_self_join_files_moves_a_process_into_its_cgroup() {
+    let _serial = serial();
+    let driver = cgroup::detect(None).expect("a usable cgroup hierarchy");
+    let name = format!("taskexec-{}-selfjoin", std::process::id());
+    let cg = driver
+        .create(
+            &name,
+            &cgroup::CgroupLimits {
+                memory_bytes: 64 << 20,
+                pids: 16,
+                cpu_request_millis: 100,
+                cpu_limit_millis: None,
+            },
+        )
+        .expect("create");
+    let files = cg.self_join_files();
+    if driver.version() == cgroup::CgroupVersion::V2 {
+        assert!(files.is_empty(), "{files:?}");
+    } else {
+        assert!(!files.is_empty());
+        let script: String = files
+            .iter()
+            .map(|f| format!("echo 0 > {} && ", f.display()))
+            .collect::<String>()
+            + "cat /proc/self/cgroup";
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // One line per v1 hierarchy the cgroup spans (one `tasks` file
+        // each), each ending in its name.
+        let joined = text
+            .lines()
+            .filter(|l| l.ends_with(&format!("/{name}")))
+            .count();
+        assert_eq!(joined, files.len(), "{text}");
+        for f in &files {
+            let tasks = std::fs::read_to_string(f).expect("tasks");
+            assert!(tasks.trim().is_empty(), "the process has exited: {tasks}");
+        }
+    }
+    cg.kill_all().expect("kill");
+    cg.remove().expect("remove");
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}

@@ -178,6 +178,10 @@ impl TaskCgroup for V1Cgroup {
         Ok(())
     }
 
+    fn self_join_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("tasks")).collect()
+    }
+
     fn cpu_time(&self) -> Result<Duration, CgroupError> {
         read_u64(&self.cpuacct.join("cpuacct.usage")).map(Duration::from_nanos)
     }
