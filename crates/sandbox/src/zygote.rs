@@ -734,13 +734,12 @@ impl Server {
         }
     }
 
-    /// Runs one request in a child running as `uid`. The outer `Err` means
-    /// the task was never handed over (run it cold); the inner result is the
-    /// run's.
-    /// Forks a child and moves it into a cgroup of its own: a spare, ready
-    /// for any task. Made ahead of time by the refill thread, so the cgroup
-    /// attach (on cgroup v1 it may wait out an RCU grace period) and the
-    /// fork are off the task's path.
+    /// Forks a child in a cgroup of its own: a spare, ready for any task.
+    /// Made ahead of time by the refill thread, so the fork and the cgroup
+    /// are off the task's path. On cgroup v1 the child moves itself into
+    /// the cgroup (`0` into the `tasks` files it gets with the request,
+    /// see [`TaskCgroup::self_join_files`]) before it says hello; otherwise
+    /// we move it by the pid its hello carries.
     fn make_spare(&self, sandbox: &Sandbox) -> Result<Spare, SandboxError> {
         let cloexec = OFlag::O_CLOEXEC;
         let (task, task_theirs) = UnixStream::pair().map_err(io("socketpair"))?;
@@ -748,42 +747,53 @@ impl Server {
         let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
         let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
         let (status_r, status_w) = nix::unistd::pipe2(cloexec).map_err(nix_io("pipe"))?;
-        {
-            let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-            let fds: [RawFd; 4] = [
-                task_theirs.as_raw_fd(),
-                out_w.as_raw_fd(),
-                err_w.as_raw_fd(),
-                status_w.as_raw_fd(),
-            ];
-            sendmsg::<()>(
-                control.as_raw_fd(),
-                &[IoSlice::new(b"{}")],
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            )
-            .map_err(nix_io("sending a request to the fork server"))?;
-        }
-        drop((task_theirs, out_w, err_w, status_w));
-        // Hello: the child's pid, then its cgroup (spare limits until a
-        // task sets its own).
-        let (msg, pid) = recv_with_creds(&task, &status_r, STEP_TIMEOUT)?;
-        if msg.first() != Some(&b'h') {
-            return Err(self.failed("child did not say hello"));
-        }
-        let pid = pid.ok_or_else(|| SandboxError::Protocol("hello without credentials".into()))?;
+        // Spare limits until a task sets its own. From here on a failure
+        // drops the spare, which removes its cgroup.
         let limits = *self.spare_limits.lock().unwrap_or_else(|p| p.into_inner());
-        let cgroup = sandbox.cgroups.create(&cgroup_name(), &limits)?;
         let spare = Spare {
             limits,
             task,
             out_r,
             err_r,
             status_r,
-            cgroup,
+            cgroup: sandbox.cgroups.create(&cgroup_name(), &limits)?,
         };
-        spare.cgroup.attach(pid)?;
+        let join: Vec<std::fs::File> = spare
+            .cgroup
+            .self_join_files()
+            .iter()
+            .map(|p| std::fs::OpenOptions::new().write(true).open(p))
+            .collect::<Result<_, _>>()
+            .map_err(io("opening the cgroup's tasks files"))?;
+        {
+            let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fds: Vec<RawFd> = vec![
+                task_theirs.as_raw_fd(),
+                out_w.as_raw_fd(),
+                err_w.as_raw_fd(),
+                status_w.as_raw_fd(),
+            ];
+            fds.extend(join.iter().map(|f| f.as_raw_fd()));
+            let request = format!("{{\"join\":{}}}", join.len());
+            sendmsg::<()>(
+                control.as_raw_fd(),
+                &[IoSlice::new(request.as_bytes())],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(nix_io("sending a request to the fork server"))?;
+        }
+        drop((task_theirs, out_w, err_w, status_w, join));
+        // Hello: the child's pid (and, on v1, the child in its cgroup).
+        let (msg, pid) = recv_with_creds(&spare.task, &spare.status_r, STEP_TIMEOUT)?;
+        if msg.first() != Some(&b'h') {
+            return Err(self.failed("child did not say hello"));
+        }
+        let pid = pid.ok_or_else(|| SandboxError::Protocol("hello without credentials".into()))?;
+        if spare.cgroup.self_join_files().is_empty() {
+            spare.cgroup.attach(pid)?;
+        }
         // In its cgroup: the child builds its namespaces and mounts now,
         // ahead of any task.
         (&spare.task)

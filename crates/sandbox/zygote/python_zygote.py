@@ -9,14 +9,17 @@ fork-server seccomp profile, no_new_privs set):
 Descriptor 1 is the control socket (SOCK_SEQPACKET) to the executor. The
 server imports the handler wrapper once, says b"R", then serves requests:
 
-  request  (executor -> server): a JSON object (reserved) with four descriptors:
-           the task channel (a stream socket), stdout, stderr, status pipe.
+  request  (executor -> server): a JSON object {"join": N} with 4 + N
+           descriptors: the task channel (a stream socket), stdout, stderr,
+           status pipe, then N cgroup v1 "tasks" files the child writes b"0"
+           into to move itself into its cgroup (N is 0 on cgroup v2).
   per request the server forks a child; when the child ends it writes
   b"e<code>" or b"s<signal>" to that request's status pipe and closes it.
 
 The child talks to the executor on its task channel only:
-  b"h"               hello; the executor reads our pid from the socket's
-                     credentials and moves us into the task's cgroup
+  b"h"               hello, once in our cgroup (moved there by ourselves, or
+                     by the executor, which reads our pid from the socket's
+                     credentials)
   <- spec frame      what taskexec's frame.rs writes: u32 LE header length,
                      JSON header, u32 LE blob count, (u64 LE length, bytes)*
   b"m" + u64 mono ns the isolation is complete and the handler starts, sent
@@ -69,6 +72,8 @@ IFF_UP = 0x1
 IFF_RUNNING = 0x40
 
 WORK = "/task"
+# Most cgroup "tasks" files a request carries (one per v1 hierarchy).
+MAX_JOIN = 8
 _LAST_WORDS = None
 SCRATCH = "/tmp"
 
@@ -245,11 +250,19 @@ def _isolate(spec, blobs, uid, gid, out_fd, err_fd):
     os.environ.update({k: v for k, v in spec["env"]})
 
 
-def _child(fds):
+def _child(fds, join_fds):
     """Runs in the forked child; returns the exit code of the task."""
     task_fd, out_fd, err_fd = fds
     task = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=task_fd)
     try:
+        # Into our cgroup first: "0" moves the calling thread, which is the
+        # whole of this single-threaded child, without the global lock a
+        # move by pid takes.
+        for fd in join_fds:
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
         task.sendall(b"h")
         # "p": we are in our own cgroup; build what needs no task.
         if _recv_exact(task, 1) != b"p":
@@ -334,12 +347,16 @@ def _serve(control):
         for key, _ in sel.select():
             if key.fileobj is control:
                 try:
-                    msg, fds, _flags, _addr = socket.recv_fds(control, 4096, 4)
+                    msg, fds, _flags, _addr = socket.recv_fds(control, 4096, 4 + MAX_JOIN)
                 except InterruptedError:
                     continue
                 if not msg:
                     os._exit(0)  # the executor is gone; init kills the rest
-                if len(fds) != 4:
+                try:
+                    join = int(json.loads(msg).get("join", 0))
+                except (ValueError, AttributeError):
+                    join = -1
+                if not 0 <= join <= MAX_JOIN or len(fds) != 4 + join:
                     for fd in fds:
                         os.close(fd)
                     continue
@@ -354,8 +371,8 @@ def _serve(control):
                     for fd in children.values():
                         os.close(fd)
                     os.close(fds[3])
-                    return _child(fds[:3])
-                for fd in fds[:3]:
+                    return _child(fds[:3], fds[4:])
+                for fd in fds[:3] + fds[4:]:
                     os.close(fd)
                 children[pid] = fds[3]
             else:
