@@ -165,7 +165,7 @@ fn submit_error(e: SubmitError, batch: bool) -> ApiError {
 }
 
 fn is_unique_violation(e: &StoreError) -> bool {
-    matches!(e, StoreError::Database(sqlx::Error::Database(db)) if db.is_unique_violation())
+    e.is_unique_violation()
 }
 
 /// Parses `wait`: a duration of at most [`MAX_WAIT`].

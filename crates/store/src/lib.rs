@@ -55,6 +55,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database")]
     Database(#[from] sqlx::Error),
+    /// The SQLite writer's connection failed.
+    #[error("database")]
+    Sqlite(#[from] rusqlite::Error),
     /// A migration failed.
     #[error("migration")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -83,6 +86,22 @@ pub enum StoreError {
         "unsupported database URL {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://..."
     )]
     BadUrl(String),
+}
+
+impl StoreError {
+    /// Whether a uniqueness constraint refused the write (a task id that
+    /// exists already), whichever backend answered.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => db.is_unique_violation(),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.extended_code,
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// A task to enqueue. The id is assigned by the caller.

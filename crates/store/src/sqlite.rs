@@ -1,12 +1,12 @@
 //! SQLite backend of [`TaskStore`]: one database file (or a private
-//! in-memory database for tests), opened in WAL mode with
-//! `synchronous=NORMAL` (`FULL` with `?synchronous=full`), a 5 s busy
-//! timeout and foreign keys on, behind a small connection pool; this
-//! process's write transactions queue on an async mutex before they take
-//! SQLite's write lock. Reads run in parallel; every transaction that
-//! writes starts with `BEGIN IMMEDIATE`, so it takes SQLite's single write
-//! lock before it reads what it is going to change (two claimers can never
-//! take the same task, and no transaction fails on a lock upgrade).
+//! temporary one for tests), opened in WAL mode with `synchronous=NORMAL`
+//! (`FULL` with `?synchronous=full`), a 5 s busy timeout and foreign keys
+//! on. Reads go through a small sqlx connection pool and run in parallel;
+//! every transaction that writes runs whole on the writer's own connection
+//! and thread ([`writer`]), in arrival order, starting with
+//! `BEGIN IMMEDIATE`, so it takes SQLite's single write lock before it
+//! reads what it is going to change (two claimers can never take the same
+//! task, and no transaction fails on a lock upgrade).
 //!
 //! The schema is in `migrations/sqlite/`, embedded at compile time and run at
 //! [`SqliteStore::open`]. Times are stored as unix milliseconds, so they
@@ -17,7 +17,8 @@
 //! The semantics beyond the trait docs are the crate's (see the crate
 //! docs).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,13 +29,12 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
-use taskexec_model::{TaskStatus, TransitionRecord};
+use taskexec_model::TransitionRecord;
 use time::OffsetDateTime;
 
 use crate::common::{
-    TaskRow, TaskState, apply_write, cancelled_result, duration_ms, from_ms, greedy_fit, int_u32,
-    int_u64, json_err, not_final, page_size, parse_cursor, parse_history, parse_status,
-    state_columns, task_columns, to_ms, u64_int, write_target,
+    TaskRow, from_ms, int_u32, int_u64, not_final, page_size, parse_cursor, parse_history,
+    parse_status, task_columns, to_ms, u64_int,
 };
 use crate::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats,
@@ -44,102 +44,109 @@ use crate::{
 /// The embedded migrations of the SQLite schema.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Connections of a file database's pool.
-const FILE_CONNECTIONS: u32 = 4;
+/// Connections of the read pool.
+const READ_CONNECTIONS: u32 = 4;
+/// Reader threads of [`TaskStore::get`].
+const READERS: usize = 2;
 /// How long a statement waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ids per statement of the `IN (...)` lists.
 const IN_CHUNK: usize = 500;
-/// The URL of a private in-memory database.
+/// The URL of a private temporary database.
 const MEMORY_URL: &str = "sqlite::memory:";
 /// The scheme of a file database URL.
 const FILE_PREFIX: &str = "sqlite://";
 
-/// The SQLite task store.
+/// The SQLite task store. Clones share the connections.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Runs every write transaction (declared first, with the readers:
+    /// they close their connections before a temporary database's
+    /// directory goes).
+    writer: Arc<threads::ConnThreads>,
+    /// Run [`TaskStore::get`], the read on the path of every task waited
+    /// for.
+    readers: Arc<threads::ConnThreads>,
+    /// The other reads.
     pool: SqlitePool,
-    /// Taken by every transaction that writes, before its `BEGIN
-    /// IMMEDIATE`: this process's writers queue here, in order, instead of
-    /// colliding on SQLite's write lock, whose busy handler sleeps 1 ms
-    /// and more per collision. Other processes on the same file still meet
-    /// the busy timeout.
-    write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The directory of a `sqlite::memory:` database, removed when the
+    /// last clone is dropped.
+    _temp: Option<Arc<tempfile::TempDir>>,
 }
-
-/// A write transaction and this process's write turn, held until both are
-/// dropped (the transaction first: declare the guard first).
-type WriteTx = (
-    tokio::sync::OwnedMutexGuard<()>,
-    sqlx::Transaction<'static, Sqlite>,
-);
 
 impl SqliteStore {
     /// Opens (creating it if missing) the database at `url` and migrates it.
     ///
     /// `url` is `sqlite://PATH` (a file, created if missing) or
-    /// `sqlite::memory:` (a private in-memory database on one connection,
-    /// gone when the store is dropped); anything else is
-    /// [`StoreError::BadUrl`]. A file database runs in WAL mode with
-    /// `synchronous=NORMAL` (a commit survives a crash of the process, not
-    /// necessarily a power loss); `sqlite://PATH?synchronous=full` syncs
-    /// the log at every commit instead (survives a power loss, costs an
-    /// fsync per transaction).
+    /// `sqlite::memory:` (a private database in a temporary directory, gone
+    /// when the store is dropped: the writer and the readers need one file
+    /// to share); anything else is [`StoreError::BadUrl`]. A file database
+    /// runs in WAL mode with `synchronous=NORMAL` (a commit survives a crash
+    /// of the process, not necessarily a power loss);
+    /// `sqlite://PATH?synchronous=full` syncs the log at every commit
+    /// instead (survives a power loss, costs an fsync per transaction).
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
-        let base = SqliteConnectOptions::new()
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = if url == MEMORY_URL {
-            // Every connection to ":memory:" is its own database: keep
-            // exactly one, forever.
-            SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .connect_with(base.filename(":memory:"))
-                .await?
-        } else if let Some(rest) = url.strip_prefix(FILE_PREFIX)
-            && let (path, query) = rest.split_once('?').unwrap_or((rest, ""))
-            && !path.is_empty()
-        {
-            let synchronous = match query {
-                "" | "synchronous=normal" => SqliteSynchronous::Normal,
-                "synchronous=full" => SqliteSynchronous::Full,
-                _ => return Err(StoreError::BadUrl(url.to_owned())),
+        let (path, full_sync, temp): (PathBuf, bool, Option<tempfile::TempDir>) =
+            if url == MEMORY_URL {
+                let dir = tempfile::Builder::new()
+                    .prefix("taskexec-store-")
+                    .tempdir()
+                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                (dir.path().join("tasks.db"), false, Some(dir))
+            } else if let Some(rest) = url.strip_prefix(FILE_PREFIX)
+                && let (path, query) = rest.split_once('?').unwrap_or((rest, ""))
+                && !path.is_empty()
+            {
+                let full_sync = match query {
+                    "" | "synchronous=normal" => false,
+                    "synchronous=full" => true,
+                    _ => return Err(StoreError::BadUrl(url.to_owned())),
+                };
+                (PathBuf::from(path), full_sync, None)
+            } else {
+                return Err(StoreError::BadUrl(url.to_owned()));
             };
-            let options = base
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(synchronous);
-            // An in-process database needs no liveness check at each
-            // acquire (a round trip to the connection's thread).
-            SqlitePoolOptions::new()
-                .max_connections(FILE_CONNECTIONS)
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await?
-        } else {
-            return Err(StoreError::BadUrl(url.to_owned()));
-        };
+        let options = SqliteConnectOptions::new()
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if full_sync {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            });
+        // An in-process database needs no liveness check at each acquire
+        // (a round trip to the connection's thread).
+        let pool = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
         MIGRATOR.run(&pool).await?;
+        let writer =
+            threads::ConnThreads::open(&path, 1, "sqlite-writer", full_sync, BUSY_TIMEOUT)?;
+        let readers =
+            threads::ConnThreads::open(&path, READERS, "sqlite-reader", full_sync, BUSY_TIMEOUT)?;
         Ok(SqliteStore {
+            writer: Arc::new(writer),
+            readers: Arc::new(readers),
             pool,
-            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+            _temp: temp.map(Arc::new),
         })
     }
 
-    /// Closes every connection, waiting for those in use to be returned.
+    /// Closes every connection, waiting for those in use to be returned
+    /// and for the writes queued so far.
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-
-    /// Starts a transaction that holds the write lock from its first
-    /// statement, after this process's earlier writers (see `write_lock`).
-    async fn begin_write(&self) -> Result<WriteTx, StoreError> {
-        let turn = Arc::clone(&self.write_lock).lock_owned().await;
-        Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
+        let (writer, readers) = (Arc::clone(&self.writer), Arc::clone(&self.readers));
+        let _ = tokio::task::spawn_blocking(move || {
+            readers.close();
+            writer.close();
+        })
+        .await;
     }
 }
 
@@ -153,11 +160,8 @@ macro_rules! history_column {
     };
 }
 
-/// The history of a row selected with [`history_column`].
-fn read_history(row: &SqliteRow, id: &str) -> Result<Vec<TransitionRecord>, StoreError> {
-    let json: String = row.try_get("history_json")?;
-    serde_json::from_str(&json).map_err(json_err(id))
-}
+mod statements;
+mod threads;
 
 /// Reads a row selected with [`task_columns`].
 fn read_row(row: &SqliteRow) -> Result<TaskRow, StoreError> {
@@ -183,12 +187,6 @@ fn read_row(row: &SqliteRow) -> Result<TaskRow, StoreError> {
     })
 }
 
-/// The whole record of `row`, with the history read from `conn`.
-async fn into_record(row: TaskRow, conn: &mut SqliteConnection) -> Result<TaskRecord, StoreError> {
-    let history = load_history(conn, &row.id).await?;
-    row.into_record(history)
-}
-
 /// The lifecycle history of task `id`, oldest first.
 async fn load_history(
     conn: &mut SqliteConnection,
@@ -200,25 +198,6 @@ async fn load_history(
             .fetch_all(&mut *conn)
             .await?;
     parse_history(id, rows)
-}
-
-/// Appends `record` to the history of task `id`.
-async fn append_event(
-    conn: &mut SqliteConnection,
-    id: &str,
-    record: &TransitionRecord,
-) -> Result<(), StoreError> {
-    let json = serde_json::to_string(record).map_err(json_err(id))?;
-    sqlx::query(
-        "INSERT INTO events (task_id, n, record_json) \
-         SELECT ?, COALESCE(MAX(n) + 1, 0), ? FROM events WHERE task_id = ?",
-    )
-    .bind(id)
-    .bind(json)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// Reads `rows` (selected with [`task_columns`]) as claimed tasks at their
@@ -242,219 +221,6 @@ async fn claimed_rows(
     Ok(out)
 }
 
-/// Inserts one new task and its RECEIVED event.
-async fn insert_task(conn: &mut SqliteConnection, new: &NewTask) -> Result<(), StoreError> {
-    let id = new.task.id.as_str();
-    let task_json = serde_json::to_string(&new.task).map_err(json_err(id))?;
-    let at = to_ms(new.received.at);
-    sqlx::query(
-        "INSERT INTO tasks (id, idempotency_key, workflow_instance_id, runtime, priority, \
-         cpu_millis, memory_bytes, status, queued, run_after, attempt, cancel_requested, \
-         submitted_at, updated_at, queued_since, task_json, attempts_json) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, 0, 0, ?, ?, ?, ?, '[]')",
-    )
-    .bind(id)
-    .bind(new.task.idempotency_key.as_deref())
-    .bind(new.task.workflow_instance_id.as_deref())
-    .bind(new.runtime.as_str())
-    .bind(i64::from(new.task.priority))
-    .bind(i64::from(new.cpu_millis))
-    .bind(u64_int(new.memory_bytes))
-    .bind(new.received.to.as_str())
-    .bind(at)
-    .bind(at)
-    .bind(at)
-    .bind(at)
-    .bind(task_json)
-    .execute(&mut *conn)
-    .await?;
-    append_event(conn, id, &new.received).await
-}
-
-/// Reads the [`TaskState`] of task `id`, if it exists.
-async fn read_state(
-    conn: &mut SqliteConnection,
-    id: &str,
-) -> Result<Option<TaskState>, StoreError> {
-    let Some(row) = sqlx::query(concat!(
-        "SELECT ",
-        state_columns!(),
-        " FROM tasks WHERE id = ?"
-    ))
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?
-    else {
-        return Ok(None);
-    };
-    let status: String = row.try_get("status")?;
-    Ok(Some(TaskState {
-        status: parse_status(id, &status)?,
-        attempt: int_u32(row.try_get("attempt")?),
-        queued: row.try_get::<i64, _>("queued")? != 0,
-        run_after: row.try_get("run_after")?,
-        queued_since: row.try_get("queued_since")?,
-        node: row.try_get("node")?,
-        lease_until: row.try_get("lease_until")?,
-        updated_at: row.try_get("updated_at")?,
-        attempts_json: row.try_get("attempts_json")?,
-        result_json: row.try_get("result_json")?,
-    }))
-}
-
-/// Stores `state` as the state of task `id`.
-async fn write_state(
-    conn: &mut SqliteConnection,
-    id: &str,
-    state: &TaskState,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE tasks SET status = ?, queued = ?, run_after = ?, queued_since = ?, node = ?, \
-         lease_until = ?, updated_at = ?, attempts_json = ?, result_json = ? WHERE id = ?",
-    )
-    .bind(state.status.as_str())
-    .bind(i64::from(state.queued))
-    .bind(state.run_after)
-    .bind(state.queued_since)
-    .bind(state.node.as_deref())
-    .bind(state.lease_until)
-    .bind(state.updated_at)
-    .bind(state.attempts_json.as_str())
-    .bind(state.result_json.as_deref())
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// The submission's statements, in the caller's write transaction (dropped
-/// uncommitted, and so rolled back, on an error).
-async fn submit_in(
-    tx: &mut SqliteConnection,
-    tasks: &[NewTask],
-    max_queued: u64,
-) -> Result<Vec<Submitted>, StoreError> {
-    let mut out = Vec::with_capacity(tasks.len());
-    let mut fresh: Vec<&NewTask> = Vec::with_capacity(tasks.len());
-    let mut batch_keys: HashMap<&str, &str> = HashMap::new();
-    for new in tasks {
-        if let Some(key) = new.task.idempotency_key.as_deref() {
-            if let Some(id) = batch_keys.get(key) {
-                out.push(Submitted::Existing {
-                    id: (*id).to_owned(),
-                });
-                continue;
-            }
-            let earlier: Option<String> =
-                sqlx::query_scalar("SELECT id FROM tasks WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(id) = earlier {
-                out.push(Submitted::Existing { id });
-                continue;
-            }
-            batch_keys.insert(key, &new.task.id);
-        }
-        out.push(Submitted::Created {
-            id: new.task.id.clone(),
-        });
-        fresh.push(new);
-    }
-    if !fresh.is_empty() {
-        let depth: i64 = sqlx::query_scalar(concat!(
-            "SELECT COUNT(*) FROM tasks WHERE queued = 1 AND ",
-            not_final!()
-        ))
-        .fetch_one(&mut *tx)
-        .await?;
-        let depth = int_u64(depth);
-        let adding = u64::try_from(fresh.len()).unwrap_or(u64::MAX);
-        if depth.saturating_add(adding) > max_queued {
-            return Err(StoreError::QueueFull {
-                depth,
-                max: max_queued,
-            });
-        }
-        for new in fresh {
-            insert_task(&mut *tx, new).await?;
-        }
-    }
-    Ok(out)
-}
-
-/// The claim's statements, in the caller's write transaction.
-async fn claim_in(
-    tx: &mut SqliteConnection,
-    claim: &ClaimRequest<'_>,
-) -> Result<Vec<ClaimedTask>, StoreError> {
-    let ClaimRequest {
-        node,
-        free,
-        limit,
-        now,
-        lease,
-    } = *claim;
-    let now_ms = to_ms(now);
-    let lease_until = now_ms.saturating_add(duration_ms(lease));
-    // Candidates that fit in `free` on their own, in claim order; the
-    // window is bounded, the greedy fit below picks from it.
-    let window = i64::try_from(limit.saturating_mul(8).clamp(64, 1024)).unwrap_or(1024);
-    let rows = sqlx::query(concat!(
-        "SELECT ",
-        task_columns!(),
-        ", ",
-        history_column!(),
-        " FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
-         AND memory_bytes <= ? AND ",
-        not_final!(),
-        " ORDER BY priority DESC, seq ASC LIMIT ?"
-    ))
-    .bind(now_ms)
-    .bind(u64_int(free.cpu_millis))
-    .bind(u64_int(free.memory_bytes))
-    .bind(window)
-    .fetch_all(&mut *tx)
-    .await?;
-    let rows = rows
-        .iter()
-        .map(|r| {
-            let row = read_row(r)?;
-            let history = read_history(r, &row.id)?;
-            Ok((row, history))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    let fit = greedy_fit(
-        rows.iter().map(|(r, _)| (r.cpu_millis, r.memory_bytes)),
-        free,
-        limit,
-    );
-    let mut rows: Vec<Option<(TaskRow, Vec<TransitionRecord>)>> =
-        rows.into_iter().map(Some).collect();
-    let mut out = Vec::with_capacity(fit.len());
-    for i in fit {
-        let Some((mut row, history)) = rows.get_mut(i).and_then(Option::take) else {
-            continue;
-        };
-        sqlx::query(
-            "UPDATE tasks SET queued = 0, attempt = attempt + 1, node = ?, lease_until = ?, \
-             updated_at = ? WHERE id = ?",
-        )
-        .bind(node)
-        .bind(lease_until)
-        .bind(now_ms)
-        .bind(&row.id)
-        .execute(&mut *tx)
-        .await?;
-        row.node = Some(node.to_owned());
-        row.queued = false;
-        row.updated_at = now_ms;
-        let attempt = row.attempt.saturating_add(1);
-        out.push(row.into_claimed(attempt, history, None)?);
-    }
-    Ok(out)
-}
-
 #[async_trait]
 impl TaskStore for SqliteStore {
     async fn submit(
@@ -462,10 +228,9 @@ impl TaskStore for SqliteStore {
         tasks: Vec<NewTask>,
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        let out = submit_in(&mut tx, &tasks, max_queued).await?;
-        tx.commit().await?;
-        Ok(out)
+        self.writer
+            .write(move |tx| statements::submit(tx, &tasks, max_queued))
+            .await
     }
 
     async fn submit_and_claim(
@@ -474,36 +239,21 @@ impl TaskStore for SqliteStore {
         max_queued: u64,
         claim: ClaimRequest<'_>,
     ) -> Result<(Vec<Submitted>, Vec<ClaimedTask>), StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        let submitted = submit_in(&mut tx, &tasks, max_queued).await?;
-        let claimed = if claim.limit == 0 {
-            Vec::new()
-        } else {
-            claim_in(&mut tx, &claim).await?
-        };
-        tx.commit().await?;
-        Ok((submitted, claimed))
+        let claim = owned_claim(&claim);
+        self.writer
+            .write(move |tx| {
+                let submitted = statements::submit(tx, &tasks, max_queued)?;
+                let claimed = statements::claim(tx, &claim)?;
+                Ok((submitted, claimed))
+            })
+            .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        // One statement: the row and its events from one snapshot.
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            ", ",
-            history_column!(),
-            " FROM tasks WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => {
-                let history = read_history(&row, id)?;
-                Ok(Some(read_row(&row)?.into_record(history)?))
-            }
-            None => Ok(None),
-        }
+        let id = id.to_owned();
+        self.readers
+            .read(move |conn| statements::get(conn, &id))
+            .await
     }
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
@@ -582,20 +332,16 @@ impl TaskStore for SqliteStore {
         if any.is_none() {
             return Ok(Vec::new());
         }
-        let (_turn, mut tx) = self.begin_write().await?;
-        let out = claim_in(
-            &mut tx,
-            &ClaimRequest {
-                node,
-                free,
-                limit,
-                now,
-                lease,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(out)
+        let claim = owned_claim(&ClaimRequest {
+            node,
+            free,
+            limit,
+            now,
+            lease,
+        });
+        self.writer
+            .write(move |tx| statements::claim(tx, &claim))
+            .await
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
@@ -615,26 +361,10 @@ impl TaskStore for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let (_turn, mut tx) = self.begin_write().await?;
-        for chunk in ids.chunks(IN_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new("UPDATE tasks SET lease_until = ");
-            qb.push_bind(to_ms(until))
-                .push(" WHERE node = ")
-                .push_bind(node.to_owned())
-                .push(concat!(
-                    " AND queued = 0 AND ",
-                    not_final!(),
-                    " AND id IN ("
-                ));
-            let mut list = qb.separated(", ");
-            for id in chunk {
-                list.push_bind(id.clone());
-            }
-            qb.push(")");
-            qb.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let (node, ids) = (node.to_owned(), ids.to_vec());
+        self.writer
+            .write(move |tx| statements::renew(tx, &node, &ids, until, IN_CHUNK))
+            .await
     }
 
     async fn request_cancel(
@@ -642,52 +372,10 @@ impl TaskStore for SqliteStore {
         id: &str,
         record: TransitionRecord,
     ) -> Result<CancelOutcome, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        let row = read_row(&row)?;
-        if row.status.is_final() {
-            return Ok(CancelOutcome::AlreadyFinal(row.status));
-        }
-        if !row.queued {
-            sqlx::query("UPDATE tasks SET cancel_requested = 1 WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(CancelOutcome::Requested { node: row.node });
-        }
-        // The cancelling transition starts from where the task stands.
-        let record = TransitionRecord {
-            from: Some(row.status),
-            attempt: row.attempt,
-            ..record
-        };
-        append_event(&mut tx, id, &record).await?;
-        let stored = into_record(row, &mut tx).await?;
-        let result = cancelled_result(id, stored.history, stored.attempts);
-        let json = serde_json::to_string(&result).map_err(json_err(id))?;
-        sqlx::query(
-            "UPDATE tasks SET status = ?, queued = 0, cancel_requested = 1, result_json = ?, \
-             node = NULL, lease_until = NULL, updated_at = ? WHERE id = ?",
-        )
-        .bind(TaskStatus::Cancelled.as_str())
-        .bind(json)
-        .bind(to_ms(record.at))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(CancelOutcome::CancelledQueued)
+        let id = id.to_owned();
+        self.writer
+            .write(move |tx| statements::request_cancel(tx, &id, record))
+            .await
     }
 
     async fn claimed_by(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
@@ -713,33 +401,12 @@ impl TaskStore for SqliteStore {
         now: OffsetDateTime,
         lease: Duration,
     ) -> Result<Vec<ClaimedTask>, StoreError> {
-        let now_ms = to_ms(now);
-        let lease_until = now_ms.saturating_add(duration_ms(lease));
         // The write lock is held from the start: no other transaction can
         // take the same tasks over in between.
-        let (_turn, mut tx) = self.begin_write().await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE node IS NOT NULL AND queued = 0 AND lease_until < ? AND ",
-            not_final!(),
-            " ORDER BY seq"
-        ))
-        .bind(now_ms)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            sqlx::query("UPDATE tasks SET node = ?, lease_until = ? WHERE id = ?")
-                .bind(node)
-                .bind(lease_until)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let out = claimed_rows(&mut tx, rows, Some(node)).await?;
-        tx.commit().await?;
-        Ok(out)
+        let node = node.to_owned();
+        self.writer
+            .write(move |tx| statements::take_over_expired(tx, &node, now, lease))
+            .await
     }
 
     async fn cancel_requested(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
@@ -798,35 +465,20 @@ impl SqliteStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let (_turn, mut tx) = self.begin_write().await?;
-        // The state of each task written (and whether it changed), read
-        // once and changed in memory; events are appended as they come, the
-        // changed rows stored at the end.
-        let mut states: HashMap<&str, Option<(TaskState, bool)>> = HashMap::new();
-        for write in &writes {
-            let (id, _) = write_target(write);
-            if !states.contains_key(id) {
-                let state = read_state(&mut tx, id).await?;
-                states.insert(id, state.map(|s| (s, false)));
-            }
-            let Some(Some((state, changed))) = states.get_mut(id) else {
-                tracing::debug!(task = id, "write for an unknown task skipped");
-                continue;
-            };
-            let Some(applied) = apply_write(state, write, holder)? else {
-                continue;
-            };
-            *changed = true;
-            if let Some(record) = applied.event {
-                append_event(&mut tx, id, record).await?;
-            }
-        }
-        for (id, state) in &states {
-            if let Some((state, true)) = state {
-                write_state(&mut tx, id, state).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+        let holder = holder.map(str::to_owned);
+        self.writer
+            .write(move |tx| statements::apply_writes(tx, &writes, holder.as_deref()))
+            .await
+    }
+}
+
+/// `claim` with owned parts, to move into a writer job.
+fn owned_claim(claim: &ClaimRequest<'_>) -> statements::Claim {
+    statements::Claim {
+        node: claim.node.to_owned(),
+        free: claim.free,
+        limit: claim.limit,
+        now: claim.now,
+        lease: claim.lease,
     }
 }
