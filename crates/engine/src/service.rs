@@ -51,6 +51,13 @@ pub struct ServiceConfig {
     pub poll_interval: Duration,
     /// Group store writes into transactions (off: one transaction each).
     pub batch_writes: bool,
+    /// With `batch_writes`, how long writes that nobody waits for (a
+    /// task's PREPARING and RUNNING transitions) may wait for company
+    /// before they are committed: a task that ends sooner has its start
+    /// and its end committed in one transaction. Reads of the store may
+    /// see such a status change this much later; the event stream and
+    /// final results are never delayed. Zero: commit at once.
+    pub write_linger: Duration,
     /// Adaptive concurrency ([`crate::limiter`]): how many of the `workers`
     /// slots may be in use at once, from sandbox start latency and memory
     /// pressure. `None`: every slot, as admission allows.
@@ -71,6 +78,7 @@ impl ServiceConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             batch_writes: true,
+            write_linger: Duration::from_millis(20),
             concurrency: Some(ConcurrencyConfig::default()),
         }
     }
@@ -366,7 +374,10 @@ impl Service {
             Arc::clone(&service.store),
             service.config.node.clone(),
             rx,
-            service.config.batch_writes,
+            service
+                .config
+                .batch_writes
+                .then_some(service.config.write_linger),
         ));
         service.recover().await?;
         service.scheduler_alive.store(true, Ordering::SeqCst);
@@ -1355,24 +1366,43 @@ fn base_result(
     result
 }
 
+impl Pending {
+    /// Someone waits for this one's commit.
+    fn awaited(&self) -> bool {
+        matches!(self, Pending::Write(_, Some(_)) | Pending::Flush(_))
+    }
+}
+
 /// The store writer: takes writes as they come and commits what has piled
-/// up in one transaction (batching costs no latency: a lone write goes at
-/// once, and under load a transaction carries everything that arrived
-/// while the previous one committed).
+/// up in one transaction. With batching (`linger` set), a write someone
+/// waits for goes at once, with everything that arrived while the previous
+/// transaction committed; writes nobody waits for wait up to `linger` for
+/// one that is (a short task's end, usually), so that a task's start and
+/// end share a transaction.
 async fn writer(
     store: Arc<dyn TaskStore>,
     node: String,
     mut rx: mpsc::UnboundedReceiver<Pending>,
-    batch: bool,
+    linger: Option<Duration>,
 ) {
     const MAX_BATCH: usize = 512;
     while let Some(first) = rx.recv().await {
         let mut pending = vec![first];
-        if batch {
-            while pending.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(p) => pending.push(p),
-                    Err(_) => break,
+        if let Some(linger) = linger {
+            let until = tokio::time::Instant::now() + linger;
+            loop {
+                while pending.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(p) => pending.push(p),
+                        Err(_) => break,
+                    }
+                }
+                if pending.len() >= MAX_BATCH || pending.iter().any(Pending::awaited) {
+                    break;
+                }
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(p)) => pending.push(p),
+                    Ok(None) | Err(_) => break,
                 }
             }
         }
