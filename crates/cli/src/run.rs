@@ -292,6 +292,9 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
         });
         anyhow::Ok(engine.execute(task, &cancel).await)
     })?;
+    // Nothing runs on the runtime any more: let its idle threads go
+    // without waiting for them.
+    rt.shutdown_background();
     engine.shutdown();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
