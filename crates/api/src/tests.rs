@@ -1,4 +1,4 @@
-//! The router against a real [`Service`] (in-memory SQLite store, engine
+//! The router against a real [`Service`] (a private temporary SQLite store, engine
 //! with a scripted runner), through `tower::ServiceExt::oneshot`.
 
 use std::collections::{BTreeSet, VecDeque};
