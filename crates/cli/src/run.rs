@@ -1,6 +1,7 @@
 //! `taskexec run`: one task now, in a sandbox, no server.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -297,7 +298,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
     rt.shutdown_background();
     engine.shutdown();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        print_out(&format!("{}\n", serde_json::to_string_pretty(&result)?));
     } else {
         print_summary(&result);
     }
@@ -308,11 +309,13 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
     }))
 }
 
-/// Prints a short human summary of a result.
+/// Prints a short human summary of a result (see [`print_out`]).
 pub fn print_summary(r: &TaskResult) {
+    let mut s = String::new();
     let m = &r.execution_metadata;
     let attempts = m.attempts.len();
-    println!(
+    let _ = writeln!(
+        s,
         "{} in {:.1} ms ({}, {} attempt{})",
         r.status,
         m.duration,
@@ -321,14 +324,14 @@ pub fn print_summary(r: &TaskResult) {
         if attempts == 1 { "" } else { "s" }
     );
     if let Some(e) = &r.error {
-        println!("error: {} {}", e.error_type, e.message);
+        let _ = writeln!(s, "error: {} {}", e.error_type, e.message);
         if let Some(field) = e
             .details
             .as_ref()
             .and_then(|d| d.get("field"))
             .and_then(Value::as_str)
         {
-            println!("field: {field}");
+            let _ = writeln!(s, "field: {field}");
         }
         if let Some(v) = e
             .details
@@ -337,7 +340,8 @@ pub fn print_summary(r: &TaskResult) {
             .and_then(Value::as_array)
         {
             for v in v {
-                println!(
+                let _ = writeln!(
+                    s,
                     "  at {:?}: {}",
                     v["path"].as_str().unwrap_or(""),
                     v["message"].as_str().unwrap_or("")
@@ -346,17 +350,19 @@ pub fn print_summary(r: &TaskResult) {
         }
     }
     if r.status == TaskStatus::Completed {
-        println!("output: {}", r.output);
+        let _ = writeln!(s, "output: {}", r.output);
     }
     let p = &m.phases;
     if attempts > 0 {
-        println!(
+        let _ = writeln!(
+            s,
             "timings: prepare {:.1} ms, compile {:.1} ms, run {:.1} ms, output {:.1} ms, cleanup {:.1} ms",
             p.prepare_ms, p.compile_ms, p.run_ms, p.output_validation_ms, p.cleanup_ms
         );
     }
     if let (Some(cpu), Some(mem)) = (m.cpu_time_ms, m.peak_memory_bytes) {
-        println!(
+        let _ = writeln!(
+            s,
             "resources: cpu {cpu} ms, peak memory {}",
             taskexec_model::format_bytes(mem)
         );
@@ -367,11 +373,21 @@ pub fn print_summary(r: &TaskResult) {
     ] {
         if !text.is_empty() {
             let tail = taskexec_engine::classify::tail(text.as_bytes(), 2000);
-            println!(
+            let _ = writeln!(
+                s,
                 "{name}{}:\n{}",
                 if cut { " (truncated)" } else { "" },
                 tail.trim_end()
             );
         }
     }
+    print_out(&s);
+}
+
+/// Writes `text` to stdout. A reader that went away (`taskexec run ... |
+/// head`) is not an error: the rest is dropped quietly.
+pub fn print_out(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }

@@ -438,3 +438,36 @@ fn nonzero_exit_is_a_runtime_error_with_the_exit_code() {
     assert_eq!(result["error"]["type"], "RUNTIME_ERROR");
     assert_eq!(result["exitCode"], 4);
 }
+
+/// `taskexec run ... | head`: a reader that goes away early ends the output
+/// quietly, with the task's own exit code, not a panic.
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("big.py");
+    // Far more than a pipe holds, so the write meets the closed pipe.
+    std::fs::write(&file, "print('x' * 400000)\n").expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskexec"))
+        .args(["run", &file.to_string_lossy(), "--json"])
+        .env_remove("TASKEXEC_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn taskexec");
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("the start of the output");
+    // The read end is closed here, long before the output is written out.
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&first).starts_with('{'));
+}
