@@ -240,14 +240,30 @@ fn wait_readable(
         .collect())
 }
 
+/// How long a finished run's cgroup waits for the reaper.
+const REAP_DELAY: Duration = Duration::from_millis(10);
+
 impl ForkServers {
     pub(crate) fn new(sandbox: Arc<Sandbox>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Spare>();
         // Dropping a spare kills what is left of it, waits until it is
-        // gone and removes its cgroup (see `Drop for Spare`).
+        // gone and removes its cgroup (see `Drop for Spare`). Finished runs
+        // wait a little and go in batches: the work is then off the moment
+        // a task's answer goes out and the next one comes in.
         let thread = std::thread::Builder::new()
             .name("fork-server-reaper".into())
-            .spawn(move || rx.into_iter().for_each(drop))
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    let until = Instant::now() + REAP_DELAY;
+                    while let Ok(more) =
+                        rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+                    {
+                        batch.push(more);
+                    }
+                    drop(batch);
+                }
+            })
             .ok();
         Self {
             sandbox,
