@@ -2,6 +2,8 @@
 //! tasks per group, a tiny drain) that checks the JSON document's shape and
 //! the Markdown section; no timing is asserted.
 
+mod util;
+
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -121,4 +123,41 @@ fn quick_report_has_every_section_in_its_json_and_markdown() {
     assert!(text.contains("| bash | script | 1 |"), "{text}");
     assert!(text.contains("### Drain of 3 queued tasks"), "{text}");
     assert_eq!(text.matches("taskexec bench report: begin").count(), 1);
+}
+
+/// `taskexec bench --server URL`: the server's figures beside the same task
+/// run with `taskexec run` one by one, in the JSON document.
+#[test]
+fn server_bench_reports_the_server_beside_one_by_one_runs() {
+    let setup = util::server::Setup::new();
+    let server = setup.start();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
+    cmd.args([
+        "bench",
+        "--server",
+        &server.url,
+        "--tasks",
+        "4",
+        "--concurrency",
+        "2",
+        "--baseline-tasks",
+        "2",
+        "--runtimes",
+        "bash",
+        "--json",
+    ]);
+    util::server::clear_env(&mut cmd);
+    let out = cmd.stdin(Stdio::null()).output().expect("run taskexec bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let r: Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
+    assert_eq!(r["completed"], 4, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["throughputPerSecond"].as_f64().expect("throughput") > 0.0);
+    assert!(r["latency"]["p50Ms"].as_f64().expect("p50") > 0.0);
+    let b = &r["baseline"];
+    assert_eq!(b["tasks"], 2, "{r}");
+    assert!(b["throughputPerSecond"].as_f64().expect("baseline throughput") > 0.0);
+    assert!(b["latency"]["p99Ms"].as_f64().expect("baseline p99") > 0.0);
 }

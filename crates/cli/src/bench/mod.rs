@@ -91,12 +91,17 @@ pub struct BenchArgs {
     /// Bearer token (with --server).
     #[arg(long, env = "TASKEXEC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// With --server: the same task also run this many times with
+    /// `taskexec run`, one by one on this machine, as the baseline (0
+    /// skips it). Run it where the server runs, for a fair comparison.
+    #[arg(long, default_value_t = 100)]
+    pub baseline_tasks: usize,
 }
 
 /// `taskexec bench`.
 pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = args.server.clone() {
-        return external(&url, &args);
+        return external(g, &url, &args);
     }
     let report = run_report(g, &args)?;
     if args.json {
@@ -435,8 +440,9 @@ fn cgroup_version(g: &crate::setup::GlobalArgs) -> String {
         .unwrap_or_else(|e| e.to_string())
 }
 
-/// `taskexec bench --server URL`: a running server alone.
-fn external(url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+/// `taskexec bench --server URL`: a running server, beside the same task
+/// run with `taskexec run` one by one (`--baseline-tasks`).
+fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.runtimes.first().map_or("python", String::as_str);
     let tasks = args.tasks.unwrap_or(1000);
     let task = local::trivial_task(
@@ -452,6 +458,30 @@ fn external(url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let (s, failed) =
         service::external(url, &task, tasks, args.concurrency, args.token.as_deref())?;
+    let baseline = if args.baseline_tasks > 0 {
+        if !args.json {
+            eprintln!(
+                "running the same task {} times with `taskexec run`, one by one",
+                args.baseline_tasks
+            );
+        }
+        let rt = crate::setup::catalogue(g)?
+            .resolve(runtime)
+            .with_context(|| format!("runtime {runtime}"))?;
+        let program = Program::new(&rt, runtime, Mode::Script)?;
+        let exe = std::env::current_exe().context("locating the taskexec binary")?;
+        let globals = local::global_flags(g);
+        let plan = Plan {
+            concurrency: 1,
+            tasks: args.baseline_tasks,
+            warmup: 1,
+        };
+        let contender = local::cli_contender(&exe, &globals, &program);
+        let mut samples = measure::measure(&[contender], plan, &Progress::new(0))?;
+        samples.pop().map(|b| b.summary(None))
+    } else {
+        None
+    };
     let sum = s.summary(None);
     if args.json {
         let report = json!({
@@ -464,6 +494,12 @@ fn external(url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             "wallSeconds": s.wall_s,
             "throughputPerSecond": sum.throughput_per_s,
             "latency": sum,
+            "baseline": baseline.as_ref().map(|b| json!({
+                "what": "the same task with `taskexec run`, one by one",
+                "tasks": b.n,
+                "throughputPerSecond": b.throughput_per_s,
+                "latency": b,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -478,6 +514,24 @@ fn external(url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             sum.p50_ms.unwrap_or(f64::NAN),
             sum.p99_ms.unwrap_or(f64::NAN)
         );
+        if let Some(b) = &baseline {
+            let (bt, st) = (
+                b.throughput_per_s.unwrap_or(0.0),
+                sum.throughput_per_s.unwrap_or(0.0),
+            );
+            println!(
+                "baseline `taskexec run` one by one ({} tasks): {bt:.1} tasks/s; latency p50 {:.2} ms, p99 {:.2} ms",
+                b.n,
+                b.p50_ms.unwrap_or(f64::NAN),
+                b.p99_ms.unwrap_or(f64::NAN)
+            );
+            if bt > 0.0 {
+                println!(
+                    "the server's throughput is {:.2}x the one-by-one runs'",
+                    st / bt
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
