@@ -147,7 +147,10 @@ fn server_bench_reports_the_server_beside_one_by_one_runs() {
         "--json",
     ]);
     util::server::clear_env(&mut cmd);
-    let out = cmd.stdin(Stdio::null()).output().expect("run taskexec bench");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run taskexec bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -158,6 +161,11 @@ fn server_bench_reports_the_server_beside_one_by_one_runs() {
     assert!(r["latency"]["p50Ms"].as_f64().expect("p50") > 0.0);
     let b = &r["baseline"];
     assert_eq!(b["tasks"], 2, "{r}");
-    assert!(b["throughputPerSecond"].as_f64().expect("baseline throughput") > 0.0);
+    assert!(
+        b["throughputPerSecond"]
+            .as_f64()
+            .expect("baseline throughput")
+            > 0.0
+    );
     assert!(b["latency"]["p99Ms"].as_f64().expect("baseline p99") > 0.0);
 }
