@@ -912,6 +912,13 @@ fn openapi_document() {
                     "{method} {path} documents 401"
                 );
             }
+            // A JSON body declared otherwise is answered with 415.
+            if op["requestBody"]["content"]["application/json"].is_object() {
+                assert!(
+                    responses.contains_key("415"),
+                    "{method} {path} documents 415"
+                );
+            }
             if path.contains("{id}") {
                 let params = op["parameters"].as_array().expect("parameters");
                 assert!(
