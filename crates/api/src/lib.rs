@@ -27,6 +27,7 @@
 pub mod error;
 pub mod extract;
 pub mod handlers;
+mod keepalive;
 pub mod schema;
 
 use std::fmt;
@@ -205,6 +206,7 @@ pub fn router(service: Arc<Service>, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(middleware::from_fn(error::json_errors))
         .layer(middleware::from_fn(count_requests))
+        .layer(middleware::from_fn(keepalive::close_unread))
         .with_state(state)
         .layer(TraceLayer::new_for_http())
 }

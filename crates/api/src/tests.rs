@@ -1115,3 +1115,40 @@ async fn openapi_is_served_and_every_documented_route_is_routed() {
         }
     }
 }
+
+/// An answer given before the request's body was read says
+/// `Connection: close` (the server cannot reuse the connection); one whose
+/// body was read, or that had none, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_body_closes_the_connection_and_a_read_one_does_not() {
+    let app = app().await;
+    let closes = |a: &Answer| {
+        a.headers
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+    };
+    // Refused on the query, before the body.
+    let a = send(&app, post_json("/v1/tasks?bogus=1", &task(json!({})))).await;
+    a.error(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    assert!(closes(&a), "{:?}", a.headers);
+    // Refused on the token, before the body.
+    let no_token = Request::post("/v1/tasks")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(task(json!({})).to_string()))
+        .expect("request");
+    let a = send(&app, no_token).await;
+    a.error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    assert!(closes(&a), "{:?}", a.headers);
+    // Read whole, then refused: the connection stays usable.
+    let a = send(&app, post("/v1/tasks", "not json")).await;
+    a.error(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    assert!(!closes(&a), "{:?}", a.headers);
+    // Read whole and accepted.
+    let a = send(&app, post_json("/v1/tasks", &task(json!({})))).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+    assert!(!closes(&a), "{:?}", a.headers);
+    // No body at all.
+    let a = send(&app, get("/v1/tasks?limit=0")).await;
+    a.error(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    assert!(!closes(&a), "{:?}", a.headers);
+}
