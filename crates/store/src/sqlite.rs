@@ -34,7 +34,7 @@ use time::OffsetDateTime;
 
 use crate::common::{
     TaskRow, from_ms, int_u32, int_u64, not_final, page_size, parse_cursor, parse_history,
-    parse_status, task_columns, to_ms, u64_int,
+    parse_status, task_columns, to_ms,
 };
 use crate::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats,
@@ -64,8 +64,9 @@ pub struct SqliteStore {
     /// they close their connections before a temporary database's
     /// directory goes).
     writer: Arc<threads::ConnThreads>,
-    /// Run [`TaskStore::get`], the read on the path of every task waited
-    /// for.
+    /// Run the reads on the path of every task: [`TaskStore::get`] (a
+    /// task waited for) and the check of [`TaskStore::claim`] (after
+    /// every task).
     readers: Arc<threads::ConnThreads>,
     /// The other reads.
     pool: SqlitePool,
@@ -318,18 +319,11 @@ impl TaskStore for SqliteStore {
         // those from a read, without waiting for the write lock. A task
         // committed just after this read is found by the next claim (its
         // submission wakes the claimer).
-        let any: Option<i64> = sqlx::query_scalar(concat!(
-            "SELECT 1 FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
-             AND memory_bytes <= ? AND ",
-            not_final!(),
-            " LIMIT 1"
-        ))
-        .bind(now_ms)
-        .bind(u64_int(free.cpu_millis))
-        .bind(u64_int(free.memory_bytes))
-        .fetch_optional(&self.pool)
-        .await?;
-        if any.is_none() {
+        if !self
+            .readers
+            .read(move |conn| statements::any_claimable(conn, now_ms, free))
+            .await?
+        {
             return Ok(Vec::new());
         }
         let claim = owned_claim(&ClaimRequest {

@@ -80,6 +80,28 @@ pub(super) fn get(conn: &Connection, id: &str) -> Result<Option<TaskRecord>, Sto
     Ok(Some(task.into_record(history)?))
 }
 
+/// Whether some task is claimable at `now_ms` within `free`: the read
+/// that answers most claims of an idle or keeping-up node.
+pub(super) fn any_claimable(
+    conn: &Connection,
+    now_ms: i64,
+    free: Capacity,
+) -> Result<bool, StoreError> {
+    let found = conn
+        .prepare_cached(concat!(
+            "SELECT 1 FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
+             AND memory_bytes <= ? AND ",
+            not_final!(),
+            " LIMIT 1"
+        ))?
+        .query_row(
+            params![now_ms, u64_int(free.cpu_millis), u64_int(free.memory_bytes)],
+            |_| Ok(()),
+        )
+        .optional()?;
+    Ok(found.is_some())
+}
+
 /// The lifecycle history of task `id`, oldest first.
 fn load_history(tx: &Transaction<'_>, id: &str) -> Result<Vec<TransitionRecord>, StoreError> {
     let mut stmt =
