@@ -55,9 +55,23 @@ pub enum StoreError {
     /// The database failed.
     #[error("database")]
     Database(#[from] sqlx::Error),
-    /// The SQLite writer's connection failed.
+    /// A connection of the SQLite store's own threads failed.
     #[error("database")]
     Sqlite(#[from] rusqlite::Error),
+    /// The store was closed ([`SqliteStore::close`]) or its threads are
+    /// gone.
+    #[error("the store is closed")]
+    Closed,
+    /// Setting up the store failed outside the database: its temporary
+    /// directory, its threads.
+    #[error("{what}")]
+    Setup {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A migration failed.
     #[error("migration")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -25,16 +25,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use taskexec_model::TransitionRecord;
 use time::OffsetDateTime;
 
 use crate::common::{
-    TaskRow, from_ms, int_u32, int_u64, not_final, page_size, parse_cursor, parse_history,
-    parse_status, task_columns, to_ms,
+    from_ms, int_u32, int_u64, not_final, page_size, parse_cursor, parse_status, to_ms,
 };
 use crate::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats,
@@ -64,9 +62,9 @@ pub struct SqliteStore {
     /// they close their connections before a temporary database's
     /// directory goes).
     writer: Arc<threads::ConnThreads>,
-    /// Run the reads on the path of every task: [`TaskStore::get`] (a
-    /// task waited for) and the check of [`TaskStore::claim`] (after
-    /// every task).
+    /// Run the reads on the path of every task ([`TaskStore::get`] for a
+    /// task waited for, the check of [`TaskStore::claim`] after every
+    /// task) and [`TaskStore::claimed_by`].
     readers: Arc<threads::ConnThreads>,
     /// The other reads.
     pool: SqlitePool,
@@ -92,7 +90,10 @@ impl SqliteStore {
                 let dir = tempfile::Builder::new()
                     .prefix("taskexec-store-")
                     .tempdir()
-                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                    .map_err(|source| StoreError::Setup {
+                        what: "creating the temporary database's directory",
+                        source,
+                    })?;
                 (dir.path().join("tasks.db"), false, Some(dir))
             } else if let Some(rest) = url.strip_prefix(FILE_PREFIX)
                 && let (path, query) = rest.split_once('?').unwrap_or((rest, ""))
@@ -163,64 +164,6 @@ macro_rules! history_column {
 
 mod statements;
 mod threads;
-
-/// Reads a row selected with [`task_columns`].
-fn read_row(row: &SqliteRow) -> Result<TaskRow, StoreError> {
-    let id: String = row.try_get("id")?;
-    let status: String = row.try_get("status")?;
-    let status = parse_status(&id, &status)?;
-    Ok(TaskRow {
-        runtime: row.try_get("runtime")?,
-        status,
-        queued: row.try_get::<i64, _>("queued")? != 0,
-        attempt: int_u32(row.try_get("attempt")?),
-        node: row.try_get("node")?,
-        submitted_at: row.try_get("submitted_at")?,
-        updated_at: row.try_get("updated_at")?,
-        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
-        task_json: row.try_get("task_json")?,
-        attempts_json: row.try_get("attempts_json")?,
-        result_json: row.try_get("result_json")?,
-        queued_since: row.try_get("queued_since")?,
-        cpu_millis: int_u32(row.try_get("cpu_millis")?),
-        memory_bytes: int_u64(row.try_get("memory_bytes")?),
-        id,
-    })
-}
-
-/// The lifecycle history of task `id`, oldest first.
-async fn load_history(
-    conn: &mut SqliteConnection,
-    id: &str,
-) -> Result<Vec<TransitionRecord>, StoreError> {
-    let rows: Vec<String> =
-        sqlx::query_scalar("SELECT record_json FROM events WHERE task_id = ? ORDER BY n")
-            .bind(id)
-            .fetch_all(&mut *conn)
-            .await?;
-    parse_history(id, rows)
-}
-
-/// Reads `rows` (selected with [`task_columns`]) as claimed tasks at their
-/// current attempt, with `node` as their node.
-async fn claimed_rows(
-    conn: &mut SqliteConnection,
-    rows: Vec<SqliteRow>,
-    node: Option<&str>,
-) -> Result<Vec<ClaimedTask>, StoreError> {
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let mut row = read_row(row)?;
-        let mut previous = None;
-        if let Some(node) = node {
-            previous = row.node.replace(node.to_owned());
-        }
-        let history = load_history(conn, &row.id).await?;
-        let attempt = row.attempt;
-        out.push(row.into_claimed(attempt, history, previous)?);
-    }
-    Ok(out)
-}
 
 #[async_trait]
 impl TaskStore for SqliteStore {
@@ -373,20 +316,10 @@ impl TaskStore for SqliteStore {
     }
 
     async fn claimed_by(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE node = ? AND queued = 0 AND ",
-            not_final!(),
-            " ORDER BY seq"
-        ))
-        .bind(node)
-        .fetch_all(&mut *tx)
-        .await?;
-        let out = claimed_rows(&mut tx, rows, None).await?;
-        tx.commit().await?;
-        Ok(out)
+        let node = node.to_owned();
+        self.readers
+            .read(move |conn| statements::claimed_by(conn, &node))
+            .await
     }
 
     async fn take_over_expired(

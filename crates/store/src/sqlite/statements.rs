@@ -65,19 +65,20 @@ fn read_row_with_history(
 
 /// Task `id` and its history, from one statement (one snapshot).
 pub(super) fn get(conn: &Connection, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(concat!(
-        "SELECT ",
-        task_columns!(),
-        ", ",
-        history_column!(),
-        " FROM tasks WHERE id = ?"
-    ))?;
-    let mut rows = stmt.query([id])?;
-    let Some(row) = rows.next()? else {
-        return Ok(None);
-    };
-    let (task, history) = read_row_with_history(row)?;
-    Ok(Some(task.into_record(history)?))
+    rows_with_history(
+        conn,
+        concat!(
+            "SELECT ",
+            task_columns!(),
+            ", ",
+            history_column!(),
+            " FROM tasks WHERE id = ?"
+        ),
+        [id],
+    )?
+    .pop()
+    .map(|(task, history)| task.into_record(history))
+    .transpose()
 }
 
 /// Whether some task is claimable at `now_ms` within `free`: the read
@@ -274,27 +275,28 @@ pub(super) fn claim(tx: &Transaction<'_>, claim: &Claim) -> Result<Vec<ClaimedTa
     // Candidates that fit in `free` on their own, in claim order; the
     // window is bounded, the greedy fit below picks from it.
     let window = i64::try_from(claim.limit.saturating_mul(8).clamp(64, 1024)).unwrap_or(1024);
-    let mut stmt = tx.prepare_cached(concat!(
-        "SELECT ",
-        task_columns!(),
-        ", ",
-        history_column!(),
-        " FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
-         AND memory_bytes <= ? AND ",
-        not_final!(),
-        " ORDER BY priority DESC, seq ASC LIMIT ?"
-    ))?;
-    let mut rows = stmt.query(params![
-        now_ms,
-        u64_int(claim.free.cpu_millis),
-        u64_int(claim.free.memory_bytes),
-        window
-    ])?;
-    let mut candidates = Vec::new();
-    while let Some(r) = rows.next()? {
-        candidates.push(Some(read_row_with_history(r)?));
-    }
-    drop(rows);
+    let mut candidates: Vec<Option<(TaskRow, Vec<TransitionRecord>)>> = rows_with_history(
+        tx,
+        concat!(
+            "SELECT ",
+            task_columns!(),
+            ", ",
+            history_column!(),
+            " FROM tasks WHERE queued = 1 AND run_after <= ? AND cpu_millis <= ? \
+             AND memory_bytes <= ? AND ",
+            not_final!(),
+            " ORDER BY priority DESC, seq ASC LIMIT ?"
+        ),
+        params![
+            now_ms,
+            u64_int(claim.free.cpu_millis),
+            u64_int(claim.free.memory_bytes),
+            window
+        ],
+    )?
+    .into_iter()
+    .map(Some)
+    .collect();
     let fit = greedy_fit(
         candidates
             .iter()
@@ -444,28 +446,65 @@ pub(super) fn take_over_expired(
 ) -> Result<Vec<ClaimedTask>, StoreError> {
     let now_ms = to_ms(now);
     let lease_until = now_ms.saturating_add(duration_ms(lease));
-    let mut stmt = tx.prepare_cached(concat!(
-        "SELECT ",
-        task_columns!(),
-        " FROM tasks WHERE node IS NOT NULL AND queued = 0 AND lease_until < ? AND ",
-        not_final!(),
-        " ORDER BY seq"
-    ))?;
-    let mut rows = Vec::new();
-    let mut found = stmt.query([now_ms])?;
-    while let Some(r) = found.next()? {
-        rows.push(read_row(r)?);
-    }
-    drop(found);
-    drop(stmt);
+    let rows = rows_with_history(
+        tx,
+        concat!(
+            "SELECT ",
+            task_columns!(),
+            ", ",
+            history_column!(),
+            " FROM tasks WHERE node IS NOT NULL AND queued = 0 AND lease_until < ? AND ",
+            not_final!(),
+            " ORDER BY seq"
+        ),
+        params![now_ms],
+    )?;
     let mut out = Vec::with_capacity(rows.len());
-    for mut row in rows {
+    for (mut row, history) in rows {
         tx.prepare_cached("UPDATE tasks SET node = ?, lease_until = ? WHERE id = ?")?
             .execute(params![node, lease_until, row.id])?;
         let previous = row.node.replace(node.to_owned());
-        let history = load_history(tx, &row.id)?;
         let attempt = row.attempt;
         out.push(row.into_claimed(attempt, history, previous)?);
+    }
+    Ok(out)
+}
+
+/// The tasks `node` holds a claim on, at their current attempt.
+pub(super) fn claimed_by(conn: &Connection, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
+    rows_with_history(
+        conn,
+        concat!(
+            "SELECT ",
+            task_columns!(),
+            ", ",
+            history_column!(),
+            " FROM tasks WHERE node = ? AND queued = 0 AND ",
+            not_final!(),
+            " ORDER BY seq"
+        ),
+        params![node],
+    )?
+    .into_iter()
+    .map(|(row, history)| {
+        let attempt = row.attempt;
+        row.into_claimed(attempt, history, None)
+    })
+    .collect()
+}
+
+/// The rows of `sql` (selecting [`task_columns`] and `history_column`), each
+/// with its history: one statement, so one snapshot.
+fn rows_with_history(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<(TaskRow, Vec<TransitionRecord>)>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(read_row_with_history(r)?);
     }
     Ok(out)
 }

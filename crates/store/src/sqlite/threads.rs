@@ -40,7 +40,7 @@ pub(super) struct ConnThreads {
 }
 
 fn closed() -> StoreError {
-    StoreError::Database(sqlx::Error::PoolClosed)
+    StoreError::Closed
 }
 
 impl ConnThreads {
@@ -80,7 +80,10 @@ impl ConnThreads {
                         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
                     }
                 })
-                .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                .map_err(|source| StoreError::Setup {
+                    what: "starting the store's connection threads",
+                    source,
+                })?;
             threads.push(thread);
         }
         Ok(ConnThreads {
