@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Scripted, Step};
 use serde_json::json;
 use taskexec_engine::limiter::ConcurrencyConfig;
-use taskexec_engine::service::{Service, ServiceConfig, SubmitError};
+use taskexec_engine::service::{Service, ServiceConfig, SubmitError, TaskEvent};
 use taskexec_engine::{Engine, EngineConfig, ManualClock};
 use taskexec_model::{ErrorType, TaskInstance, TaskStatus, TransitionRecord};
 use taskexec_runtimes::Catalogue;
@@ -438,4 +438,72 @@ async fn slow_sandbox_starts_lower_the_concurrency_limit_and_fast_ones_raise_it(
     let recovered = s.concurrency_limit();
     assert!(recovered > lowest, "{recovered} > {lowest}");
     assert!(max_running() <= lowest + 1);
+}
+
+/// Waits for the in-process event saying task `id` runs.
+async fn running_event(events: &mut tokio::sync::broadcast::Receiver<TaskEvent>, id: &str) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let e = events.recv().await.expect("event stream");
+            if e.id == id && e.status == TaskStatus::Running {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the task started");
+}
+
+/// Transitions nobody waits for linger (`write_linger`): while a task
+/// shorter than the linger runs, the store does not show its start, which
+/// is stored with its end; without a linger the start is stored while it
+/// runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_transitions_linger_until_a_short_task_ends() {
+    use TaskStatus::*;
+    let f = Fixture::new([Step::Sleep(3_000)]);
+    let s = f
+        .service_with(2000, 2, |c| c.write_linger = Duration::from_secs(60))
+        .await;
+    let mut events = s.subscribe();
+    let ids = s.submit(vec![task(json!({}))]).await.expect("submit");
+    let id = ids[0].id().to_owned();
+    running_event(&mut events, &id).await;
+    // For a second of its run (time enough for an unlingering write), the
+    // store still shows the task as received.
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < until {
+        let rec = s.get(&id).await.expect("get").expect("task");
+        if rec.status.is_final() {
+            break;
+        }
+        assert_eq!(rec.status, Received, "{:?}", states(&rec));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = wait(&s, &id).await;
+    assert_eq!(states(&rec), vec![Received, Preparing, Running, Completed]);
+
+    let f = Fixture::new([Step::Sleep(10_000)]);
+    let s = f
+        .service_with(2000, 2, |c| c.write_linger = Duration::ZERO)
+        .await;
+    let mut events = s.subscribe();
+    let ids = s.submit(vec![task(json!({}))]).await.expect("submit");
+    let id = ids[0].id().to_owned();
+    running_event(&mut events, &id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        let rec = s.get(&id).await.expect("get").expect("task");
+        assert!(!rec.status.is_final(), "ended before its start was stored");
+        if rec.status == Running {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the start was not stored while the task ran: {:?}",
+            states(&rec)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.cancel(&id).await.expect("cancel");
 }

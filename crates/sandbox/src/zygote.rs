@@ -781,6 +781,7 @@ impl Server {
             .map(|p| std::fs::OpenOptions::new().write(true).open(p))
             .collect::<Result<_, _>>()
             .map_err(io("opening the cgroup's tasks files"))?;
+        let moves_itself = !join.is_empty();
         {
             let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
             let mut fds: Vec<RawFd> = vec![
@@ -807,7 +808,7 @@ impl Server {
             return Err(self.failed("child did not say hello"));
         }
         let pid = pid.ok_or_else(|| SandboxError::Protocol("hello without credentials".into()))?;
-        if spare.cgroup.self_join_files().is_empty() {
+        if !moves_itself {
             spare.cgroup.attach(pid)?;
         }
         // In its cgroup: the child builds its namespaces and mounts now,
