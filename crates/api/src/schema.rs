@@ -83,6 +83,13 @@ pub struct TaskDefinition {
     /// JSON Schema the output must satisfy.
     #[schema(value_type = Option<Object>)]
     pub output_schema: Option<serde_json::Value>,
+    /// Modules to import before the handler's file is loaded (handler mode,
+    /// python), by dotted name, at most 16; resolved against the
+    /// interpreter's own library paths, never the task's files. A warm
+    /// executor imports them once, in a fork server of their own.
+    #[schema(max_items = 16)]
+    #[serde(default)]
+    pub preload: Vec<String>,
 }
 
 /// How the code is invoked.

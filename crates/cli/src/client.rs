@@ -170,11 +170,11 @@ fn exit_for(status: &str) -> ExitCode {
 fn print_record(rec: &Value, json: bool) -> anyhow::Result<ExitCode> {
     let status = rec["status"].as_str().unwrap_or("").to_string();
     if json {
-        println!("{}", serde_json::to_string_pretty(rec)?);
+        outln!("{}", serde_json::to_string_pretty(rec)?);
     } else if let Ok(result) = serde_json::from_value::<TaskResult>(rec["result"].clone()) {
         crate::run::print_summary(&result);
     } else {
-        println!(
+        outln!(
             "{} {status} (attempt {})",
             rec["task"]["id"].as_str().unwrap_or(""),
             rec["attempt"]
@@ -200,9 +200,9 @@ pub fn submit(g: &crate::setup::GlobalArgs, args: SubmitArgs) -> anyhow::Result<
         .to_string();
     if !args.wait {
         if args.server.json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!("{id} {}", v["status"].as_str().unwrap_or(""));
+            outln!("{id} {}", v["status"].as_str().unwrap_or(""));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -259,9 +259,9 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         v = client.expect_ok("GET", &path, None, &[])?;
     }
     if args.server.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", v["stdout"].as_str().unwrap_or(""));
+        out!("{}", v["stdout"].as_str().unwrap_or(""));
         eprint!("{}", v["stderr"].as_str().unwrap_or(""));
     }
     Ok(ExitCode::SUCCESS)
@@ -277,9 +277,9 @@ pub fn cancel(args: IdArgs) -> anyhow::Result<ExitCode> {
         &[],
     )?;
     if args.server.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        outln!(
             "{} {}",
             args.id,
             v["status"].as_str().unwrap_or("cancel requested")
@@ -303,15 +303,18 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     }
     let v = client.expect_ok("GET", &q, None, &[])?;
     if args.server.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<38} {:<10} {:<8} {:>7}  SUBMITTED",
-        "ID", "STATUS", "RUNTIME", "ATTEMPT"
+        "ID",
+        "STATUS",
+        "RUNTIME",
+        "ATTEMPT"
     );
     for t in v["items"].as_array().cloned().unwrap_or_default() {
-        println!(
+        outln!(
             "{:<38} {:<10} {:<8} {:>7}  {}",
             t["id"].as_str().unwrap_or(""),
             t["status"].as_str().unwrap_or(""),
@@ -321,7 +324,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(c) = v["nextCursor"].as_str() {
-        println!("next page: --cursor {c}");
+        outln!("next page: --cursor {c}");
     }
     Ok(ExitCode::SUCCESS)
 }

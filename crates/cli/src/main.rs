@@ -3,6 +3,21 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for a command's output: a reader that went away (`taskexec
+/// list | head`) ends the output quietly instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::run::print_out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::run::print_out(&format!($($arg)*))
+    };
+}
+
 mod bench;
 mod client;
 mod run;

@@ -84,6 +84,11 @@ pub struct TaskArgs {
     /// Environment variable for the task, K=V (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+    /// A module to import before the handler's file, e.g. numpy
+    /// (repeatable; handler mode, python). A warm executor imports it once,
+    /// in a fork server of its own.
+    #[arg(long = "preload", value_name = "MODULE")]
+    pub preload: Vec<String>,
     /// JSON Schema of the input: JSON or @file.
     #[arg(long)]
     pub input_schema: Option<String>,
@@ -216,6 +221,9 @@ pub fn build_task(
     }
     if let Some(input) = &args.input {
         task.input = json_arg("--input", input)?;
+    }
+    if !args.preload.is_empty() {
+        task.definition.preload = args.preload.clone();
     }
     if let Some(s) = &args.input_schema {
         task.definition.input_schema = Some(json_arg("--input-schema", s)?);

@@ -166,16 +166,19 @@ pub fn runtimes(g: &GlobalArgs, args: RuntimesArgs) -> anyhow::Result<ExitCode> 
         rows.push(row);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!(
+        outln!(
             "{:<8} {:<10} {:<22} {:<8} INTERPRETER",
-            "RUNTIME", "AVAILABLE", "VERSION", "HANDLER"
+            "RUNTIME",
+            "AVAILABLE",
+            "VERSION",
+            "HANDLER"
         );
         for r in &rows {
             let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
             if r["available"] == true {
-                println!(
+                outln!(
                     "{:<8} {:<10} {:<22} {:<8} {}",
                     s("name"),
                     "yes",
@@ -188,7 +191,7 @@ pub fn runtimes(g: &GlobalArgs, args: RuntimesArgs) -> anyhow::Result<ExitCode> 
                     s("interpreter")
                 );
             } else {
-                println!("{:<8} {:<10} {}", s("name"), "no", s("error"));
+                outln!("{:<8} {:<10} {}", s("name"), "no", s("error"));
             }
         }
     }

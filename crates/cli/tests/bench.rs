@@ -128,7 +128,7 @@ fn quick_report_has_every_section_in_its_json_and_markdown() {
 /// `taskexec bench --server URL`: the server's figures beside the same task
 /// run with `taskexec run` one by one, in the JSON document.
 #[test]
-fn server_bench_reports_the_server_beside_one_by_one_runs() {
+fn server_bench_reports_the_server_beside_the_engine_alone_and_one_by_one_runs() {
     let setup = util::server::Setup::new();
     let server = setup.start();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
@@ -159,13 +159,35 @@ fn server_bench_reports_the_server_beside_one_by_one_runs() {
     assert_eq!(r["failed"], 0, "{r}");
     assert!(r["throughputPerSecond"].as_f64().expect("throughput") > 0.0);
     assert!(r["latency"]["p50Ms"].as_f64().expect("p50") > 0.0);
-    let b = &r["baseline"];
-    assert_eq!(b["tasks"], 2, "{r}");
+    let b = r["baselines"].as_array().expect("baselines");
+    assert_eq!(b.len(), 2, "the warm engine alone and one-by-one runs: {r}");
     assert!(
-        b["throughputPerSecond"]
-            .as_f64()
-            .expect("baseline throughput")
-            > 0.0
+        b[0]["what"].as_str().unwrap_or("").contains("engine"),
+        "{r}"
     );
-    assert!(b["latency"]["p99Ms"].as_f64().expect("baseline p99") > 0.0);
+    assert!(
+        b[0]["concurrency"].as_u64().expect("concurrency") >= 2,
+        "{r}"
+    );
+    // Measured in whole chunks of 4 x concurrency: at least the 2 asked.
+    assert!(b[0]["tasks"].as_u64().expect("engine tasks") >= 2, "{r}");
+    assert!(
+        b[1]["what"].as_str().unwrap_or("").contains("taskexec run"),
+        "{r}"
+    );
+    assert_eq!(b[1]["tasks"], 2, "{r}");
+    for b in b {
+        assert!(
+            b["throughputPerSecond"]
+                .as_f64()
+                .expect("baseline throughput")
+                > 0.0,
+            "{r}"
+        );
+        assert!(
+            b["serverThroughputRatio"].as_f64().expect("ratio") > 0.0,
+            "{r}"
+        );
+        assert!(b["latency"]["p99Ms"].as_f64().expect("baseline p99") > 0.0);
+    }
 }

@@ -104,6 +104,45 @@ fn java_compile_error_fails_with_the_javac_output() {
     assert_eq!(r.attempts().len(), 1);
 }
 
+/// `--preload` (`definition.preload`): the module is loaded before the
+/// task's file, cold and warm alike; one that does not import fails the
+/// task with the import error, cold and warm alike; script mode refuses it.
+#[test]
+fn preloaded_modules_are_loaded_before_the_handler_cold_and_warm() {
+    let code = "import sys\nSEEN = 'colorsys' in sys.modules\n\n\ndef main(input):\n    return {'colorsys': SEEN}\n";
+    for warmth in [&[][..], &["--warm"][..]] {
+        let mut flags = vec!["--mode", "handler", "--max-retries", "0"];
+        flags.extend_from_slice(warmth);
+        let r = run_code(code, "python", &flags, &[]);
+        r.expect(0, "COMPLETED", None);
+        assert_eq!(r.result["output"]["colorsys"], false, "{warmth:?}");
+
+        flags.extend_from_slice(&["--preload", "colorsys"]);
+        let r = run_code(code, "python", &flags, &[]);
+        r.expect(0, "COMPLETED", None);
+        assert_eq!(r.result["output"]["colorsys"], true, "{warmth:?}");
+
+        let mut bad = flags.clone();
+        bad.extend_from_slice(&["--preload", "taskexec_no_such_module"]);
+        let r = run_code(code, "python", &bad, &[]);
+        r.expect(1, "FAILED", Some("RUNTIME_ERROR"));
+        assert!(
+            r.message().starts_with(
+                "PreloadError: definition.preload: cannot import taskexec_no_such_module"
+            ),
+            "{warmth:?}: {}",
+            r.message()
+        );
+    }
+    let r = run_code(code, "python", &["--preload", "colorsys"], &[]);
+    r.expect(2, "REJECTED", Some("INPUT_VALIDATION"));
+    assert_eq!(
+        r.result["error"]["details"]["field"], "definition.preload",
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn python_handler_exception_carries_the_traceback() {
     let code = "def helper(x):\n    return 1 / x\n\n\ndef main(input):\n    return helper(0)\n";
@@ -470,4 +509,25 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(String::from_utf8_lossy(&first).starts_with('{'));
+}
+
+/// Every command's output goes through the same quiet writer: `taskexec
+/// runtimes` into a pipe whose reader is already gone ends with success
+/// and no panic (a `println!` would panic on the broken pipe).
+#[test]
+fn a_closed_output_pipe_is_not_a_panic_for_listing_commands() {
+    use std::process::{Command, Stdio};
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_taskexec"))
+        .args(["runtimes"])
+        .env_remove("TASKEXEC_LOG")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run taskexec runtimes");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
 }

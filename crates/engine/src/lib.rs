@@ -450,7 +450,7 @@ impl Engine {
             .transpose()?;
         let plan =
             taskexec_runtimes::plan(&runtime, &task.definition, validated.limits.memory_bytes)
-                .map_err(|e| Rejection::field(FieldError::new(plan_field(&e), e.to_string())))?;
+                .map_err(|e| Rejection::field(FieldError::new(e.field(), e.to_string())))?;
         Ok(Prepared {
             limits: validated.limits,
             retry: validated.retry,
@@ -835,13 +835,6 @@ impl Engine {
 fn relative(dir: &str) -> &str {
     dir.trim_start_matches(taskexec_model::protocol::WORK_DIR)
         .trim_start_matches('/')
-}
-
-fn plan_field(e: &taskexec_runtimes::PlanError) -> &'static str {
-    match e {
-        taskexec_runtimes::PlanError::HandlerUnsupported { .. } => "definition.mode",
-        _ => "definition.entrypoint",
-    }
 }
 
 /// Our own failures: setting up the sandbox is ENVIRONMENT_SETUP (retried

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use taskexec_model::protocol::{
     CONTROL_DIR_NAME, ENV_TASK_ERROR, ENV_TASK_ID, ENV_TASK_INPUT, ENV_TASK_OUTPUT,
-    ENV_WORKFLOW_ID, ERROR_FILE, INPUT_FILE, OUTPUT_FILE, SANDBOX_HOME, SANDBOX_LANG, SANDBOX_PATH,
+    ENV_TASK_PRELOAD, ENV_WORKFLOW_ID, ERROR_FILE, INPUT_FILE, OUTPUT_FILE, SANDBOX_HOME,
+    SANDBOX_LANG, SANDBOX_PATH,
 };
 use taskexec_model::{Limits, TaskInstance};
 use taskexec_runtimes::{CompileStep, Plan, PlanFile, ResolvedRuntime};
@@ -67,7 +68,9 @@ pub fn environment(task: &TaskInstance, plan: &Plan, attempt: u32) -> Vec<(Strin
         (ENV_TASK_ERROR.to_string(), ERROR_FILE.to_string()),
         (ENV_TASK_ATTEMPT.to_string(), attempt.to_string()),
     ];
-    for (name, value) in layers.chain(protocol) {
+    let preload =
+        (!plan.preload.is_empty()).then(|| (ENV_TASK_PRELOAD.to_string(), plan.preload.join(",")));
+    for (name, value) in layers.chain(protocol).chain(preload) {
         match env.iter_mut().find(|(n, _)| *n == name) {
             Some(slot) => slot.1 = value,
             None => env.push((name, value)),
@@ -131,6 +134,7 @@ pub fn run_request(
         },
         user,
         fork_server: plan.fork_server.clone(),
+        preload: plan.preload.clone(),
     }
 }
 
@@ -165,6 +169,7 @@ pub fn compile_request(
         },
         user,
         fork_server: None,
+        preload: Vec::new(),
     }
 }
 

@@ -1331,6 +1331,7 @@ fn record_warm_stats(s: &WarmStats) {
     gauge!("taskexec_fork_server_spares").set(s.fork_server_spares as f64);
     counter!("taskexec_fork_server_runs_total").absolute(s.fork_server_runs);
     counter!("taskexec_fork_server_fallbacks_total").absolute(s.fork_server_fallbacks);
+    counter!("taskexec_fork_server_start_failures_total").absolute(s.fork_server_start_failures);
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked.

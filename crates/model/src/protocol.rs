@@ -55,15 +55,21 @@ pub const ENV_TASK_ERROR: &str = "TASK_ERROR";
 /// Environment variable holding the attempt number (1, 2, ...).
 pub const ENV_TASK_ATTEMPT: &str = "TASK_ATTEMPT";
 
+/// Environment variable naming the modules a handler wrapper imports before
+/// the task's file (`definition.preload`, comma-separated); set only when
+/// the list is not empty.
+pub const ENV_TASK_PRELOAD: &str = "TASK_PRELOAD";
+
 /// Environment variable names the executor sets itself; tasks may not set
 /// them through `executionConfig.environmentVariables`.
-pub const RESERVED_ENV_VARS: [&str; 9] = [
+pub const RESERVED_ENV_VARS: [&str; 10] = [
     ENV_TASK_ID,
     ENV_WORKFLOW_ID,
     ENV_TASK_INPUT,
     ENV_TASK_OUTPUT,
     ENV_TASK_ERROR,
     ENV_TASK_ATTEMPT,
+    ENV_TASK_PRELOAD,
     "PATH",
     "HOME",
     "LANG",

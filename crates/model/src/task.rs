@@ -23,6 +23,9 @@ use crate::retry::{RetryLimits, RetryPolicy, ValidRetryPolicy};
 pub const MIN_PRIORITY: i32 = -1000;
 /// Highest accepted `priority`.
 pub const MAX_PRIORITY: i32 = 1000;
+/// Most modules `definition.preload` may list.
+pub const MAX_PRELOAD: usize = 16;
+
 /// Longest accepted file path (`definition.files[].name`), in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
 /// Longest accepted path component, in bytes.
@@ -95,6 +98,14 @@ pub struct TaskDefinition {
     /// JSON Schema the output must satisfy, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_schema: Option<serde_json::Value>,
+    /// Modules to import before the handler's file is loaded (handler
+    /// mode, runtimes whose wrapper supports it: python), by their dotted
+    /// names (`json`, `numpy`, `xml.etree.ElementTree`). They resolve
+    /// against the interpreter's own library paths, never the task's files.
+    /// A warm executor imports them once in a fork server of their own, so
+    /// each task starts with them loaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preload: Vec<String>,
 }
 
 /// One source file of a task: a relative path under the work directory and
@@ -400,6 +411,7 @@ impl TaskInstance {
             }
         }
         self.definition.validate_code_and_files()?;
+        self.definition.validate_preload()?;
         validate_env(&self.execution_config.environment_variables)?;
         self.execution_config.security_context.validate()?;
         Ok(())
@@ -424,6 +436,43 @@ impl TaskInstance {
 }
 
 impl TaskDefinition {
+    fn validate_preload(&self) -> Result<(), FieldError> {
+        const FORM: &str = "a dotted module name of at most 128 characters (letters, digits and underscores, each part not starting with a digit), e.g. \"numpy\" or \"xml.etree.ElementTree\"";
+        if self.preload.len() > MAX_PRELOAD {
+            return Err(FieldError::new(
+                "definition.preload",
+                format!(
+                    "lists {} modules; expected at most {MAX_PRELOAD}",
+                    self.preload.len()
+                ),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, name) in self.preload.iter().enumerate() {
+            let field = format!("definition.preload[{i}]");
+            let well_formed = name.len() <= 128
+                && name.split('.').all(|part| {
+                    part.chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+            if !well_formed {
+                return Err(FieldError::new(
+                    field,
+                    format!("{:?} is not a module name; expected {FORM}", shorten(name)),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(FieldError::new(
+                    field,
+                    format!("{name:?} is listed twice; expected each module once"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_code_and_files(&self) -> Result<(), FieldError> {
         const FORM: &str = "exactly one of `definition.code` (inline source) or `definition.files` (a non-empty list of {name, content})";
         match (&self.code, self.files.is_empty()) {
@@ -920,6 +969,50 @@ mod tests {
 
         let empty = parse(json!({"definition": {"code": "  \n"}}));
         assert_eq!(field_of(&empty), "definition.code");
+    }
+
+    #[test]
+    fn preload_lists_module_names_once_each() {
+        let with = |names: Vec<String>| {
+            let mut t = code_task();
+            t.definition.preload = names;
+            t
+        };
+        for good in [
+            vec![],
+            vec![
+                "json".to_string(),
+                "xml.etree.ElementTree".into(),
+                "_ssl".into(),
+                "a1.b2".into(),
+            ],
+        ] {
+            assert_eq!(with(good.clone()).validate_static(), Ok(()), "{good:?}");
+        }
+        for (i, bad) in [
+            "", "os;x", "../x", "a..b", ".a", "a.", "1abc", "a.2b", "a b", "a-b", "/abs", "é",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let err = with(vec!["json".into(), bad.into()])
+                .validate_static()
+                .expect_err(bad);
+            assert_eq!(err.field, "definition.preload[1]", "case {i}: {bad:?}");
+            assert!(err.message.contains("module name"), "{}", err.message);
+        }
+        let long = "a".repeat(129);
+        assert_eq!(field_of(&with(vec![long])), "definition.preload[0]");
+        let twice = with(vec!["json".into(), "os".into(), "json".into()])
+            .validate_static()
+            .expect_err("twice");
+        assert_eq!(twice.field, "definition.preload[2]");
+        assert!(twice.message.contains("twice"), "{}", twice.message);
+        let many = with((0..=MAX_PRELOAD).map(|i| format!("m{i}")).collect())
+            .validate_static()
+            .expect_err("too many");
+        assert_eq!(many.field, "definition.preload");
+        assert!(many.message.contains("at most 16"), "{}", many.message);
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub struct HandlerSpec {
     /// handler in a forked child instead of a fresh process, e.g. "python".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork_server: Option<String>,
+    /// Whether the wrapper imports the modules named in `$TASK_PRELOAD`
+    /// before the task's file (`definition.preload`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preload: bool,
 }
 
 impl HandlerSpec {
@@ -435,6 +439,16 @@ impl Catalogue {
         self.runtimes
             .values()
             .filter(|spec| spec.handler.is_some())
+            .map(|spec| spec.name.clone())
+            .collect()
+    }
+
+    /// The names of the runtimes whose handler wrapper preloads modules
+    /// (`definition.preload`), sorted.
+    pub fn preload_runtimes(&self) -> Vec<String> {
+        self.runtimes
+            .values()
+            .filter(|spec| spec.handler.as_ref().is_some_and(|h| h.preload))
             .map(|spec| spec.name.clone())
             .collect()
     }

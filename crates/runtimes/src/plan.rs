@@ -64,6 +64,9 @@ pub struct Plan {
     pub min_pids: u32,
     /// The fork server that may run this plan (handler mode only).
     pub fork_server: Option<String>,
+    /// The modules to import before the task's file
+    /// (`definition.preload`; handler mode of a runtime that supports it).
+    pub preload: Vec<String>,
 }
 
 /// Why a task cannot be planned with a runtime. Each message names the task
@@ -79,6 +82,19 @@ pub enum PlanError {
         /// The runtime.
         runtime: String,
         /// The runtimes of the catalogue that have handler mode.
+        supported: Vec<String>,
+    },
+    /// `definition.preload` was given for a runtime or mode without it.
+    #[error(
+        "`definition.preload` lists modules to import before the handler runs, which needs mode \"handler\" on a runtime whose wrapper preloads ({}); the task has mode \"{mode}\" on runtime `{runtime}`; leave `definition.preload` out, or import the modules in the code",
+        list_or_none(supported)
+    )]
+    PreloadUnsupported {
+        /// The runtime.
+        runtime: String,
+        /// The task's mode.
+        mode: &'static str,
+        /// The runtimes of the catalogue whose handler wrapper preloads.
         supported: Vec<String>,
     },
     /// The Java main class cannot be derived from the entry file.
@@ -153,6 +169,26 @@ pub enum PlanError {
     },
 }
 
+impl PlanError {
+    /// The task field at fault, as the API names it; a template error is
+    /// the operator's runtime catalogue's, named by its own key.
+    pub fn field(&self) -> String {
+        match self {
+            Self::HandlerUnsupported { .. } => "definition.mode".into(),
+            Self::PreloadUnsupported { .. } => "definition.preload".into(),
+            Self::MainClass { .. } | Self::MissingEntrypoint { .. } => {
+                "definition.entrypoint".into()
+            }
+            Self::EntrypointNotInFiles { .. } => "definition.entrypoint".into(),
+            Self::NoCode | Self::CodeAndFiles => "definition.code".into(),
+            Self::BadFileName { index, .. } | Self::DuplicateFile { index, .. } => {
+                format!("definition.files[{index}].name")
+            }
+            Self::Template { field, .. } => field.clone(),
+        }
+    }
+}
+
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() {
         "none in this catalogue".to_string()
@@ -184,6 +220,17 @@ pub fn plan(
             )
         }
     };
+
+    if !def.preload.is_empty() && !handler.is_some_and(|h| h.preload) {
+        return Err(PlanError::PreloadUnsupported {
+            runtime: runtime.to_string(),
+            mode: match def.mode {
+                Mode::Script => "script",
+                Mode::Handler => "handler",
+            },
+            supported: rt.preload_runtimes.clone(),
+        });
+    }
 
     let (files, entry) = task_files(spec, def)?;
     let compile_dir = spec.compile.as_ref().map(|c| c.output_dir.as_str());
@@ -283,6 +330,7 @@ pub fn plan(
             .collect(),
         min_pids: spec.min_pids,
         fork_server: handler.and_then(|h| h.fork_server.clone()),
+        preload: def.preload.clone(),
     })
 }
 
@@ -429,6 +477,7 @@ mod tests {
             compiler,
             mounts: Vec::new(),
             handler_runtimes: catalogue.handler_runtimes(),
+            preload_runtimes: catalogue.preload_runtimes(),
             spec,
         }
     }
@@ -645,6 +694,38 @@ mod tests {
             assert!(message.contains("`definition.mode`"), "{message}");
             assert!(message.contains("node, python"), "{message}");
         }
+    }
+
+    #[test]
+    fn preload_is_planned_for_python_handlers_only() {
+        let preloading = |mode| TaskDefinition {
+            preload: vec!["json".into(), "xml.dom".into()],
+            ..code(mode, "def main(x):\n    return x\n")
+        };
+        let p = plan(&resolved("python"), &preloading(Mode::Handler), MB128).expect("plans");
+        assert_eq!(p.preload, ["json", "xml.dom"]);
+        assert_eq!(p.fork_server.as_deref(), Some("python"));
+
+        for (runtime, mode, mode_name) in [
+            ("python", Mode::Script, "script"),
+            ("node", Mode::Handler, "handler"),
+            ("bash", Mode::Script, "script"),
+        ] {
+            let err = plan(&resolved(runtime), &preloading(mode), MB128).expect_err("refused");
+            assert_eq!(
+                err,
+                PlanError::PreloadUnsupported {
+                    runtime: runtime.into(),
+                    mode: mode_name,
+                    supported: vec!["python".into()],
+                }
+            );
+            let message = err.to_string();
+            assert!(message.contains("`definition.preload`"), "{message}");
+        }
+        // Without preload nothing changes.
+        let p = plan(&resolved("python"), &code(Mode::Handler, "x"), MB128).expect("plans");
+        assert!(p.preload.is_empty());
     }
 
     #[test]

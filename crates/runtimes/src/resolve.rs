@@ -48,6 +48,9 @@ pub struct ResolvedRuntime {
     /// The catalogue's runtimes that have handler mode, sorted (for the
     /// message that refuses handler mode to a runtime without it).
     pub handler_runtimes: Vec<String>,
+    /// The catalogue's runtimes whose handler wrapper preloads modules,
+    /// sorted (for the message that refuses `definition.preload`).
+    pub preload_runtimes: Vec<String>,
 }
 
 /// Why a runtime could not be resolved or asked for its version.
@@ -208,6 +211,7 @@ impl Catalogue {
             compiler,
             mounts,
             handler_runtimes: self.handler_runtimes(),
+            preload_runtimes: self.preload_runtimes(),
         })
     }
 }

@@ -2,7 +2,9 @@
 
 Usage: python3 -E -s -B python_handler.py /task/main.py
 
-Reads the task input (JSON) from the file named by $TASK_INPUT, loads the
+Imports the modules named in $TASK_PRELOAD (comma-separated dotted names,
+the task's `definition.preload`) from the interpreter's own paths, reads the
+task input (JSON) from the file named by $TASK_INPUT, loads the
 user's file as module "task_main" (its directory first on sys.path, so a
 multi-file task imports its siblings), calls main(input), awaits the result if
 it is awaitable, and writes the JSON of the return value to $TASK_OUTPUT.
@@ -12,7 +14,8 @@ On failure it writes {"type", "message", "stack"} to $TASK_ERROR and exits 1:
     printed to stderr);
   - a return value that is not JSON-serializable (NaN included): NotSerializable;
   - no callable main: HandlerNotFound;
-  - an unreadable or invalid input file: InputError.
+  - an unreadable or invalid input file: InputError;
+  - a module of $TASK_PRELOAD that fails to import: PreloadError.
 
 Only json, os, sys and importlib.util are imported up front: this runs on
 every task, so traceback and asyncio are imported only when needed.
@@ -66,6 +69,17 @@ def _run():
     if len(sys.argv) != 2:
         _fail("UsageError", "usage: python_handler.py <entry file>")
     entry = sys.argv[1]
+
+    # Before the task's directory is on sys.path: a preloaded module is
+    # never one of the task's own files. (In a fork server's child they
+    # were imported before the fork; these imports then find them loaded.)
+    preload = os.environ.get("TASK_PRELOAD")
+    if preload:
+        for name in preload.split(","):
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - a module may raise anything
+                _fail("PreloadError", "definition.preload: cannot import %s: %s: %s" % (name, type(e).__name__, e))
 
     input_path = os.environ.get("TASK_INPUT")
     value = None

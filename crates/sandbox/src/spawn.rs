@@ -132,6 +132,11 @@ pub struct RunRequest {
     /// of this kind (e.g. "python": see [`crate::zygote`]) when a warm
     /// runner has one; a cold [`Sandbox`] ignores it.
     pub fork_server: Option<String>,
+    /// Modules the fork server imports before it forks (the task's
+    /// `definition.preload`): requests with different lists get different
+    /// servers. A cold [`Sandbox`] ignores it (the wrapper imports them,
+    /// told by the task's environment).
+    pub preload: Vec<String>,
 }
 
 /// Result of reading one file back.
@@ -1075,5 +1080,6 @@ pub(crate) fn test_request(argv0: &str) -> RunRequest {
         },
         user: None,
         fork_server: None,
+        preload: Vec::new(),
     }
 }

@@ -33,6 +33,10 @@ pub struct WarmStats {
     /// the server failed (to start, or before the hand-over) or all its
     /// uids were busy.
     pub fork_server_fallbacks: u64,
+    /// Fork servers that failed to start (a module of
+    /// `definition.preload` that does not import, an interpreter that
+    /// cannot start): their kind of request then runs cold for a while.
+    pub fork_server_start_failures: u64,
 }
 
 /// Runs each request the fastest safe way available: a fork-server child,
@@ -81,7 +85,7 @@ impl WarmSandbox {
                     return result;
                 }
                 Err(Fallback::NotEligible) => {}
-                Err(Fallback::Busy) => {
+                Err(Fallback::Busy | Fallback::StartBackoff) => {
                     self.fork_fallbacks.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(Fallback::ServerFailed(e)) => {
@@ -118,6 +122,10 @@ impl WarmSandbox {
                 .map_or(0, ForkServers::spare_count),
             fork_server_runs: self.fork_runs.load(Ordering::Relaxed),
             fork_server_fallbacks: self.fork_fallbacks.load(Ordering::Relaxed),
+            fork_server_start_failures: self
+                .fork_servers
+                .as_ref()
+                .map_or(0, ForkServers::start_failures),
         }
     }
 
@@ -175,6 +183,7 @@ mod tests {
     fn request() -> RunRequest {
         RunRequest {
             fork_server: Some("python".into()),
+            preload: Vec::new(),
             ..crate::spawn::test_request("/usr/bin/python3")
         }
     }

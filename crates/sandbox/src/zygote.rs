@@ -97,7 +97,22 @@ pub(crate) struct ForkServers {
     reaper_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Threads of servers that died and left the map, for `shutdown`.
     retired: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Keys whose server failed to start, and when: their requests run
+    /// cold without trying again for [`START_BACKOFF`] (a module of
+    /// `definition.preload` that does not import would otherwise cost a
+    /// server start per task).
+    failed: Mutex<HashMap<u64, Instant>>,
+    /// Servers that failed to start, since the beginning.
+    start_failures: std::sync::atomic::AtomicU64,
 }
+
+/// Servers running at once at most; past it, the least recently used idle
+/// one is stopped to make room (each is an interpreter with its spares).
+const MAX_SERVERS: usize = 8;
+
+/// How long a key whose server failed to start runs cold before the next
+/// try.
+const START_BACKOFF: Duration = Duration::from_secs(30);
 
 /// One running fork server.
 #[derive(Debug)]
@@ -115,6 +130,8 @@ struct Server {
     spares: Mutex<VecDeque<Spare>>,
     refill: Condvar,
     in_flight: AtomicUsize,
+    /// When a run last started here (for [`MAX_SERVERS`]' eviction).
+    last_used: Mutex<Instant>,
     stopping: AtomicBool,
     refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The limits new spares get: the last task's.
@@ -196,6 +213,9 @@ pub(crate) enum Fallback {
     Busy,
     /// The server failed before the task was handed over.
     ServerFailed(SandboxError),
+    /// The server of this kind of request failed to start a short while
+    /// ago ([`START_BACKOFF`]); not tried again yet.
+    StartBackoff,
 }
 
 fn key_of(kind: &str, req: &RunRequest) -> u64 {
@@ -207,6 +227,7 @@ fn key_of(kind: &str, req: &RunRequest) -> u64 {
     for f in &req.support_files {
         (&f.path, &f.content, f.executable).hash(&mut h);
     }
+    req.preload.hash(&mut h);
     h.finish()
 }
 
@@ -271,7 +292,14 @@ impl ForkServers {
             reaper: Mutex::new(thread.is_some().then_some(tx)),
             reaper_thread: Mutex::new(thread),
             retired: Mutex::new(Vec::new()),
+            failed: Mutex::new(HashMap::new()),
+            start_failures: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Servers that failed to start so far.
+    pub(crate) fn start_failures(&self) -> u64 {
+        self.start_failures.load(Ordering::Relaxed)
     }
 
     /// Number of running servers.
@@ -303,9 +331,7 @@ impl ForkServers {
             return Err(Fallback::NotEligible);
         }
         let key = key_of(kind, req);
-        let server = self
-            .server(key, kind, req)
-            .map_err(Fallback::ServerFailed)?;
+        let server = self.server(key, kind, req)?;
         let Some(uid) = server.take_uid() else {
             return Err(Fallback::Busy);
         };
@@ -348,21 +374,51 @@ impl ForkServers {
         }
     }
 
-    fn server(&self, key: u64, kind: &str, req: &RunRequest) -> Result<Arc<Server>, SandboxError> {
-        // Held while a server starts (tens of milliseconds, rare): racing
-        // first requests wait for one server instead of starting several.
+    fn server(&self, key: u64, kind: &str, req: &RunRequest) -> Result<Arc<Server>, Fallback> {
+        // Held while a server starts (tens of milliseconds, rare; longer
+        // with heavy modules to preload): racing first requests wait for
+        // one server instead of starting several.
         let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(&key) {
             if s.alive() {
+                s.touch();
                 return Ok(Arc::clone(s));
             }
             if let Some(dead) = map.remove(&key) {
                 self.retire(&dead);
             }
         }
-        let server = start_server(Arc::clone(&self.sandbox), key, kind, req)?;
-        map.insert(key, Arc::clone(&server));
-        Ok(server)
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.retain(|_, at| at.elapsed() < START_BACKOFF);
+            if failed.contains_key(&key) {
+                return Err(Fallback::StartBackoff);
+            }
+        }
+        if map.len() >= MAX_SERVERS {
+            // Room for one more: stop the least recently used idle server.
+            let idle = map
+                .iter()
+                .filter(|(_, s)| s.in_flight.load(Ordering::SeqCst) == 0)
+                .min_by_key(|(_, s)| s.last_used())
+                .map(|(k, _)| *k);
+            match idle.and_then(|k| map.remove(&k)) {
+                Some(evicted) => self.retire(&evicted),
+                None => return Err(Fallback::Busy),
+            }
+        }
+        match start_server(Arc::clone(&self.sandbox), key, kind, req) {
+            Ok(server) => {
+                map.insert(key, Arc::clone(&server));
+                Ok(server)
+            }
+            Err(e) => {
+                self.start_failures.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut failed) = self.failed.lock() {
+                    failed.insert(key, Instant::now());
+                }
+                Err(Fallback::ServerFailed(e))
+            }
+        }
     }
 
     /// Stops every server and waits until its processes and cgroups are
@@ -477,6 +533,20 @@ fn refill(weak: &Weak<Server>, sandbox: &Sandbox) {
 }
 
 impl Server {
+    /// Marks the server used now.
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn last_used(&self) -> Instant {
+        self.last_used
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| Instant::now())
+    }
+
     /// Stops the refill thread and drops the spare children.
     fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -583,7 +653,10 @@ impl Server {
                 wrapper.clone(),
                 format!("{}/{FILTER_FILE}", config.support_dir),
                 format!("{}/{FINAL_FILTER_FILE}", config.support_dir),
-            ],
+            ]
+            .into_iter()
+            .chain(req.preload.iter().cloned())
+            .collect(),
             env,
             ro_mounts: req.ro_mounts.clone(),
             work_files: Vec::new(),
@@ -657,6 +730,7 @@ impl Server {
             spares: Mutex::new(VecDeque::new()),
             refill: Condvar::new(),
             in_flight: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
             stopping: AtomicBool::new(false),
             refill_thread: Mutex::new(None),
             spare_limits: Mutex::new(SPARE_LIMITS),

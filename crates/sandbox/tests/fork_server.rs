@@ -78,6 +78,7 @@ fn handler(code: &str, input: &str) -> RunRequest {
         },
         user: None,
         fork_server: Some("python".into()),
+        preload: Vec::new(),
     }
 }
 
@@ -362,6 +363,81 @@ fn concurrent_children_run_as_different_users_and_cannot_see_each_other() {
     uids.sort();
     uids.dedup();
     assert_eq!(uids.len(), 3, "three users: {results:?}");
+}
+
+/// What a handler sees of its modules: whether `colorsys` was loaded
+/// before its own file ran.
+const MODULES: &str = "import sys\nPRELOADED = 'colorsys' in sys.modules\ndef main(x):\n    return {'colorsys': PRELOADED}\n";
+
+fn preloading(modules: &[&str]) -> RunRequest {
+    let mut req = handler(MODULES, "{}");
+    req.preload = modules.iter().map(|m| m.to_string()).collect();
+    if !modules.is_empty() {
+        req.env.push(("TASK_PRELOAD".into(), modules.join(",")));
+    }
+    req
+}
+
+#[test]
+fn preloaded_modules_are_loaded_before_the_task_by_a_server_of_their_own() {
+    let _s = serial();
+    let w = warm();
+    let plain = w.run(&preloading(&[]), None).expect("runs");
+    assert_eq!(
+        json_output(&plain)["colorsys"],
+        false,
+        "not imported by default"
+    );
+    let out = w.run(&preloading(&["colorsys"]), None).expect("runs");
+    assert_eq!(
+        json_output(&out)["colorsys"],
+        true,
+        "imported before the task"
+    );
+    assert_eq!(w.fork_server_count(), 2, "another list, another server");
+    // The server without the module is still plain.
+    let again = w.run(&preloading(&[]), None).expect("runs");
+    assert_eq!(json_output(&again)["colorsys"], false);
+    let stats = w.stats();
+    assert_eq!(stats.fork_server_runs, 3, "all three ran warm: {stats:?}");
+    assert_eq!(stats.fork_server_fallbacks, 0, "{stats:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+#[test]
+fn a_module_that_does_not_import_runs_its_tasks_cold_without_a_server_start_each() {
+    let _s = serial();
+    let w = warm();
+    let req = preloading(&["taskexec_no_such_module"]);
+    for _ in 0..3 {
+        let out = w.run(&req, None).expect("runs cold");
+        assert_eq!(
+            out.termination,
+            Termination::Exited(ExitStatus::Code(1)),
+            "the wrapper fails the task"
+        );
+        let error = match &out.read_back[1] {
+            ReadBackResult::Read { data, .. } => String::from_utf8_lossy(data).into_owned(),
+            other => panic!("no error report: {other:?}"),
+        };
+        assert!(error.contains("PreloadError"), "{error}");
+        assert!(error.contains("taskexec_no_such_module"), "{error}");
+    }
+    let stats = w.stats();
+    assert_eq!(stats.fork_servers, 0, "{stats:?}");
+    assert_eq!(stats.fork_server_runs, 0, "{stats:?}");
+    assert_eq!(stats.fork_server_fallbacks, 3, "{stats:?}");
+    assert_eq!(
+        stats.fork_server_start_failures, 1,
+        "one start was tried, the other two tasks were held back: {stats:?}"
+    );
+    assert!(
+        processes_with("taskexec_no_such_module").is_empty(),
+        "no server left"
+    );
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
 #[test]

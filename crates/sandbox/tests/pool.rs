@@ -55,6 +55,7 @@ fn request(code: &str) -> RunRequest {
         },
         user: None,
         fork_server: None,
+        preload: Vec::new(),
     }
 }
 

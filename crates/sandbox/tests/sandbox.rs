@@ -37,6 +37,7 @@ fn request(code: &str) -> RunRequest {
         },
         user: None,
         fork_server: None,
+        preload: Vec::new(),
     }
 }
 

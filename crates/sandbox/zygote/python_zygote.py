@@ -4,10 +4,12 @@ Usage (started by the taskexec launcher inside a sandbox of its own, as root
 with only the capabilities listed in seccomp::FORK_SERVER_CAPS, under the
 fork-server seccomp profile, no_new_privs set):
 
-    python3 -E -s -B -u python_zygote.py WRAPPER CHILD_FILTERS FINAL_FILTERS
+    python3 -E -s -B -u python_zygote.py WRAPPER CHILD_FILTERS FINAL_FILTERS [MODULE...]
 
 Descriptor 1 is the control socket (SOCK_SEQPACKET) to the executor. The
-server imports the handler wrapper once, says b"R", then serves requests:
+server imports the handler wrapper and the MODULEs (the tasks'
+`definition.preload`, found on the interpreter's own paths only) once, says
+b"R", then serves requests:
 
   request  (executor -> server): a JSON object {"join": N} with 4 + N
            descriptors: the task channel (a stream socket), stdout, stderr,
@@ -426,12 +428,19 @@ if __name__ == "__main__":
     FILTERS = _load_filters(sys.argv[2])
     FINAL_FILTERS = _load_filters(sys.argv[3])
     sys.path.insert(0, os.path.dirname(WRAPPER))
+    import importlib
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location("taskexec_handler", WRAPPER)
     HANDLER = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(HANDLER)
     del sys.path[0]
+    # The modules the tasks of this server preload, from the interpreter's
+    # own paths (sys.path[0] is our support dir, with nothing but our own
+    # files). One that fails to import fails the server: its tasks then run
+    # cold, where the wrapper reports the same error as the task's.
+    for _name in sys.argv[4:]:
+        importlib.import_module(_name)
     # The control socket arrives as stdout; stray output goes to the log.
     _control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=os.dup(1))
     os.set_inheritable(_control.fileno(), False)

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde_json::json;
+use serde_json::{Value, json};
 use taskexec_model::TaskInstance;
 use taskexec_runtimes::ResolvedRuntime;
 
@@ -105,9 +105,9 @@ pub fn main(g: &crate::setup::GlobalArgs, args: BenchArgs) -> anyhow::Result<Exi
     }
     let report = run_report(g, &args)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.text());
+        out!("{}", report.text());
     }
     if let Some(path) = &args.markdown {
         report::write_markdown(path, &report)?;
@@ -441,15 +441,14 @@ fn cgroup_version(g: &crate::setup::GlobalArgs) -> String {
 }
 
 /// `taskexec bench --server URL`: a running server, beside the same task
-/// run with `taskexec run` one by one (`--baseline-tasks`).
+/// run by the warm engine alone in this process (the sandboxes without API,
+/// store or scheduling) and by `taskexec run` one by one
+/// (`--baseline-tasks` each).
 fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.runtimes.first().map_or("python", String::as_str);
     let tasks = args.tasks.unwrap_or(1000);
-    let task = local::trivial_task(
-        runtime,
-        Mode::Script,
-        json!({"timeoutSeconds": 60, "disk": "16Mi", "cpu": "0.1", "memory": "64Mi"}),
-    )?;
+    let resources = json!({"timeoutSeconds": 60, "disk": "16Mi", "cpu": "0.1", "memory": "64Mi"});
+    let task = local::trivial_task(runtime, Mode::Script, resources.clone())?;
     if !args.json {
         eprintln!(
             "submitting {tasks} tasks to {url} from {} submitters",
@@ -458,31 +457,13 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
     }
     let (s, failed) =
         service::external(url, &task, tasks, args.concurrency, args.token.as_deref())?;
-    let baseline = if args.baseline_tasks > 0 {
-        if !args.json {
-            eprintln!(
-                "running the same task {} times with `taskexec run`, one by one",
-                args.baseline_tasks
-            );
-        }
-        let rt = crate::setup::catalogue(g)?
-            .resolve(runtime)
-            .with_context(|| format!("runtime {runtime}"))?;
-        let program = Program::new(&rt, runtime, Mode::Script)?;
-        let exe = std::env::current_exe().context("locating the taskexec binary")?;
-        let globals = local::global_flags(g);
-        let plan = Plan {
-            concurrency: 1,
-            tasks: args.baseline_tasks,
-            warmup: 1,
-        };
-        let contender = local::cli_contender(&exe, &globals, &program);
-        let mut samples = measure::measure(&[contender], plan, &Progress::new(0))?;
-        samples.pop().map(|b| b.summary(None))
+    let baselines = if args.baseline_tasks > 0 {
+        external_baselines(g, runtime, resources, args)?
     } else {
-        None
+        Vec::new()
     };
     let sum = s.summary(None);
+    let st = sum.throughput_per_s.unwrap_or(0.0);
     if args.json {
         let report = json!({
             "server": url.trim_end_matches('/'),
@@ -494,44 +475,114 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
             "wallSeconds": s.wall_s,
             "throughputPerSecond": sum.throughput_per_s,
             "latency": sum,
-            "baseline": baseline.as_ref().map(|b| json!({
-                "what": "the same task with `taskexec run`, one by one",
+            "baselines": baselines.iter().map(|(what, c, b)| json!({
+                "what": what,
+                "concurrency": c,
                 "tasks": b.n,
                 "throughputPerSecond": b.throughput_per_s,
+                "serverThroughputRatio": b.throughput_per_s.filter(|t| *t > 0.0).map(|t| st / t),
                 "latency": b,
-            })),
+            })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        outln!(
             "taskexec bench --server: {tasks} trivial {runtime} tasks, {} submitters",
             args.concurrency
         );
-        println!(
-            "completed {}, failed {failed}, {:.1} tasks/s; latency p50 {:.2} ms, p99 {:.2} ms",
+        outln!(
+            "completed {}, failed {failed}, {st:.1} tasks/s; latency p50 {:.2} ms, p99 {:.2} ms",
             sum.n,
-            sum.throughput_per_s.unwrap_or(0.0),
             sum.p50_ms.unwrap_or(f64::NAN),
             sum.p99_ms.unwrap_or(f64::NAN)
         );
-        if let Some(b) = &baseline {
-            let (bt, st) = (
-                b.throughput_per_s.unwrap_or(0.0),
-                sum.throughput_per_s.unwrap_or(0.0),
-            );
-            println!(
-                "baseline `taskexec run` one by one ({} tasks): {bt:.1} tasks/s; latency p50 {:.2} ms, p99 {:.2} ms",
+        for (what, c, b) in &baselines {
+            let bt = b.throughput_per_s.unwrap_or(0.0);
+            outln!(
+                "baseline {what} ({} tasks, {c} at once): {bt:.1} tasks/s; latency p50 {:.2} ms, p99 {:.2} ms",
                 b.n,
                 b.p50_ms.unwrap_or(f64::NAN),
                 b.p99_ms.unwrap_or(f64::NAN)
             );
             if bt > 0.0 {
-                println!(
-                    "the server's throughput is {:.2}x the one-by-one runs'",
-                    st / bt
-                );
+                outln!("  the server's throughput is {:.2}x that", st / bt);
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The baselines of `bench --server`, measured in this process after the
+/// server run: the warm engine alone at 2×cores tasks at once (what the
+/// sandboxes allow without API, store and scheduling), and whole
+/// `taskexec run` processes one by one.
+fn external_baselines(
+    g: &crate::setup::GlobalArgs,
+    runtime: &str,
+    resources: Value,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(&'static str, usize, stats::Summary)>> {
+    let rt = crate::setup::catalogue(g)?
+        .resolve(runtime)
+        .with_context(|| format!("runtime {runtime}"))?;
+    let program = Program::new(&rt, runtime, Mode::Script)?;
+    let mut out = Vec::new();
+
+    let c = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !args.json {
+        eprintln!(
+            "running the same task {} times through the warm engine alone, {c} at once",
+            args.baseline_tasks
+        );
+    }
+    let warm = crate::setup::engine(g, crate::setup::Warmth::Warm)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let task: TaskInstance =
+        serde_json::from_value(program.task_json(resources)).context("the trivial task")?;
+    let contender = local::engine_contender(
+        "the warm engine alone".into(),
+        Kind::Warm,
+        &warm,
+        &tokio,
+        task,
+    )?;
+    let plan = Plan {
+        concurrency: c,
+        tasks: args.baseline_tasks,
+        warmup: 2,
+    };
+    let mut samples = measure::measure(&[contender], plan, &Progress::new(0))?;
+    if let Some(b) = samples.pop() {
+        out.push((
+            "the warm engine alone (no API, store or scheduling)",
+            c,
+            b.summary(None),
+        ));
+    }
+    drop(warm);
+    tokio.shutdown_timeout(std::time::Duration::from_secs(5));
+
+    if !args.json {
+        eprintln!(
+            "running the same task {} times with `taskexec run`, one by one",
+            args.baseline_tasks
+        );
+    }
+    let exe = std::env::current_exe().context("locating the taskexec binary")?;
+    let globals = local::global_flags(g);
+    let plan = Plan {
+        concurrency: 1,
+        tasks: args.baseline_tasks,
+        warmup: 1,
+    };
+    let contender = local::cli_contender(&exe, &globals, &program);
+    let mut samples = measure::measure(&[contender], plan, &Progress::new(0))?;
+    if let Some(b) = samples.pop() {
+        out.push(("`taskexec run` one by one", 1, b.summary(None)));
+    }
+    Ok(out)
 }
