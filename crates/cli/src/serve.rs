@@ -29,7 +29,7 @@ pub struct ServeArgs {
     /// Database URL: sqlite://PATH (embedded, the default: sqlite://taskexec.db).
     #[arg(long, env = "TASKEXEC_DATABASE")]
     pub database: Option<String>,
-    /// Tasks run at once: a number, or "auto" (one per core, at least 2).
+    /// Tasks run at once: a number, or "auto" (two per core).
     #[arg(long, env = "TASKEXEC_WORKERS")]
     pub workers: Option<String>,
     /// Require this bearer token on every endpoint but /healthz and /readyz.

@@ -125,6 +125,76 @@ fn quick_report_has_every_section_in_its_json_and_markdown() {
     assert_eq!(text.matches("taskexec bench report: begin").count(), 1);
 }
 
+/// With python measured, the report has the preload group: a handler that
+/// imports a module, through the warm engine with and without
+/// `definition.preload`, beside the bare interpreter.
+#[test]
+fn a_python_report_compares_a_handler_with_and_without_preload() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
+    cmd.args([
+        "bench",
+        "--quick",
+        "--tasks",
+        "1",
+        "--runtimes",
+        "python",
+        "--no-service",
+        "--json",
+    ]);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TASKEXEC_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run taskexec bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let r: Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
+    let groups = r["groups"].as_array().expect("groups");
+    let preload: Vec<&Value> = groups
+        .iter()
+        .filter(|g| {
+            g["mode"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("handler, imports"))
+        })
+        .collect();
+    assert_eq!(preload.len(), 1, "{groups:?}");
+    let g = preload[0];
+    assert_eq!(g["runtime"], "python");
+    assert_eq!(g["concurrency"], 1);
+    let series = g["series"].as_array().expect("series");
+    let kinds: Vec<&str> = series
+        .iter()
+        .map(|s| s["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds, ["bare", "warm", "warm"], "{g}");
+    assert!(
+        series[2]["name"]
+            .as_str()
+            .expect("name")
+            .contains("preload"),
+        "{g}"
+    );
+    for s in series {
+        assert!(s["p50Ms"].as_f64().expect("p50") > 0.0, "{s}");
+    }
+    // The plain handler groups keep their own mode, and the targets still
+    // find the warm handler.
+    assert!(groups.iter().any(|g| g["mode"] == "handler"));
+    let targets = r["targets"].as_array().expect("targets");
+    assert!(
+        targets.iter().any(|t| t["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("warm handler-mode python through the engine"))),
+        "{targets:?}"
+    );
+}
+
 /// `taskexec bench --server URL`: the server's figures beside the same task
 /// run with `taskexec run` one by one, in the JSON document.
 #[test]

@@ -65,14 +65,18 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
-    /// Defaults for a node with `capacity`: one worker per core, 10,000
-    /// queued tasks, batches of 1,000, 30 s leases, 500 ms fallback poll.
+    /// Defaults for a node with `capacity`: two workers per core (a
+    /// sandbox spends part of its life waiting on the kernel — mounts,
+    /// cgroups, namespace teardown — and a second task per core fills that;
+    /// the adaptive limit, which starts at one per core, decides how many
+    /// are used), 10,000 queued tasks, batches of 1,000, 30 s leases,
+    /// 500 ms fallback poll.
     pub fn new(node: impl Into<String>, capacity: Capacity) -> Self {
         let cores = (capacity.cpu_millis / 1000).max(1) as usize;
         Self {
             node: node.into(),
             capacity,
-            workers: cores.max(2),
+            workers: 2 * cores,
             max_queued: 10_000,
             max_batch: 1_000,
             lease: Duration::from_secs(30),

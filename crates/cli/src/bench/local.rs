@@ -45,7 +45,7 @@ pub struct Program {
     /// File name of the task's code.
     pub file_name: &'static str,
     /// The task's code.
-    pub code: &'static str,
+    pub code: String,
     /// The task's input.
     pub input: Value,
     /// The task file (what `taskexec run` is given).
@@ -70,6 +70,27 @@ impl Program {
     /// compiles the bare java class once, with the runtime's javac).
     pub fn new(rt: &ResolvedRuntime, runtime: &str, mode: Mode) -> anyhow::Result<Self> {
         let (file_name, code, bare_code) = source(runtime, mode)?;
+        Self::with_source(rt, runtime, mode, file_name, code, bare_code)
+    }
+
+    /// A python handler whose file imports `module` at the top (the bare
+    /// program imports it too, then calls `main`).
+    pub fn python_handler_importing(rt: &ResolvedRuntime, module: &str) -> anyhow::Result<Self> {
+        let code = format!("import {module}\n\n\ndef main(input):\n    return input\n");
+        let bare = format!(
+            "import json\nimport {module}\n\n\ndef main(input):\n    return input\n\n\nprint(json.dumps(main({{\"n\": 1}})))\n"
+        );
+        Self::with_source(rt, "python", Mode::Handler, "main.py", &code, &bare)
+    }
+
+    fn with_source(
+        rt: &ResolvedRuntime,
+        runtime: &str,
+        mode: Mode,
+        file_name: &'static str,
+        code: &str,
+        bare_code: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("taskexec-bench-")
             .tempdir()
@@ -100,7 +121,7 @@ impl Program {
             runtime: runtime.to_string(),
             mode,
             file_name,
-            code,
+            code: code.to_string(),
             input: input(mode),
             task_file,
             bare_dir,
@@ -115,7 +136,7 @@ impl Program {
             &self.runtime,
             self.mode,
             self.file_name,
-            self.code,
+            &self.code,
             resources,
         )
     }

@@ -44,6 +44,9 @@ use stats::{Kind, Samples};
 const ALL_RUNTIMES: [&str; 4] = ["python", "node", "bash", "java"];
 /// Concurrency of the service throughput figure.
 const SERVICE_CONCURRENCY: usize = 4;
+/// The module the preload group's handler imports: a standard one that
+/// takes tens of milliseconds to import.
+const PRELOAD_MODULE: &str = "asyncio";
 
 /// Arguments of `taskexec bench`.
 #[derive(Debug, Args)]
@@ -187,6 +190,47 @@ impl Run<'_> {
     /// Whether a group also times whole `taskexec run` processes.
     fn with_cli(&self, p: &Program, c: usize) -> bool {
         c == 1 && (self.args.cli || (p.runtime == "python" && p.mode == Mode::Script))
+    }
+
+    /// The preload group: a python handler whose file imports
+    /// [`PRELOAD_MODULE`], one at a time, through the warm engine with and
+    /// without `definition.preload`, beside the bare interpreter running
+    /// the same program.
+    fn preload_group(&self, p: &Program, rt: &ResolvedRuntime) -> anyhow::Result<Group> {
+        self.progress.label("engine: python handler with preload");
+        let warm = crate::setup::engine(self.g, crate::setup::Warmth::Warm)?;
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let plain: TaskInstance =
+            serde_json::from_value(p.task_json(local::engine_resources(&p.runtime)))
+                .context("the preload task")?;
+        let mut preloaded = plain.clone();
+        preloaded.definition.preload = vec![PRELOAD_MODULE.to_string()];
+        let ks = vec![
+            p.bare(rt),
+            local::engine_contender(
+                format!("engine, warm, the handler imports {PRELOAD_MODULE}"),
+                Kind::Warm,
+                &warm,
+                &tokio,
+                plain,
+            )?,
+            local::engine_contender(
+                format!("engine, warm, preload [{PRELOAD_MODULE}]"),
+                Kind::Warm,
+                &warm,
+                &tokio,
+                preloaded,
+            )?,
+        ];
+        let samples = measure::measure(&ks, self.plan(&p.runtime, 1), &self.progress)
+            .context("python handler with preload")?;
+        let mut g = group("engine", p, 1, &samples);
+        g.mode = format!("handler, imports {PRELOAD_MODULE}");
+        Ok(g)
     }
 
     /// The engine groups: every program at every concurrency, bare, cold,
@@ -339,6 +383,12 @@ fn run_report(g: &crate::setup::GlobalArgs, args: &BenchArgs) -> anyhow::Result<
             programs.push((Program::new(rt, name, mode)?, rt));
         }
     }
+    // A handler that imports a module of some weight, with and without
+    // preload, when python is measured.
+    let preload_program = match selected.iter().find(|(n, _)| n == "python") {
+        Some((_, rt)) => Some((Program::python_handler_importing(rt, PRELOAD_MODULE)?, rt)),
+        None => None,
+    };
     // The service's task: the warm python handler when python is measured.
     let service_program = if args.no_service {
         None
@@ -365,6 +415,9 @@ fn run_report(g: &crate::setup::GlobalArgs, args: &BenchArgs) -> anyhow::Result<
         }
     }
     total += service_plans.iter().map(|p| p.units(2)).sum::<u64>();
+    if let Some((p, _)) = &preload_program {
+        total += run.plan(&p.runtime, 1).units(3);
+    }
     run.progress = Progress::new(total);
 
     let versions: BTreeMap<String, String> = selected
@@ -390,6 +443,9 @@ fn run_report(g: &crate::setup::GlobalArgs, args: &BenchArgs) -> anyhow::Result<
     let machine = machine::Machine::detect(cgroup_version(g), versions, launcher);
 
     let mut groups = run.engine_groups(&programs, &concurrency)?;
+    if let Some((p, rt)) = &preload_program {
+        groups.push(run.preload_group(p, rt)?);
+    }
     if let Some((p, rt)) = service_program {
         groups.extend(run.service_groups(p, rt, &service_plans)?);
     }

@@ -165,6 +165,19 @@ pub fn targets(groups: &[Group], drain: Option<&Drain>) -> Vec<Target> {
                 format!("{}, p50", bare(g)),
                 base.and_then(|s| s.p50_ms),
             ));
+            let phase =
+                |k: &str| svc.and_then(|s| s.sandbox_phases_p50_ms.get(k).copied().flatten());
+            if let Some(overhead) = phase("overhead") {
+                t.push(Target::new(
+                    format!(
+                        "service overhead (API, store, scheduling) at concurrency 1: latency less the attempt's own duration, p50 ({what})"
+                    ),
+                    "ms",
+                    Some(overhead),
+                    "the same tasks' attempt duration (the sandboxed run), p50".into(),
+                    phase("attempt"),
+                ));
+            }
         } else {
             t.push(Target::new(
                 format!("{what}, throughput at concurrency {}", g.concurrency),

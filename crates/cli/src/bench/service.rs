@@ -194,7 +194,10 @@ impl Drop for ServerChild {
 }
 
 /// One task through the service: `POST /v1/tasks?wait=300s` until the
-/// final result is stored and returned.
+/// final result is stored and returned. Its phases: `attempt`, the
+/// attempt's own duration as the server recorded it (the sandboxed run,
+/// from its start to its end), and `overhead`, the latency less that: what
+/// the API, the store and the scheduler added.
 pub fn service_contender<'a>(
     name: String,
     agent: &'a ureq::Agent,
@@ -222,10 +225,16 @@ pub fn service_contender<'a>(
                     v["result"]["error"]
                 );
             }
-            Ok(Sample {
-                ms,
-                ..Sample::default()
-            })
+            let mut phases = std::collections::BTreeMap::new();
+            if let Some(attempt) = v["result"]["executionMetadata"]["attempts"]
+                .as_array()
+                .and_then(|a| a.last())
+                .and_then(|a| a["durationMs"].as_f64())
+            {
+                phases.insert("attempt".to_string(), attempt);
+                phases.insert("overhead".to_string(), ms - attempt);
+            }
+            Ok(Sample { ms, phases })
         }),
     }
 }
