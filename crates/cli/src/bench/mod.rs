@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// Concurrent submitters (with --server).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// The trivial task's mode (with --server): script, or handler (warm
+    /// through a fork server, for runtimes that have one).
+    #[arg(long, value_enum, default_value = "script")]
+    pub mode: crate::run::ModeArg,
     /// Bearer token (with --server).
     #[arg(long, env = "TASKEXEC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -504,7 +508,11 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
     let runtime = args.runtimes.first().map_or("python", String::as_str);
     let tasks = args.tasks.unwrap_or(1000);
     let resources = json!({"timeoutSeconds": 60, "disk": "16Mi", "cpu": "0.1", "memory": "64Mi"});
-    let task = local::trivial_task(runtime, Mode::Script, resources.clone())?;
+    let mode = match args.mode {
+        crate::run::ModeArg::Script => Mode::Script,
+        crate::run::ModeArg::Handler => Mode::Handler,
+    };
+    let task = local::trivial_task(runtime, mode, resources.clone())?;
     if !args.json {
         eprintln!(
             "submitting {tasks} tasks to {url} from {} submitters",
@@ -514,7 +522,7 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
     let (s, failed) =
         service::external(url, &task, tasks, args.concurrency, args.token.as_deref())?;
     let baselines = if args.baseline_tasks > 0 {
-        external_baselines(g, runtime, resources, args)?
+        external_baselines(g, runtime, mode, resources, args)?
     } else {
         Vec::new()
     };
@@ -524,6 +532,7 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
         let report = json!({
             "server": url.trim_end_matches('/'),
             "runtime": runtime,
+            "mode": mode.as_str(),
             "tasks": tasks,
             "completed": sum.n,
             "failed": failed,
@@ -543,7 +552,8 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         outln!(
-            "taskexec bench --server: {tasks} trivial {runtime} tasks, {} submitters",
+            "taskexec bench --server: {tasks} trivial {runtime} {} tasks, {} submitters",
+            mode.as_str(),
             args.concurrency
         );
         outln!(
@@ -575,13 +585,14 @@ fn external(g: &crate::setup::GlobalArgs, url: &str, args: &BenchArgs) -> anyhow
 fn external_baselines(
     g: &crate::setup::GlobalArgs,
     runtime: &str,
+    mode: Mode,
     resources: Value,
     args: &BenchArgs,
 ) -> anyhow::Result<Vec<(&'static str, usize, stats::Summary)>> {
     let rt = crate::setup::catalogue(g)?
         .resolve(runtime)
         .with_context(|| format!("runtime {runtime}"))?;
-    let program = Program::new(&rt, runtime, Mode::Script)?;
+    let program = Program::new(&rt, runtime, mode)?;
     let mut out = Vec::new();
 
     let c = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
