@@ -226,6 +226,16 @@ impl Prepared {
     pub fn runtime_name(&self) -> &str {
         &self.runtime.spec.name
     }
+
+    /// The memory the task holds at its peak, for admission: its limit, or
+    /// its compile step's (Java's javac, 512 MiB by default) when that is
+    /// larger — the steps run one after the other, each under its own
+    /// limit. Counted even when the compiled classes will come from the
+    /// cache: admission cannot know that ahead.
+    pub fn admitted_memory_bytes(&self) -> u64 {
+        let compile = self.plan.compile.as_ref().map_or(0, |c| c.memory_bytes);
+        self.limits.memory_bytes.max(compile)
+    }
 }
 
 /// Everything one attempt produced.

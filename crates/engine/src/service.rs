@@ -428,6 +428,7 @@ impl Service {
                 SubmitError::Rejected { index, error }
             })?;
             let limits = prepared.limits();
+            let memory = prepared.admitted_memory_bytes();
             let cap = self.config.capacity;
             let too_big = if u64::from(limits.cpu_request_millis) > cap.cpu_millis {
                 Some((
@@ -439,6 +440,15 @@ impl Service {
                 Some((
                     "memory",
                     taskexec_model::format_bytes(limits.memory_bytes),
+                    taskexec_model::format_bytes(cap.memory_bytes),
+                ))
+            } else if memory > cap.memory_bytes {
+                Some((
+                    "memory",
+                    format!(
+                        "{} for its compile step (the runtime's `compile.memory`)",
+                        taskexec_model::format_bytes(memory)
+                    ),
                     taskexec_model::format_bytes(cap.memory_bytes),
                 ))
             } else {
@@ -459,7 +469,7 @@ impl Service {
             new.push(NewTask {
                 runtime: prepared.runtime_name().to_string(),
                 cpu_millis: limits.cpu_request_millis,
-                memory_bytes: limits.memory_bytes,
+                memory_bytes: memory,
                 received: record(None, TaskStatus::Received, 0, "received"),
                 task,
             });

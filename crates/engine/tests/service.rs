@@ -174,6 +174,43 @@ async fn tasks_are_admitted_only_within_the_node_cpu() {
     assert_eq!(f.runner.max_running.load(Ordering::SeqCst), 1);
 }
 
+/// A Java task holds its compile step's memory (512 MiB by default) at
+/// admission, not only its own limit: a node with less memory capacity
+/// refuses it as never fitting, naming the compile step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_step_larger_than_the_node_is_rejected_at_submission() {
+    let f = Fixture::new([Step::Exit(0, "1")]);
+    let s = f
+        .service_with(2000, 2, |c| c.capacity.memory_bytes = 256 << 20)
+        .await;
+    let java = task(json!({
+        "definition": {"name": "j", "code": "public class Main { public static void main(String[] a) {} }"},
+        "executionConfig": {"runtime": "java", "resourceRequirements": {"cpu": "1", "memory": "64Mi"}},
+    }));
+    match s.submit(vec![java]).await {
+        Err(SubmitError::Rejected { index, error }) => {
+            assert_eq!(index, 0);
+            assert!(error.message.contains("compile step"), "{}", error.message);
+            assert!(
+                error.message.contains("can never run here"),
+                "{}",
+                error.message
+            );
+            assert_eq!(
+                error.details.expect("details")["field"],
+                "executionConfig.resourceRequirements.memory"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // A python task of the same size fits, and runs.
+    let ids = s
+        .submit(vec![task(json!({}))])
+        .await
+        .expect("a python task fits");
+    assert_eq!(wait(&s, ids[0].id()).await.status, TaskStatus::Completed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_can_never_fit_is_rejected_and_nothing_is_stored() {
     let f = Fixture::new([]);
