@@ -4,15 +4,25 @@
 //! Refused calls fail with `EPERM` (a clear error inside the task rather than a
 //! silent kill). `clone3` fails with `ENOSYS`, so C libraries fall back to
 //! `clone`, whose flags a filter can inspect (namespace flags are refused).
-//! Filters are built with `seccompiler` (rust-vmm), compiled once by the
-//! launcher before the task process is forked.
+//! The policy is compiled into a search tree over call numbers
+//! ([`tree`]: a linear list of comparisons, what `seccompiler` builds, makes
+//! the kernel's load of the filter ten times slower) once by the launcher
+//! before the task process is forked, and loaded with `seccompiler`. The
+//! tests check that the tree decides exactly like `seccompiler`'s list of
+//! the same policy.
+
+mod tree;
 
 use std::collections::BTreeMap;
 
+use seccompiler::BpfProgram;
+#[cfg(test)]
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
 };
+
+use tree::{ArgCheck, Verdict};
 
 /// System calls a task may never make, each with the reason.
 pub const DENIED: &[(&str, libc::c_long)] = &[
@@ -140,12 +150,14 @@ const X32_SYSCALL_BIT: i64 = 0x4000_0000;
 #[error("building the seccomp filter: {0}")]
 pub struct SeccompError(String);
 
+#[cfg(test)]
 fn target_arch() -> Result<TargetArch, SeccompError> {
     std::env::consts::ARCH
         .try_into()
         .map_err(|e| SeccompError(format!("unsupported architecture: {e:?}")))
 }
 
+#[cfg(test)]
 fn err(e: impl std::fmt::Debug) -> SeccompError {
     SeccompError(format!("{e:?}"))
 }
@@ -168,8 +180,26 @@ pub enum Profile {
     ForkChild,
 }
 
+/// `nr` and, on x86-64, its x32 twin, with `verdict`.
+fn both_abis(policy: &mut BTreeMap<u32, Verdict>, nr: libc::c_long, verdict: Verdict) {
+    let nr = u32::try_from(nr).expect("system call numbers fit in 32 bits");
+    #[cfg(target_arch = "x86_64")]
+    policy.insert(nr | X32_SYSCALL_BIT as u32, verdict.clone());
+    policy.insert(nr, verdict);
+}
+
+const EPERM: u16 = libc::EPERM as u16;
+
 /// The filter that completes [`Profile::ForkChild`]: `mount` refused.
 pub fn build_mount_filter() -> Result<BpfProgram, SeccompError> {
+    let mut policy = BTreeMap::new();
+    both_abis(&mut policy, libc::SYS_mount, Verdict::Refuse(EPERM));
+    Ok(tree::compile(&policy))
+}
+
+/// [`build_mount_filter`] as `seccompiler` builds it (the tests' reference).
+#[cfg(test)]
+fn reference_mount_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     rules.insert(libc::SYS_mount, Vec::new());
     #[cfg(target_arch = "x86_64")]
@@ -204,8 +234,67 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
     build_filters_for(Profile::Task)
 }
 
-/// The filters of `profile`, in the order they are to be loaded.
+/// The filters of `profile`, in the order they are to be loaded: the
+/// refusals, then `clone3` answered with `ENOSYS`.
 pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
+    let mut policy = BTreeMap::new();
+    for &(_, nr) in DENIED {
+        if profile == Profile::ForkServer && FORK_SERVER_ALLOWED.contains(&nr) {
+            continue;
+        }
+        if profile == Profile::ForkChild && nr == libc::SYS_mount {
+            continue;
+        }
+        both_abis(&mut policy, nr, Verdict::Refuse(EPERM));
+    }
+    // clone with any namespace flag (all single bits of the low half).
+    let clone = CLONE_NAMESPACE_FLAGS
+        .iter()
+        .map(|&flag| {
+            let bit = u32::try_from(flag).expect("clone's namespace flags are 32-bit");
+            ArgCheck {
+                arg: 0,
+                mask: bit,
+                value: bit,
+            }
+        })
+        .collect();
+    both_abis(
+        &mut policy,
+        libc::SYS_clone,
+        Verdict::RefuseIf(EPERM, clone),
+    );
+    // Packet sockets, and raw sockets of any family.
+    let socket = vec![
+        ArgCheck {
+            arg: 0,
+            mask: u32::MAX,
+            value: libc::AF_PACKET as u32,
+        },
+        ArgCheck {
+            arg: 1,
+            mask: 0xf,
+            value: libc::SOCK_RAW as u32,
+        },
+    ];
+    both_abis(
+        &mut policy,
+        libc::SYS_socket,
+        Verdict::RefuseIf(EPERM, socket),
+    );
+
+    let mut clone3 = BTreeMap::new();
+    both_abis(
+        &mut clone3,
+        libc::SYS_clone3,
+        Verdict::Refuse(libc::ENOSYS as u16),
+    );
+    Ok(vec![tree::compile(&policy), tree::compile(&clone3)])
+}
+
+/// [`build_filters_for`] as `seccompiler` builds it (the tests' reference).
+#[cfg(test)]
+fn reference_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(_, nr) in DENIED {
         if profile == Profile::ForkServer && FORK_SERVER_ALLOWED.contains(&nr) {
@@ -312,6 +401,158 @@ pub(crate) fn apply(filters: &[BpfProgram]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Argument patterns for the calls with conditions: no bits, each bit
+    /// of the first two arguments alone, the values the rules name with
+    /// and without other bits, and pseudo-random words.
+    fn arg_patterns() -> Vec<[u64; 6]> {
+        let mut v = vec![[0u64; 6]];
+        for bit in 0..64 {
+            v.push([1 << bit, 0, 0, 0, 0, 0]);
+            v.push([0, 1 << bit, 0, 0, 0, 0]);
+        }
+        let packet = libc::AF_PACKET as u64;
+        let raw = libc::SOCK_RAW as u64;
+        for hi in [0u64, 1 << 32, 0xffff_ffff << 32] {
+            v.push([packet | hi, 1, 0, 0, 0, 0]);
+            v.push([2, raw | hi, 0, 0, 0, 0]);
+            v.push([
+                2,
+                raw | libc::SOCK_CLOEXEC as u64 | libc::SOCK_NONBLOCK as u64 | hi,
+                0,
+                0,
+                0,
+                0,
+            ]);
+            v.push([10, (raw + 16) | hi, 0, 0, 0, 0]);
+            v.push([packet + 1, raw + 1, 0, 0, 0, 0]);
+            for &flag in CLONE_NAMESPACE_FLAGS {
+                v.push([flag | hi | libc::SIGCHLD as u64, 0, 0, 0, 0, 0]);
+            }
+            v.push([
+                libc::CLONE_VM as u64 | libc::CLONE_THREAD as u64 | hi,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]);
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..300 {
+            let mut a = [0u64; 6];
+            for slot in &mut a {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *slot = x;
+            }
+            v.push(a);
+        }
+        v
+    }
+
+    /// `ours` decides like `reference` for every call number of both ABIs
+    /// (and some beyond), every architecture tried, and, for the calls
+    /// with argument conditions, every argument pattern.
+    fn assert_same_decisions(ours: &BpfProgram, reference: &BpfProgram, what: &str) {
+        let arches = [tree::AUDIT_ARCH, 0x4000_0003, 0xc000_00b7, 0xc000_003e, 0];
+        let mut numbers: Vec<u32> = (0..1100).collect();
+        numbers.extend((0..1100).map(|n| 0x4000_0000 | n));
+        numbers.extend([0x3fff_ffff, 0x8000_0000, 0xc000_0000, u32::MAX]);
+        let conditional = [libc::SYS_clone as u32, libc::SYS_socket as u32];
+        let patterns = arg_patterns();
+        for arch in arches {
+            for &nr in &numbers {
+                let args: &[[u64; 6]] = if conditional.contains(&(nr & !0x4000_0000)) {
+                    &patterns
+                } else {
+                    &patterns[..1]
+                };
+                for a in args {
+                    assert_eq!(
+                        tree::run(ours, nr, arch, *a),
+                        tree::run(reference, nr, arch, *a),
+                        "{what}: nr {nr:#x}, arch {arch:#x}, args {a:x?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_tree_filters_decide_exactly_like_seccompilers_lists() {
+        for profile in [Profile::Task, Profile::ForkServer, Profile::ForkChild] {
+            let ours = build_filters_for(profile).expect("builds");
+            let reference = reference_filters_for(profile).expect("builds");
+            assert_eq!(ours.len(), reference.len());
+            for (i, (o, r)) in ours.iter().zip(&reference).enumerate() {
+                assert_same_decisions(o, r, &format!("{profile:?} filter {i}"));
+            }
+            // The point of the tree: far shorter than the list.
+            assert!(
+                ours[0].len() * 2 < reference[0].len(),
+                "{} against {}",
+                ours[0].len(),
+                reference[0].len()
+            );
+        }
+        assert_same_decisions(
+            &build_mount_filter().expect("builds"),
+            &reference_mount_filter().expect("builds"),
+            "mount filter",
+        );
+    }
+
+    #[test]
+    fn the_task_filter_refuses_what_it_lists_and_allows_the_rest() {
+        let f = &build_filters().expect("builds")[0];
+        let run =
+            |nr: libc::c_long, args: [u64; 6]| tree::run(f, nr as u32, tree::AUDIT_ARCH, args);
+        let eperm = tree::RET_ERRNO | libc::EPERM as u32;
+        for &(_, nr) in DENIED {
+            assert_eq!(run(nr, [0; 6]), eperm, "{nr}");
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(run(nr | X32_SYSCALL_BIT, [0; 6]), eperm, "x32 {nr}");
+        }
+        for nr in [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_openat,
+            libc::SYS_execve,
+        ] {
+            assert_eq!(run(nr, [0; 6]), tree::RET_ALLOW, "{nr}");
+        }
+        let newnet = libc::CLONE_NEWNET as u64 | libc::SIGCHLD as u64;
+        assert_eq!(run(libc::SYS_clone, [newnet, 0, 0, 0, 0, 0]), eperm);
+        assert_eq!(
+            run(libc::SYS_clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            tree::RET_ALLOW
+        );
+        assert_eq!(
+            run(libc::SYS_socket, [libc::AF_PACKET as u64, 3, 0, 0, 0, 0]),
+            eperm
+        );
+        assert_eq!(
+            run(
+                libc::SYS_socket,
+                [libc::AF_INET as u64, libc::SOCK_RAW as u64, 0, 0, 0, 0]
+            ),
+            eperm
+        );
+        assert_eq!(
+            run(
+                libc::SYS_socket,
+                [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0]
+            ),
+            tree::RET_ALLOW
+        );
+        assert_eq!(
+            tree::run(f, libc::SYS_read as u32, 0x4000_0003, [0; 6]),
+            tree::RET_KILL_PROCESS,
+            "another architecture"
+        );
+    }
 
     #[test]
     fn the_fork_child_profile_and_the_mount_filter_build() {
