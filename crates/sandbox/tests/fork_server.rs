@@ -405,6 +405,53 @@ fn preloaded_modules_are_loaded_before_the_task_by_a_server_of_their_own() {
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// Past 8 servers (one per preload list here), the least recently used
+/// idle one is stopped to make room: the count stays at 8 and every task
+/// still runs warm.
+#[test]
+fn a_ninth_preload_list_stops_the_least_recently_used_server() {
+    let _s = serial();
+    let w = warm();
+    let modules = [
+        "colorsys",
+        "wave",
+        "base64",
+        "string",
+        "textwrap",
+        "fractions",
+        "shlex",
+        "glob",
+        "bisect",
+    ];
+    for (i, m) in modules.iter().enumerate() {
+        let out = w.run(&preloading(&[m]), None).expect("runs");
+        assert_eq!(json_output(&out)["colorsys"], i == 0, "{m}");
+        assert_eq!(w.fork_server_count(), (i + 1).min(8), "after {m}");
+    }
+    // The first list's server was the least recently used: it is gone, and
+    // its next task starts a server again (evicting the next oldest).
+    let out = w.run(&preloading(&["colorsys"]), None).expect("runs");
+    assert_eq!(json_output(&out)["colorsys"], true);
+    assert_eq!(w.fork_server_count(), 8);
+    let stats = w.stats();
+    assert_eq!(stats.fork_server_runs, 10, "all ran warm: {stats:?}");
+    assert_eq!(stats.fork_server_fallbacks, 0, "{stats:?}");
+    // A server's argv ends with its modules (its spares are forks of it,
+    // with the same command line): "wave", evicted last, is gone; the
+    // others run.
+    let server_of = |m: &str| processes_with(&format!("seccomp-child-final.bpf {m}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !server_of("wave").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server_of("wave").is_empty(), "{:?}", server_of("wave"));
+    for m in modules.iter().filter(|m| **m != "wave") {
+        assert!(!server_of(m).is_empty(), "the server of {m} runs");
+    }
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
 #[test]
 fn a_module_that_does_not_import_runs_its_tasks_cold_without_a_server_start_each() {
     let _s = serial();
