@@ -98,9 +98,10 @@ pub struct BenchArgs {
     /// Bearer token (with --server).
     #[arg(long, env = "TASKEXEC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// With --server: the same task also run this many times with
-    /// `taskexec run`, one by one on this machine, as the baseline (0
-    /// skips it). Run it where the server runs, for a fair comparison.
+    /// With --server: the same task also run this many times through the
+    /// warm engine alone (2×cores at once) and with `taskexec run` one by
+    /// one, on this machine, as the baselines (0 skips them). Run it where
+    /// the server runs, for a fair comparison.
     #[arg(long, default_value_t = 100)]
     pub baseline_tasks: usize,
 }
