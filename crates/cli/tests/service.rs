@@ -599,6 +599,20 @@ fn bad_input_is_refused_with_the_field_and_stores_nothing() {
             Some("priority"),
         ),
         (
+            br#"{"definition":{"code":"echo","preload":["json"]},"executionConfig":{"runtime":"bash"}}"#
+                .to_vec(),
+            422,
+            "INPUT_VALIDATION",
+            Some("definition.preload"),
+        ),
+        (
+            br#"{"definition":{"code":"def main(x): return x","mode":"handler","preload":["json","../x"]},"executionConfig":{"runtime":"python"}}"#
+                .to_vec(),
+            422,
+            "INPUT_VALIDATION",
+            Some("definition.preload[1]"),
+        ),
+        (
             br#"{"id":"../etc","definition":{"code":"echo"},"executionConfig":{"runtime":"bash"}}"#
                 .to_vec(),
             422,
@@ -1122,6 +1136,74 @@ fn the_warm_runner_reports_its_state_and_is_gone_after_sigterm() {
     assert!(left.is_empty(), "cgroups left by a clean exit: {left:?}");
     let launchers = util::processes_with(&format!("__taskexec-launcher\0{}\0", s.pid));
     assert!(launchers.is_empty(), "launchers left: {launchers:?}");
+}
+
+/// `definition.preload` over HTTP: a python handler gets its module loaded
+/// before its file, by a fork server of its own; a module that does not
+/// import fails the task (and is counted as a server start failure); a
+/// script task with a preload list is refused naming the field.
+#[test]
+fn preloaded_modules_reach_the_handler_through_the_api() {
+    let s = Setup::new().start();
+    let mut handler = python(
+        "import sys\nSEEN = 'colorsys' in sys.modules\n\n\ndef main(input):\n    return {'colorsys': SEEN}\n",
+    );
+    handler["definition"]["mode"] = json!("handler");
+    let r = s.post("/v1/tasks?wait=60s", &handler);
+    assert_eq!(
+        r.json["result"]["output"],
+        json!({"colorsys": false}),
+        "{}",
+        r.text
+    );
+    handler["definition"]["preload"] = json!(["colorsys"]);
+    let r = s.post("/v1/tasks?wait=60s", &handler);
+    assert_eq!(r.json["status"], "COMPLETED", "{}", r.text);
+    assert_eq!(
+        r.json["result"]["output"],
+        json!({"colorsys": true}),
+        "{}",
+        r.text
+    );
+    let page = wait_metrics(&s, "two fork servers", |p| {
+        metric(p, "taskexec_fork_servers") == Some(2.0)
+            && metric(p, "taskexec_fork_server_runs_total") == Some(2.0)
+    });
+    assert_eq!(
+        metric(&page, "taskexec_fork_server_start_failures_total").unwrap_or(0.0),
+        0.0,
+        "{page}"
+    );
+
+    handler["definition"]["preload"] = json!(["taskexec_no_such_module"]);
+    handler["retryPolicy"] = json!({"maxRetries": 0});
+    let r = s.post("/v1/tasks?wait=60s", &handler);
+    assert_eq!(r.json["status"], "FAILED", "{}", r.text);
+    let message = r.json["result"]["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message
+            .starts_with("PreloadError: definition.preload: cannot import taskexec_no_such_module"),
+        "{}",
+        r.text
+    );
+    wait_metrics(&s, "a failed server start", |p| {
+        metric(p, "taskexec_fork_server_start_failures_total") == Some(1.0)
+    });
+
+    let mut script = python("print('hi')\n");
+    script["definition"]["preload"] = json!(["colorsys"]);
+    let r = s.post("/v1/tasks", &script);
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(r.json["error"]["field"], "definition.preload", "{}", r.text);
+    let mut bad = handler.clone();
+    bad["definition"]["preload"] = json!(["os;rm"]);
+    let r = s.post("/v1/tasks", &bad);
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(
+        r.json["error"]["field"], "definition.preload[0]",
+        "{}",
+        r.text
+    );
 }
 
 #[test]
