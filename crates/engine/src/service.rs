@@ -1346,6 +1346,7 @@ fn record_warm_stats(s: &WarmStats) {
     counter!("taskexec_fork_server_runs_total").absolute(s.fork_server_runs);
     counter!("taskexec_fork_server_fallbacks_total").absolute(s.fork_server_fallbacks);
     counter!("taskexec_fork_server_start_failures_total").absolute(s.fork_server_start_failures);
+    counter!("taskexec_fork_servers_recycled_total").absolute(s.fork_servers_recycled);
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked.

@@ -30,4 +30,4 @@ pub use spawn::{
     SandboxError, SandboxLimits, Termination,
 };
 pub use spec::{ExitStatus, RoMount, SandboxFile, signal_name};
-pub use warm::{WarmConfig, WarmSandbox, WarmStats};
+pub use warm::{Recycle, WarmConfig, WarmSandbox, WarmStats};

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pool::{LauncherPool, PoolConfig, PoolStats};
 use crate::spawn::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError};
+pub use crate::zygote::Recycle;
 use crate::zygote::{Fallback, ForkServers};
 
 /// Settings of the warm runner.
@@ -16,6 +17,8 @@ pub struct WarmConfig {
     /// Run handler tasks whose runtime has a fork server in forked children
     /// of a pre-started interpreter.
     pub fork_servers: bool,
+    /// When a fork server is replaced by a fresh one.
+    pub recycle: Recycle,
 }
 
 /// Counters and gauges of a [`WarmSandbox`], for metrics and tests.
@@ -37,6 +40,9 @@ pub struct WarmStats {
     /// `definition.preload` that does not import, an interpreter that
     /// cannot start): their kind of request then runs cold for a while.
     pub fork_server_start_failures: u64,
+    /// Fork servers replaced by fresh ones for their age or runs
+    /// ([`Recycle`]).
+    pub fork_servers_recycled: u64,
 }
 
 /// Runs each request the fastest safe way available: a fork-server child,
@@ -60,7 +66,7 @@ impl WarmSandbox {
             pool: LauncherPool::new(Arc::clone(&sandbox), config.pool),
             fork_servers: config
                 .fork_servers
-                .then(|| ForkServers::new(Arc::clone(&sandbox))),
+                .then(|| ForkServers::new(Arc::clone(&sandbox), config.recycle)),
             sandbox,
             fork_runs: AtomicU64::new(0),
             fork_fallbacks: AtomicU64::new(0),
@@ -126,6 +132,7 @@ impl WarmSandbox {
                 .fork_servers
                 .as_ref()
                 .map_or(0, ForkServers::start_failures),
+            fork_servers_recycled: self.fork_servers.as_ref().map_or(0, ForkServers::recycled),
         }
     }
 
@@ -203,6 +210,7 @@ mod tests {
                     ..PoolConfig::default()
                 },
                 fork_servers,
+                ..WarmConfig::default()
             },
         )
     }

@@ -104,6 +104,31 @@ pub(crate) struct ForkServers {
     failed: Mutex<HashMap<u64, Instant>>,
     /// Servers that failed to start, since the beginning.
     start_failures: std::sync::atomic::AtomicU64,
+    /// When a server is replaced by a fresh one.
+    recycle: Recycle,
+    /// Servers replaced so far for their age or runs.
+    recycled: std::sync::atomic::AtomicU64,
+}
+
+/// When a fork server is replaced by a fresh one: everything a task can
+/// learn of the pre-fork image (the string-hash secret, the address-space
+/// layout) is then shared by that many tasks at most, for that long at
+/// most. Runs in flight finish in the old server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recycle {
+    /// Runs handed to one server at most.
+    pub max_runs: u64,
+    /// A server's longest life.
+    pub max_age: Duration,
+}
+
+impl Default for Recycle {
+    fn default() -> Self {
+        Self {
+            max_runs: 1000,
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Servers running at once at most; past it, the least recently used idle
@@ -132,6 +157,9 @@ struct Server {
     in_flight: AtomicUsize,
     /// When a run last started here (for [`MAX_SERVERS`]' eviction).
     last_used: Mutex<Instant>,
+    /// When it started, and the runs handed to it (for [`Recycle`]).
+    started: Instant,
+    runs: std::sync::atomic::AtomicU64,
     stopping: AtomicBool,
     refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The limits new spares get: the last task's.
@@ -265,7 +293,7 @@ fn wait_readable(
 const REAP_DELAY: Duration = Duration::from_millis(10);
 
 impl ForkServers {
-    pub(crate) fn new(sandbox: Arc<Sandbox>) -> Self {
+    pub(crate) fn new(sandbox: Arc<Sandbox>, recycle: Recycle) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Spare>();
         // Dropping a spare kills what is left of it, waits until it is
         // gone and removes its cgroup (see `Drop for Spare`). Finished runs
@@ -294,7 +322,14 @@ impl ForkServers {
             retired: Mutex::new(Vec::new()),
             failed: Mutex::new(HashMap::new()),
             start_failures: std::sync::atomic::AtomicU64::new(0),
+            recycle,
+            recycled: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Servers replaced so far for their age or runs.
+    pub(crate) fn recycled(&self) -> u64 {
+        self.recycled.load(Ordering::Relaxed)
     }
 
     /// Servers that failed to start so far.
@@ -380,12 +415,20 @@ impl ForkServers {
         // one server instead of starting several.
         let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(&key) {
-            if s.alive() {
+            let worn = s.runs.load(Ordering::SeqCst) >= self.recycle.max_runs
+                || s.started.elapsed() >= self.recycle.max_age;
+            if s.alive() && !worn {
                 s.touch();
+                s.runs.fetch_add(1, Ordering::SeqCst);
                 return Ok(Arc::clone(s));
             }
-            if let Some(dead) = map.remove(&key) {
-                self.retire(&dead);
+            if worn {
+                self.recycled.fetch_add(1, Ordering::Relaxed);
+            }
+            // Dead, or replaced: runs in flight keep the old one alive until
+            // they end (its last reference stops it).
+            if let Some(old) = map.remove(&key) {
+                self.retire(&old);
             }
         }
         if let Ok(mut failed) = self.failed.lock() {
@@ -408,6 +451,7 @@ impl ForkServers {
         }
         match start_server(Arc::clone(&self.sandbox), key, kind, req) {
             Ok(server) => {
+                server.runs.fetch_add(1, Ordering::SeqCst);
                 map.insert(key, Arc::clone(&server));
                 Ok(server)
             }
@@ -431,11 +475,12 @@ impl ForkServers {
         for server in servers {
             server.stop();
             let handle = server.refill_thread.lock().ok().and_then(|mut h| h.take());
+            // Our reference goes first: the thread waits for the last one
+            // (a run still in flight holds one until it ends).
+            drop(server);
             if let Some(h) = handle {
                 let _ = h.join();
             }
-            // The last reference: the server is stopped here.
-            drop(server);
         }
         // Servers that died earlier: their threads may still hold them.
         let retired: Vec<_> = self
@@ -509,6 +554,15 @@ fn refill(weak: &Weak<Server>, sandbox: &Sandbox) {
             return;
         };
         if server.stopping.load(Ordering::SeqCst) {
+            drop(server);
+            // The server's launcher dies with this thread (its parent-death
+            // signal follows the thread that spawned it), and with it every
+            // child of the server: a stopped server (recycled, evicted)
+            // may still have runs in flight, so wait for its last
+            // reference to go (its `Drop` then stops it).
+            while weak.strong_count() > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             return;
         }
         // Two ahead: a spare's cgroup attach can wait out an RCU grace
@@ -731,6 +785,8 @@ impl Server {
             refill: Condvar::new(),
             in_flight: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
+            started: Instant::now(),
+            runs: std::sync::atomic::AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             refill_thread: Mutex::new(None),
             spare_limits: Mutex::new(SPARE_LIMITS),

@@ -487,6 +487,99 @@ fn a_module_that_does_not_import_runs_its_tasks_cold_without_a_server_start_each
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// A server is replaced after `max_runs` runs: the tasks of the next server
+/// see another string-hash secret (what the pre-fork image shares is shared
+/// by that many tasks at most), and the old server's processes are gone.
+#[test]
+fn a_server_is_recycled_after_its_runs_and_its_secrets_change() {
+    let _s = serial();
+    let w = WarmSandbox::new(
+        sandbox(),
+        WarmConfig {
+            fork_servers: true,
+            recycle: Recycle {
+                max_runs: 3,
+                max_age: Duration::from_secs(3600),
+            },
+            ..WarmConfig::default()
+        },
+    );
+    let req = handler(
+        "def main(x):\n    return {'hash': hash('taskexec')}\n",
+        "{}",
+    );
+    let hashes: Vec<i64> = (0..7)
+        .map(|_| {
+            json_output(&w.run(&req, None).expect("runs"))["hash"]
+                .as_i64()
+                .expect("a hash")
+        })
+        .collect();
+    assert!(hashes[..3].iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    assert!(hashes[3..6].iter().all(|h| *h == hashes[3]), "{hashes:?}");
+    assert_ne!(hashes[0], hashes[3], "a fresh server, a fresh secret");
+    assert_ne!(hashes[3], hashes[6], "and again after three more runs");
+    let stats = w.stats();
+    assert_eq!(stats.fork_servers, 1, "{stats:?}");
+    assert_eq!(stats.fork_servers_recycled, 2, "{stats:?}");
+    assert_eq!(stats.fork_server_runs, 7, "all ran warm: {stats:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+/// Runs in flight when their server is replaced finish in it: a handler
+/// that sleeps a little keeps runs overlapping while servers are recycled
+/// every two runs, four at a time; every one ends with its output.
+#[test]
+fn runs_in_flight_when_their_server_is_recycled_finish_there() {
+    let _s = serial();
+    let w = WarmSandbox::new(
+        sandbox(),
+        WarmConfig {
+            fork_servers: true,
+            recycle: Recycle {
+                max_runs: 2,
+                max_age: Duration::from_secs(3600),
+            },
+            ..WarmConfig::default()
+        },
+    );
+    let req = handler(
+        "import time\ndef main(x):\n    time.sleep(0.05)\n    return x\n",
+        "{\"n\": 7}",
+    );
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..4 {
+                        let out = w.run(&req, None).expect("runs");
+                        assert_eq!(
+                            out.termination,
+                            Termination::Exited(ExitStatus::Code(0)),
+                            "stderr: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        assert_eq!(json_output(&out)["n"], 7);
+                    }
+                })
+            })
+            .collect();
+        for h in workers {
+            h.join().expect("a worker");
+        }
+    });
+    let stats = w.stats();
+    assert!(stats.fork_servers_recycled >= 4, "{stats:?}");
+    assert_eq!(
+        stats.fork_server_runs + stats.fork_server_fallbacks,
+        16,
+        "{stats:?}"
+    );
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
 #[test]
 fn a_killed_fork_server_is_replaced_and_tasks_still_run() {
     let _s = serial();
