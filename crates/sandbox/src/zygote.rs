@@ -554,15 +554,17 @@ fn refill(weak: &Weak<Server>, sandbox: &Sandbox) {
             return;
         };
         if server.stopping.load(Ordering::SeqCst) {
-            drop(server);
             // The server's launcher dies with this thread (its parent-death
             // signal follows the thread that spawned it), and with it every
             // child of the server: a stopped server (recycled, evicted)
-            // may still have runs in flight, so wait for its last
-            // reference to go (its `Drop` then stops it).
-            while weak.strong_count() > 0 {
+            // may still have runs in flight. Wait until ours is the last
+            // reference, then drop it here, so the server's `Drop` (kill,
+            // wait, remove the cgroup) runs on this thread, off the path of
+            // the last run's answer.
+            while Arc::strong_count(&server) > 1 {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            drop(server);
             return;
         }
         // Two ahead: a spare's cgroup attach can wait out an RCU grace
