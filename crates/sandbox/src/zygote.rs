@@ -160,6 +160,8 @@ struct Server {
     /// When it started, and the runs handed to it (for [`Recycle`]).
     started: Instant,
     runs: std::sync::atomic::AtomicU64,
+    /// A request is starting this server's replacement ([`Recycle`]).
+    replacing: AtomicBool,
     stopping: AtomicBool,
     refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The limits new spares get: the last task's.
@@ -414,28 +416,33 @@ impl ForkServers {
         // with heavy modules to preload): racing first requests wait for
         // one server instead of starting several.
         let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = map.get(&key) {
-            let worn = s.runs.load(Ordering::SeqCst) >= self.recycle.max_runs
-                || s.started.elapsed() >= self.recycle.max_age;
-            if s.alive() && !worn {
+        if let Some(s) = map.get(&key).cloned() {
+            if s.alive() {
+                let worn = s.runs.load(Ordering::SeqCst) >= self.recycle.max_runs
+                    || s.started.elapsed() >= self.recycle.max_age;
+                // One request replaces a worn server, unless a start of
+                // this key failed a short while ago; the others keep using
+                // it meanwhile.
+                if worn
+                    && !self.recently_failed(key)
+                    && s.replacing
+                        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    drop(map);
+                    return self.replace(key, kind, req, &s);
+                }
                 s.touch();
                 s.runs.fetch_add(1, Ordering::SeqCst);
-                return Ok(Arc::clone(s));
+                return Ok(s);
             }
-            if worn {
-                self.recycled.fetch_add(1, Ordering::Relaxed);
-            }
-            // Dead, or replaced: runs in flight keep the old one alive until
-            // they end (its last reference stops it).
-            if let Some(old) = map.remove(&key) {
-                self.retire(&old);
-            }
+            // Dead: runs in flight keep it until they end (its last
+            // reference stops it).
+            map.remove(&key);
+            self.retire(&s);
         }
-        if let Ok(mut failed) = self.failed.lock() {
-            failed.retain(|_, at| at.elapsed() < START_BACKOFF);
-            if failed.contains_key(&key) {
-                return Err(Fallback::StartBackoff);
-            }
+        if self.recently_failed(key) {
+            return Err(Fallback::StartBackoff);
         }
         if map.len() >= MAX_SERVERS {
             // Room for one more: stop the least recently used idle server.
@@ -463,6 +470,59 @@ impl ForkServers {
                 Err(Fallback::ServerFailed(e))
             }
         }
+    }
+
+    /// Whether a server of `key` failed to start within [`START_BACKOFF`].
+    fn recently_failed(&self, key: u64) -> bool {
+        self.failed.lock().is_ok_and(|mut failed| {
+            failed.retain(|_, at| at.elapsed() < START_BACKOFF);
+            failed.contains_key(&key)
+        })
+    }
+
+    /// Starts the replacement of the worn server `old` of `key`, without
+    /// the servers' lock (other keys' requests, and this key's on `old`,
+    /// go on meanwhile), then puts it in `old`'s place and retires `old`,
+    /// whose runs in flight finish there. If the start fails, `old` keeps
+    /// serving until the next try.
+    fn replace(
+        &self,
+        key: u64,
+        kind: &str,
+        req: &RunRequest,
+        old: &Arc<Server>,
+    ) -> Result<Arc<Server>, Fallback> {
+        let started = start_server(Arc::clone(&self.sandbox), key, kind, req);
+        let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        let new = match started {
+            Ok(new) => new,
+            Err(_) => {
+                self.start_failures.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut failed) = self.failed.lock() {
+                    failed.insert(key, Instant::now());
+                }
+                old.replacing.store(false, Ordering::SeqCst);
+                old.runs.fetch_add(1, Ordering::SeqCst);
+                return Ok(Arc::clone(old));
+            }
+        };
+        self.recycled.fetch_add(1, Ordering::Relaxed);
+        if let Some(current) = map.get(&key)
+            && !Arc::ptr_eq(current, old)
+        {
+            // `old` died meanwhile and another request replaced it: use
+            // that one, ours goes.
+            let current = Arc::clone(current);
+            drop(map);
+            self.retire(&new);
+            current.runs.fetch_add(1, Ordering::SeqCst);
+            return Ok(current);
+        }
+        new.runs.fetch_add(1, Ordering::SeqCst);
+        map.insert(key, Arc::clone(&new));
+        drop(map);
+        self.retire(old);
+        Ok(new)
     }
 
     /// Stops every server and waits until its processes and cgroups are
@@ -789,6 +849,7 @@ impl Server {
             last_used: Mutex::new(Instant::now()),
             started: Instant::now(),
             runs: std::sync::atomic::AtomicU64::new(0),
+            replacing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             refill_thread: Mutex::new(None),
             spare_limits: Mutex::new(SPARE_LIMITS),

@@ -570,7 +570,7 @@ fn runs_in_flight_when_their_server_is_recycled_finish_there() {
         }
     });
     let stats = w.stats();
-    assert!(stats.fork_servers_recycled >= 4, "{stats:?}");
+    assert!(stats.fork_servers_recycled >= 2, "{stats:?}");
     assert_eq!(
         stats.fork_server_runs + stats.fork_server_fallbacks,
         16,
