@@ -108,6 +108,39 @@ pub(crate) struct ForkServers {
     recycle: Recycle,
     /// Servers replaced so far for their age or runs.
     recycled: std::sync::atomic::AtomicU64,
+    /// Keys whose first server is starting, without the servers' lock.
+    starting: Mutex<HashMap<u64, Arc<Pending>>>,
+}
+
+/// A server start in progress, for the requests of its key that wait.
+#[derive(Debug, Default)]
+struct Pending {
+    done: Mutex<bool>,
+    ended: Condvar,
+}
+
+impl Pending {
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.ended.notify_all();
+    }
+
+    /// Until the start ends, or `limit`.
+    fn wait(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while !*done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            done = self
+                .ended
+                .wait_timeout(done, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
 }
 
 /// When a fork server is replaced by a fresh one: everything a task can
@@ -326,6 +359,7 @@ impl ForkServers {
             start_failures: std::sync::atomic::AtomicU64::new(0),
             recycle,
             recycled: std::sync::atomic::AtomicU64::new(0),
+            starting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -412,63 +446,94 @@ impl ForkServers {
     }
 
     fn server(&self, key: u64, kind: &str, req: &RunRequest) -> Result<Arc<Server>, Fallback> {
-        // Held while a server starts (tens of milliseconds, rare; longer
-        // with heavy modules to preload): racing first requests wait for
-        // one server instead of starting several.
-        let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = map.get(&key).cloned() {
-            if s.alive() {
-                let worn = s.runs.load(Ordering::SeqCst) >= self.recycle.max_runs
-                    || s.started.elapsed() >= self.recycle.max_age;
-                // One request replaces a worn server, unless a start of
-                // this key failed a short while ago; the others keep using
-                // it meanwhile.
-                if worn
-                    && !self.recently_failed(key)
-                    && s.replacing
-                        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                {
+        loop {
+            let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = map.get(&key).cloned() {
+                if s.alive() {
+                    let worn = s.runs.load(Ordering::SeqCst) >= self.recycle.max_runs
+                        || s.started.elapsed() >= self.recycle.max_age;
+                    // One request replaces a worn server, unless a start of
+                    // this key failed a short while ago; the others keep
+                    // using it meanwhile.
+                    if worn
+                        && !self.recently_failed(key)
+                        && s.replacing
+                            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                    {
+                        drop(map);
+                        return self.replace(key, kind, req, &s);
+                    }
+                    s.touch();
+                    s.runs.fetch_add(1, Ordering::SeqCst);
+                    return Ok(s);
+                }
+                // Dead: runs in flight keep it until they end (its last
+                // reference stops it).
+                map.remove(&key);
+                self.retire(&s);
+            }
+            let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pending) = starting.get(&key).cloned() {
+                // Racing first requests wait for one server instead of
+                // starting several; then look again.
+                drop(starting);
+                drop(map);
+                pending.wait(START_TIMEOUT + Duration::from_secs(5));
+                continue;
+            }
+            if self.recently_failed(key) {
+                return Err(Fallback::StartBackoff);
+            }
+            if map.len() + starting.len() >= MAX_SERVERS {
+                // Room for one more: stop the least recently used idle server.
+                let idle = map
+                    .iter()
+                    .filter(|(_, s)| s.in_flight.load(Ordering::SeqCst) == 0)
+                    .min_by_key(|(_, s)| s.last_used())
+                    .map(|(k, _)| *k);
+                match idle.and_then(|k| map.remove(&k)) {
+                    Some(evicted) => self.retire(&evicted),
+                    None => return Err(Fallback::Busy),
+                }
+            }
+            // The start (tens of milliseconds, longer with heavy modules to
+            // preload) runs without the servers' lock: other keys' requests
+            // go on meanwhile.
+            let pending = Arc::new(Pending::default());
+            starting.insert(key, Arc::clone(&pending));
+            drop(starting);
+            drop(map);
+            let started = start_server(Arc::clone(&self.sandbox), key, kind, req);
+            let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+            self.starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            let shut_down = self.reaper.lock().map_or(true, |r| r.is_none());
+            let out = match started {
+                Ok(server) if shut_down => {
+                    // `shutdown` ran meanwhile: this one goes too.
                     drop(map);
-                    return self.replace(key, kind, req, &s);
+                    self.retire(&server);
+                    drop(server);
+                    Err(Fallback::NotEligible)
                 }
-                s.touch();
-                s.runs.fetch_add(1, Ordering::SeqCst);
-                return Ok(s);
-            }
-            // Dead: runs in flight keep it until they end (its last
-            // reference stops it).
-            map.remove(&key);
-            self.retire(&s);
-        }
-        if self.recently_failed(key) {
-            return Err(Fallback::StartBackoff);
-        }
-        if map.len() >= MAX_SERVERS {
-            // Room for one more: stop the least recently used idle server.
-            let idle = map
-                .iter()
-                .filter(|(_, s)| s.in_flight.load(Ordering::SeqCst) == 0)
-                .min_by_key(|(_, s)| s.last_used())
-                .map(|(k, _)| *k);
-            match idle.and_then(|k| map.remove(&k)) {
-                Some(evicted) => self.retire(&evicted),
-                None => return Err(Fallback::Busy),
-            }
-        }
-        match start_server(Arc::clone(&self.sandbox), key, kind, req) {
-            Ok(server) => {
-                server.runs.fetch_add(1, Ordering::SeqCst);
-                map.insert(key, Arc::clone(&server));
-                Ok(server)
-            }
-            Err(e) => {
-                self.start_failures.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut failed) = self.failed.lock() {
-                    failed.insert(key, Instant::now());
+                Ok(server) => {
+                    server.runs.fetch_add(1, Ordering::SeqCst);
+                    map.insert(key, Arc::clone(&server));
+                    Ok(server)
                 }
-                Err(Fallback::ServerFailed(e))
-            }
+                Err(e) => {
+                    self.start_failures.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut failed) = self.failed.lock() {
+                        failed.insert(key, Instant::now());
+                    }
+                    Err(Fallback::ServerFailed(e))
+                }
+            };
+            pending.finish();
+            return out;
         }
     }
 

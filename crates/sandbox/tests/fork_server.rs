@@ -405,6 +405,42 @@ fn preloaded_modules_are_loaded_before_the_task_by_a_server_of_their_own() {
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// First requests racing for new keys: those of one key wait for the one
+/// server that starts (without the servers' lock, so the other key's start
+/// goes on at the same time), and every request runs warm.
+#[test]
+fn racing_first_requests_start_one_server_per_key() {
+    let _s = serial();
+    let w = warm();
+    let barrier = std::sync::Barrier::new(6);
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..6)
+            .map(|i| {
+                let (w, barrier) = (&w, &barrier);
+                s.spawn(move || {
+                    let req = if i % 2 == 0 {
+                        preloading(&["colorsys"])
+                    } else {
+                        preloading(&["wave"])
+                    };
+                    barrier.wait();
+                    let out = w.run(&req, None).expect("runs");
+                    assert_eq!(json_output(&out)["colorsys"], i % 2 == 0, "run {i}");
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().expect("a run");
+        }
+    });
+    let stats = w.stats();
+    assert_eq!(stats.fork_servers, 2, "one per key: {stats:?}");
+    assert_eq!(stats.fork_server_runs, 6, "all warm: {stats:?}");
+    assert_eq!(stats.fork_server_fallbacks, 0, "{stats:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
 /// Past 8 servers (one per preload list here), the least recently used
 /// idle one is stopped to make room: the count stays at 8 and every task
 /// still runs warm.
