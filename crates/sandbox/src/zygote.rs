@@ -38,7 +38,7 @@
 //! distinct uids, a child can neither see nor signal another); a request
 //! that asks for a specific uid runs cold instead.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -182,7 +182,8 @@ struct Server {
     _channel: UnixStream,
     control: Mutex<OwnedFd>,
     cgroup: Mutex<Box<dyn TaskCgroup>>,
-    free_uids: Mutex<BTreeSet<u32>>,
+    /// Uids not lent now, least recently given back first.
+    free_uids: Mutex<VecDeque<u32>>,
     log: Arc<Mutex<Vec<u8>>>,
     work_dir: String,
     spares: Mutex<VecDeque<Spare>>,
@@ -237,6 +238,32 @@ struct Spare {
     err_r: OwnedFd,
     status_r: OwnedFd,
     cgroup: Box<dyn TaskCgroup>,
+    /// The uid of the task it was given: back to the server only once
+    /// every process of the task is gone.
+    lease: Option<UidLease>,
+}
+
+/// A uid of a server's pool, lent to one run. Given back when dropped:
+/// by a run that never handed its task over, at once; by a run that did,
+/// with its spare, after the spare's cgroup is empty, so no process of one
+/// task can still be there when a later task gets the same uid.
+struct UidLease {
+    server: Weak<Server>,
+    uid: u32,
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.upgrade() {
+            server.give_uid(self.uid);
+        }
+    }
+}
+
+impl std::fmt::Debug for UidLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UidLease").field("uid", &self.uid).finish()
+    }
 }
 
 impl Spare {
@@ -251,8 +278,14 @@ impl Spare {
 impl Drop for Spare {
     fn drop(&mut self) {
         // An unused spare, or a finished run handed to the reaper: kill
-        // what is left, wait until it is gone, remove the cgroup.
-        let _ = self.cgroup.kill_all();
+        // what is left, wait until it is gone, remove the cgroup. Then its
+        // uid goes back (the lease drops after this), unless something of
+        // the task may have survived: that uid is then never lent again.
+        if self.cgroup.kill_all().is_err()
+            && let Some(lease) = self.lease.take()
+        {
+            std::mem::forget(lease);
+        }
         let _ = self.cgroup.remove();
     }
 }
@@ -406,12 +439,14 @@ impl ForkServers {
         let Some(uid) = server.take_uid() else {
             return Err(Fallback::Busy);
         };
-        let Some(reaper) = self.reaper.lock().ok().and_then(|r| r.as_ref().cloned()) else {
-            server.give_uid(uid);
-            return Err(Fallback::NotEligible); // shut down
+        let lease = UidLease {
+            server: Arc::downgrade(&server),
+            uid,
         };
-        let result = server.run(&self.sandbox, req, cancel, uid, &reaper);
-        server.give_uid(uid);
+        let Some(reaper) = self.reaper.lock().ok().and_then(|r| r.as_ref().cloned()) else {
+            return Err(Fallback::NotEligible); // shut down (the lease gives the uid back)
+        };
+        let result = server.run(&self.sandbox, req, cancel, lease, &reaper);
         match result {
             Ok(r) => Ok(r),
             Err(e) => {
@@ -744,15 +779,14 @@ impl Server {
     }
 
     fn take_uid(&self) -> Option<u32> {
-        let mut free = self.free_uids.lock().ok()?;
-        let uid = *free.iter().next()?;
-        free.remove(&uid);
-        Some(uid)
+        self.free_uids.lock().ok()?.pop_front()
     }
 
     fn give_uid(&self, uid: u32) {
-        if let Ok(mut free) = self.free_uids.lock() {
-            free.insert(uid);
+        if let Ok(mut free) = self.free_uids.lock()
+            && !free.contains(&uid)
+        {
+            free.push_back(uid);
         }
     }
 
@@ -1031,6 +1065,7 @@ impl Server {
             err_r,
             status_r,
             cgroup: sandbox.cgroups.create(&cgroup_name(), &limits)?,
+            lease: None,
         };
         let join: Vec<std::fs::File> = spare
             .cgroup
@@ -1102,7 +1137,7 @@ impl Server {
         sandbox: &Sandbox,
         req: &RunRequest,
         cancel: Option<&CancelToken>,
-        uid: u32,
+        lease: UidLease,
         reaper: &std::sync::mpsc::Sender<Spare>,
     ) -> Result<Result<RunOutcome, SandboxError>, SandboxError> {
         let t0 = Instant::now();
@@ -1111,7 +1146,9 @@ impl Server {
         let mut phases: Vec<(&'static str, Duration)> = Vec::new();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight(&self.in_flight);
-        let spare = self.take_spare(sandbox)?;
+        let mut spare = self.take_spare(sandbox)?;
+        let uid = lease.uid;
+        spare.lease = Some(lease);
         phases.push(("takeChild", t0.elapsed()));
         let t_limits = Instant::now();
         let task_limits = CgroupLimits {

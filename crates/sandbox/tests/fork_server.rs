@@ -159,7 +159,7 @@ def main(x):
         if os.fork() == 0:
             os.execv("/bin/sleep", ["sleep", "MARKER"])
         os._exit(0)
-    return {"ok": True}
+    return {"ok": True, "uid": os.getuid()}
 "#;
 
 #[test]
@@ -170,7 +170,8 @@ fn consecutive_children_of_one_server_share_nothing() {
     let marker = format!("{}.{}", 100 + std::process::id() % 100, std::process::id());
     let leaver = LEAVER.replace("MARKER", &marker);
     let out = w.run(&handler(&leaver, "null"), None).expect("runs");
-    assert_eq!(json_output(&out)["ok"], true);
+    let left = json_output(&out);
+    assert_eq!(left["ok"], true);
     let seen = json_output(&w.run(&handler(PROBE, "null"), None).expect("runs"));
     let again = json_output(&w.run(&handler(PROBE, "null"), None).expect("runs"));
     assert_eq!(w.fork_server_count(), 1, "all ran in the same server");
@@ -192,7 +193,18 @@ fn consecutive_children_of_one_server_share_nothing() {
     assert_eq!(seen["leak_sys"], serde_json::Value::Null);
     assert_eq!(seen["pids"], serde_json::json!([seen["me"]]), "{seen}");
     assert_ne!(seen["uid"], 0);
-    // The daemon of the first task died with it.
+    // Uids go round: the next tasks do not get the one just given back
+    // (which is given back only once the task's processes are all gone).
+    assert_ne!(seen["uid"], left["uid"], "{seen} after {left}");
+    assert_ne!(again["uid"], seen["uid"], "{again} after {seen}");
+    // The daemon of the first task died with it: killed when the task
+    // ended, reaped off the task's path a few milliseconds later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !processes_with(&format!("sleep {marker}")).is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(processes_with(&format!("sleep {marker}")).is_empty());
     drop(w);
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
