@@ -8,30 +8,12 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-#[test]
-fn quick_report_has_every_section_in_its_json_and_markdown() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let md = dir.path().join("benchmarks.md");
-    std::fs::write(&md, "# Benchmarks\n\nKept as is.\n").expect("write the markdown file");
+/// Runs `taskexec bench ARGS` with no `TASKEXEC_*` variables, requires
+/// success and returns its stdout parsed as one JSON document.
+fn bench_json(args: &[&str]) -> Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
-    cmd.args([
-        "bench",
-        "--quick",
-        "--tasks",
-        "1",
-        "--runtimes",
-        "bash",
-        "--drain-tasks",
-        "3",
-        "--json",
-        "--markdown",
-    ])
-    .arg(&md);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TASKEXEC_") {
-            cmd.env_remove(k);
-        }
-    }
+    cmd.arg("bench").args(args);
+    util::server::clear_env(&mut cmd);
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -43,7 +25,27 @@ fn quick_report_has_every_section_in_its_json_and_markdown() {
         "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-    let r: Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
+    serde_json::from_str(&stdout).expect("stdout is one JSON document")
+}
+
+#[test]
+fn quick_report_has_every_section_in_its_json_and_markdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let md = dir.path().join("benchmarks.md");
+    std::fs::write(&md, "# Benchmarks\n\nKept as is.\n").expect("write the markdown file");
+    let md_arg = md.to_string_lossy().into_owned();
+    let r = bench_json(&[
+        "--quick",
+        "--tasks",
+        "1",
+        "--runtimes",
+        "bash",
+        "--drain-tasks",
+        "3",
+        "--json",
+        "--markdown",
+        &md_arg,
+    ]);
 
     assert_eq!(r["schemaVersion"], 1);
     assert!(r["command"].as_str().expect("command").contains("--quick"));
@@ -130,9 +132,7 @@ fn quick_report_has_every_section_in_its_json_and_markdown() {
 /// `definition.preload`, beside the bare interpreter.
 #[test]
 fn a_python_report_compares_a_handler_with_and_without_preload() {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
-    cmd.args([
-        "bench",
+    let r = bench_json(&[
         "--quick",
         "--tasks",
         "1",
@@ -141,19 +141,6 @@ fn a_python_report_compares_a_handler_with_and_without_preload() {
         "--no-service",
         "--json",
     ]);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TASKEXEC_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run taskexec bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let r: Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
     let groups = r["groups"].as_array().expect("groups");
     let preload: Vec<&Value> = groups
         .iter()
@@ -201,9 +188,7 @@ fn a_python_report_compares_a_handler_with_and_without_preload() {
 fn server_bench_reports_the_server_beside_the_engine_alone_and_one_by_one_runs() {
     let setup = util::server::Setup::new();
     let server = setup.start();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskexec"));
-    cmd.args([
-        "bench",
+    let r = bench_json(&[
         "--server",
         &server.url,
         "--tasks",
@@ -216,15 +201,6 @@ fn server_bench_reports_the_server_beside_the_engine_alone_and_one_by_one_runs()
         "bash",
         "--json",
     ]);
-    util::server::clear_env(&mut cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run taskexec bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let r: Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
     assert_eq!(r["completed"], 4, "{r}");
     assert_eq!(r["failed"], 0, "{r}");
     assert!(r["throughputPerSecond"].as_f64().expect("throughput") > 0.0);

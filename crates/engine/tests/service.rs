@@ -93,6 +93,28 @@ async fn wait(service: &Service, id: &str) -> taskexec_store::TaskRecord {
         .expect("task exists")
 }
 
+/// Asserts that a submission was refused for its task `index`, which "can
+/// never run here", naming `field`; returns the message.
+fn assert_never_fits(
+    submitted: Result<Vec<Submitted>, SubmitError>,
+    index: usize,
+    field: &str,
+) -> String {
+    match submitted {
+        Err(SubmitError::Rejected { index: i, error }) => {
+            assert_eq!(i, index);
+            assert!(
+                error.message.contains("can never run here"),
+                "{}",
+                error.message
+            );
+            assert_eq!(error.details.expect("details")["field"], field);
+            error.message
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
 fn states(rec: &taskexec_store::TaskRecord) -> Vec<TaskStatus> {
     rec.history.iter().map(|h| h.to).collect()
 }
@@ -187,22 +209,12 @@ async fn a_compile_step_larger_than_the_node_is_rejected_at_submission() {
         "definition": {"name": "j", "code": "public class Main { public static void main(String[] a) {} }"},
         "executionConfig": {"runtime": "java", "resourceRequirements": {"cpu": "1", "memory": "64Mi"}},
     }));
-    match s.submit(vec![java]).await {
-        Err(SubmitError::Rejected { index, error }) => {
-            assert_eq!(index, 0);
-            assert!(error.message.contains("compile step"), "{}", error.message);
-            assert!(
-                error.message.contains("can never run here"),
-                "{}",
-                error.message
-            );
-            assert_eq!(
-                error.details.expect("details")["field"],
-                "executionConfig.resourceRequirements.memory"
-            );
-        }
-        other => panic!("expected a rejection, got {other:?}"),
-    }
+    let message = assert_never_fits(
+        s.submit(vec![java]).await,
+        0,
+        "executionConfig.resourceRequirements.memory",
+    );
+    assert!(message.contains("compile step"), "{message}");
     // A python task of the same size fits, and runs.
     let ids = s
         .submit(vec![task(json!({}))])
@@ -218,21 +230,11 @@ async fn a_task_that_can_never_fit_is_rejected_and_nothing_is_stored() {
     let big = task(
         json!({"executionConfig": {"runtime": "python", "resourceRequirements": {"cpu": "2"}}}),
     );
-    match s.submit(vec![task(json!({})), big]).await {
-        Err(SubmitError::Rejected { index, error }) => {
-            assert_eq!(index, 1);
-            assert!(
-                error.message.contains("can never run here"),
-                "{}",
-                error.message
-            );
-            assert_eq!(
-                error.details.expect("details")["field"],
-                "executionConfig.resourceRequirements.cpu"
-            );
-        }
-        other => panic!("expected a rejection, got {other:?}"),
-    }
+    assert_never_fits(
+        s.submit(vec![task(json!({})), big]).await,
+        1,
+        "executionConfig.resourceRequirements.cpu",
+    );
     let page = s
         .list(&taskexec_store::ListQuery {
             limit: 10,

@@ -148,13 +148,21 @@ impl WarmSandbox {
 /// The sandbox crate does not log; a fork server that failed is reported on
 /// stderr once per failure so an operator sees why tasks run cold.
 fn tracing_free_warn(e: &SandboxError) {
+    eprintln!(
+        "taskexec: fork server unavailable, running the task cold: {}",
+        error_chain(e)
+    );
+}
+
+/// `e` and its sources, one line.
+pub(crate) fn error_chain(e: &SandboxError) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text.push_str(&format!(": {s}"));
         source = s.source();
     }
-    eprintln!("taskexec: fork server unavailable, running the task cold: {text}");
+    text
 }
 
 #[cfg(test)]

@@ -247,6 +247,7 @@ struct Spare {
 /// by a run that never handed its task over, at once; by a run that did,
 /// with its spare, after the spare's cgroup is empty, so no process of one
 /// task can still be there when a later task gets the same uid.
+#[derive(Debug)]
 struct UidLease {
     server: Weak<Server>,
     uid: u32,
@@ -257,12 +258,6 @@ impl Drop for UidLease {
         if let Some(server) = self.server.upgrade() {
             server.give_uid(self.uid);
         }
-    }
-}
-
-impl std::fmt::Debug for UidLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UidLease").field("uid", &self.uid).finish()
     }
 }
 
@@ -560,10 +555,7 @@ impl ForkServers {
                     Ok(server)
                 }
                 Err(e) => {
-                    self.start_failures.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut failed) = self.failed.lock() {
-                        failed.insert(key, Instant::now());
-                    }
+                    self.start_failed(key);
                     Err(Fallback::ServerFailed(e))
                 }
             };
@@ -596,17 +588,17 @@ impl ForkServers {
         let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         let new = match started {
             Ok(new) => new,
-            Err(_) => {
-                self.start_failures.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut failed) = self.failed.lock() {
-                    failed.insert(key, Instant::now());
-                }
+            Err(e) => {
+                self.start_failed(key);
+                eprintln!(
+                    "taskexec: a fork server's replacement did not start, the old one serves on: {}",
+                    crate::warm::error_chain(&e)
+                );
                 old.replacing.store(false, Ordering::SeqCst);
                 old.runs.fetch_add(1, Ordering::SeqCst);
                 return Ok(Arc::clone(old));
             }
         };
-        self.recycled.fetch_add(1, Ordering::Relaxed);
         if let Some(current) = map.get(&key)
             && !Arc::ptr_eq(current, old)
         {
@@ -618,11 +610,21 @@ impl ForkServers {
             current.runs.fetch_add(1, Ordering::SeqCst);
             return Ok(current);
         }
+        self.recycled.fetch_add(1, Ordering::Relaxed);
         new.runs.fetch_add(1, Ordering::SeqCst);
         map.insert(key, Arc::clone(&new));
         drop(map);
         self.retire(old);
         Ok(new)
+    }
+
+    /// Counts a failed start of `key`'s server and holds the key back for
+    /// [`START_BACKOFF`].
+    fn start_failed(&self, key: u64) {
+        self.start_failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.insert(key, Instant::now());
+        }
     }
 
     /// Stops every server and waits until its processes and cgroups are

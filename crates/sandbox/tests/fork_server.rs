@@ -19,6 +19,21 @@ fn warm() -> WarmSandbox {
     )
 }
 
+/// A warm runner whose fork servers are replaced every `max_runs` runs.
+fn warm_recycling(max_runs: u64) -> WarmSandbox {
+    WarmSandbox::new(
+        sandbox(),
+        WarmConfig {
+            fork_servers: true,
+            recycle: Recycle {
+                max_runs,
+                max_age: Duration::from_secs(3600),
+            },
+            ..WarmConfig::default()
+        },
+    )
+}
+
 const WRAPPER: &str = include_str!("../../runtimes/wrappers/python_handler.py");
 
 fn handler(code: &str, input: &str) -> RunRequest {
@@ -541,17 +556,7 @@ fn a_module_that_does_not_import_runs_its_tasks_cold_without_a_server_start_each
 #[test]
 fn a_server_is_recycled_after_its_runs_and_its_secrets_change() {
     let _s = serial();
-    let w = WarmSandbox::new(
-        sandbox(),
-        WarmConfig {
-            fork_servers: true,
-            recycle: Recycle {
-                max_runs: 3,
-                max_age: Duration::from_secs(3600),
-            },
-            ..WarmConfig::default()
-        },
-    );
+    let w = warm_recycling(3);
     let req = handler(
         "def main(x):\n    return {'hash': hash('taskexec')}\n",
         "{}",
@@ -581,17 +586,7 @@ fn a_server_is_recycled_after_its_runs_and_its_secrets_change() {
 #[test]
 fn runs_in_flight_when_their_server_is_recycled_finish_there() {
     let _s = serial();
-    let w = WarmSandbox::new(
-        sandbox(),
-        WarmConfig {
-            fork_servers: true,
-            recycle: Recycle {
-                max_runs: 2,
-                max_age: Duration::from_secs(3600),
-            },
-            ..WarmConfig::default()
-        },
-    );
+    let w = warm_recycling(2);
     let req = handler(
         "import time\ndef main(x):\n    time.sleep(0.05)\n    return x\n",
         "{\"n\": 7}",

@@ -428,7 +428,6 @@ if __name__ == "__main__":
     FILTERS = _load_filters(sys.argv[2])
     FINAL_FILTERS = _load_filters(sys.argv[3])
     sys.path.insert(0, os.path.dirname(WRAPPER))
-    import importlib
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location("taskexec_handler", WRAPPER)

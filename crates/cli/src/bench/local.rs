@@ -277,6 +277,15 @@ pub fn engine_resources(runtime: &str) -> Value {
     json!({"timeoutSeconds": timeout, "disk": "16Mi", "cpu": "1"})
 }
 
+/// The async runtime the engine contenders block on.
+pub fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// One task through `engine`, end to end (`Engine::execute`).
 pub fn engine_contender<'a>(
     name: String,

@@ -201,14 +201,13 @@ impl Run<'_> {
     /// [`PRELOAD_MODULE`], one at a time, through the warm engine with and
     /// without `definition.preload`, beside the bare interpreter running
     /// the same program.
-    fn preload_group(&self, p: &Program, rt: &ResolvedRuntime) -> anyhow::Result<Group> {
+    fn preload_group(
+        &self,
+        (p, rt): (&Program, &ResolvedRuntime),
+        warm: &taskexec_engine::Engine,
+        tokio: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<Group> {
         self.progress.label("engine: python handler with preload");
-        let warm = crate::setup::engine(self.g, crate::setup::Warmth::Warm)?;
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
         let plain: TaskInstance =
             serde_json::from_value(p.task_json(local::engine_resources(&p.runtime)))
                 .context("the preload task")?;
@@ -219,15 +218,15 @@ impl Run<'_> {
             local::engine_contender(
                 format!("engine, warm, the handler imports {PRELOAD_MODULE}"),
                 Kind::Warm,
-                &warm,
-                &tokio,
+                warm,
+                tokio,
                 plain,
             )?,
             local::engine_contender(
                 format!("engine, warm, preload [{PRELOAD_MODULE}]"),
                 Kind::Warm,
-                &warm,
-                &tokio,
+                warm,
+                tokio,
                 preloaded,
             )?,
         ];
@@ -239,20 +238,18 @@ impl Run<'_> {
     }
 
     /// The engine groups: every program at every concurrency, bare, cold,
-    /// warm (and CLI), interleaved.
+    /// warm (and CLI), interleaved; then the preload group, on the same
+    /// warm engine.
     fn engine_groups(
         &self,
         programs: &[(Program, &ResolvedRuntime)],
         concurrency: &[usize],
+        preload: Option<(&Program, &ResolvedRuntime)>,
     ) -> anyhow::Result<Vec<Group>> {
         self.progress.label("starting the engines");
         let cold = crate::setup::engine(self.g, crate::setup::Warmth::Cold)?;
         let warm = crate::setup::engine(self.g, crate::setup::Warmth::Warm)?;
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
+        let tokio = local::async_runtime()?;
         let mut groups = Vec::new();
         for (p, rt) in programs {
             let task: TaskInstance =
@@ -285,6 +282,9 @@ impl Run<'_> {
                     .with_context(|| what.clone())?;
                 groups.push(group("engine", p, c, &samples));
             }
+        }
+        if let Some(preload) = preload {
+            groups.push(self.preload_group(preload, &warm, &tokio)?);
         }
         Ok(groups)
     }
@@ -447,10 +447,11 @@ fn run_report(g: &crate::setup::GlobalArgs, args: &BenchArgs) -> anyhow::Result<
         .unwrap_or_else(|| launcher.display().to_string());
     let machine = machine::Machine::detect(cgroup_version(g), versions, launcher);
 
-    let mut groups = run.engine_groups(&programs, &concurrency)?;
-    if let Some((p, rt)) = &preload_program {
-        groups.push(run.preload_group(p, rt)?);
-    }
+    let mut groups = run.engine_groups(
+        &programs,
+        &concurrency,
+        preload_program.as_ref().map(|(p, rt)| (p, *rt)),
+    )?;
     if let Some((p, rt)) = service_program {
         groups.extend(run.service_groups(p, rt, &service_plans)?);
     }
@@ -604,11 +605,7 @@ fn external_baselines(
         );
     }
     let warm = crate::setup::engine(g, crate::setup::Warmth::Warm)?;
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let tokio = local::async_runtime()?;
     let task: TaskInstance =
         serde_json::from_value(program.task_json(resources)).context("the trivial task")?;
     let contender = local::engine_contender(

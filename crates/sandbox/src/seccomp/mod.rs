@@ -234,17 +234,23 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SeccompError> {
     build_filters_for(Profile::Task)
 }
 
+/// The calls of [`DENIED`] that `profile` refuses whatever the arguments.
+fn denied(profile: Profile) -> impl Iterator<Item = libc::c_long> {
+    DENIED
+        .iter()
+        .map(|&(_, nr)| nr)
+        .filter(move |nr| match profile {
+            Profile::Task => true,
+            Profile::ForkServer => !FORK_SERVER_ALLOWED.contains(nr),
+            Profile::ForkChild => *nr != libc::SYS_mount,
+        })
+}
+
 /// The filters of `profile`, in the order they are to be loaded: the
 /// refusals, then `clone3` answered with `ENOSYS`.
 pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let mut policy = BTreeMap::new();
-    for &(_, nr) in DENIED {
-        if profile == Profile::ForkServer && FORK_SERVER_ALLOWED.contains(&nr) {
-            continue;
-        }
-        if profile == Profile::ForkChild && nr == libc::SYS_mount {
-            continue;
-        }
+    for nr in denied(profile) {
         both_abis(&mut policy, nr, Verdict::Refuse(EPERM));
     }
     // clone with any namespace flag (all single bits of the low half).
@@ -296,13 +302,7 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
 #[cfg(test)]
 fn reference_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for &(_, nr) in DENIED {
-        if profile == Profile::ForkServer && FORK_SERVER_ALLOWED.contains(&nr) {
-            continue;
-        }
-        if profile == Profile::ForkChild && nr == libc::SYS_mount {
-            continue;
-        }
+    for nr in denied(profile) {
         rules.insert(nr, Vec::new());
         #[cfg(target_arch = "x86_64")]
         rules.insert(nr | X32_SYSCALL_BIT, Vec::new());
