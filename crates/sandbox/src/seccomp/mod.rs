@@ -126,7 +126,37 @@ pub const DENIED: &[(&str, libc::c_long)] = &[
         "fanotify_init: filesystem-wide monitoring",
         libc::SYS_fanotify_init,
     ),
+    (
+        "fanotify_mark: filesystem-wide monitoring",
+        libc::SYS_fanotify_mark,
+    ),
 ];
+
+/// System calls answered `ENOSYS`, as on a kernel built without them, so
+/// that programs take their fallback (e.g. polling instead of watching),
+/// each with the reason.
+pub const UNSUPPORTED: &[(&str, libc::c_long)] = &[
+    (
+        "clone3: its flags are out of a filter's reach; C libraries fall back to clone",
+        libc::SYS_clone3,
+    ),
+    #[cfg(target_arch = "x86_64")]
+    (
+        "inotify_init: a watch on a shared read-only mount (/usr, ...) sees the host's and \
+         other tasks' file activity",
+        libc::SYS_inotify_init,
+    ),
+    ("inotify_init1: as inotify_init", libc::SYS_inotify_init1),
+    (
+        "inotify_add_watch: as inotify_init",
+        libc::SYS_inotify_add_watch,
+    ),
+];
+
+/// Socket families and netlink protocols (socket(2)'s first and third
+/// arguments).
+const AF_NETLINK: u32 = libc::AF_NETLINK as u32;
+const NETLINK_ROUTE: u32 = libc::NETLINK_ROUTE as u32;
 
 /// Namespace flags refused in `clone` (CLONE_NEWTIME only exists for clone3).
 const CLONE_NAMESPACE_FLAGS: &[u64] = &[
@@ -247,7 +277,7 @@ fn denied(profile: Profile) -> impl Iterator<Item = libc::c_long> {
 }
 
 /// The filters of `profile`, in the order they are to be loaded: the
-/// refusals, then `clone3` answered with `ENOSYS`.
+/// refusals, then the calls of [`UNSUPPORTED`] answered with `ENOSYS`.
 pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let mut policy = BTreeMap::new();
     for nr in denied(profile) {
@@ -258,11 +288,7 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
         .iter()
         .map(|&flag| {
             let bit = u32::try_from(flag).expect("clone's namespace flags are 32-bit");
-            ArgCheck {
-                arg: 0,
-                mask: bit,
-                value: bit,
-            }
+            vec![ArgCheck::eq(0, bit, bit)]
         })
         .collect();
     both_abis(
@@ -270,18 +296,20 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
         libc::SYS_clone,
         Verdict::RefuseIf(EPERM, clone),
     );
-    // Packet sockets, and raw sockets of any family.
+    // Packet sockets; raw sockets of any family but netlink; netlink
+    // sockets of any protocol but NETLINK_ROUTE (route and link queries,
+    // e.g. getifaddrs: in the task's loopback-only network namespace they
+    // see only `lo`, and changes need CAP_NET_ADMIN, which the task lacks).
     let socket = vec![
-        ArgCheck {
-            arg: 0,
-            mask: u32::MAX,
-            value: libc::AF_PACKET as u32,
-        },
-        ArgCheck {
-            arg: 1,
-            mask: 0xf,
-            value: libc::SOCK_RAW as u32,
-        },
+        vec![ArgCheck::eq(0, u32::MAX, libc::AF_PACKET as u32)],
+        vec![
+            ArgCheck::eq(1, 0xf, libc::SOCK_RAW as u32),
+            ArgCheck::ne(0, u32::MAX, AF_NETLINK),
+        ],
+        vec![
+            ArgCheck::eq(0, u32::MAX, AF_NETLINK),
+            ArgCheck::ne(2, u32::MAX, NETLINK_ROUTE),
+        ],
     ];
     both_abis(
         &mut policy,
@@ -289,13 +317,11 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
         Verdict::RefuseIf(EPERM, socket),
     );
 
-    let mut clone3 = BTreeMap::new();
-    both_abis(
-        &mut clone3,
-        libc::SYS_clone3,
-        Verdict::Refuse(libc::ENOSYS as u16),
-    );
-    Ok(vec![tree::compile(&policy), tree::compile(&clone3)])
+    let mut unsupported = BTreeMap::new();
+    for &(_, nr) in UNSUPPORTED {
+        both_abis(&mut unsupported, nr, Verdict::Refuse(libc::ENOSYS as u16));
+    }
+    Ok(vec![tree::compile(&policy), tree::compile(&unsupported)])
 }
 
 /// [`build_filters_for`] as `seccompiler` builds it (the tests' reference).
@@ -322,24 +348,24 @@ fn reference_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
-    // Packet sockets and raw sockets of any family.
-    let packet = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::AF_PACKET as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
+    // Packet sockets, raw sockets of any family but netlink, netlink
+    // sockets of any protocol but NETLINK_ROUTE.
+    let cond = |arg: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(err)
+    };
+    let packet =
+        SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_PACKET as u64)?]).map_err(err)?;
+    let raw = SeccompRule::new(vec![
+        cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_RAW as u64)?,
+        cond(0, SeccompCmpOp::Ne, u64::from(AF_NETLINK))?,
+    ])
     .map_err(err)?;
-    let raw = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(0xf),
-        libc::SOCK_RAW as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
+    let netlink = SeccompRule::new(vec![
+        cond(0, SeccompCmpOp::Eq, u64::from(AF_NETLINK))?,
+        cond(2, SeccompCmpOp::Ne, u64::from(NETLINK_ROUTE))?,
+    ])
     .map_err(err)?;
-    rules.insert(libc::SYS_socket, vec![packet, raw]);
+    rules.insert(libc::SYS_socket, vec![packet, raw, netlink]);
     // The x32 numbers of the conditional rules too.
     #[cfg(target_arch = "x86_64")]
     for nr in [libc::SYS_clone, libc::SYS_socket] {
@@ -355,11 +381,14 @@ fn reference_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
         arch,
     )
     .map_err(err)?;
-    let mut clone3_rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    #[cfg(target_arch = "x86_64")]
-    clone3_rules.insert(libc::SYS_clone3 | X32_SYSCALL_BIT, Vec::new());
+    let mut unsupported_rules = BTreeMap::new();
+    for &(_, nr) in UNSUPPORTED {
+        unsupported_rules.insert(nr, Vec::new());
+        #[cfg(target_arch = "x86_64")]
+        unsupported_rules.insert(nr | X32_SYSCALL_BIT, Vec::new());
+    }
     let clone3 = SeccompFilter::new(
-        clone3_rules,
+        unsupported_rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
@@ -410,6 +439,7 @@ mod tests {
         for bit in 0..64 {
             v.push([1 << bit, 0, 0, 0, 0, 0]);
             v.push([0, 1 << bit, 0, 0, 0, 0]);
+            v.push([libc::AF_NETLINK as u64, 0, 1 << bit, 0, 0, 0]);
         }
         let packet = libc::AF_PACKET as u64;
         let raw = libc::SOCK_RAW as u64;
@@ -426,6 +456,20 @@ mod tests {
             ]);
             v.push([10, (raw + 16) | hi, 0, 0, 0, 0]);
             v.push([packet + 1, raw + 1, 0, 0, 0, 0]);
+            let netlink = libc::AF_NETLINK as u64;
+            for proto in [0u64, 9, 15, 16] {
+                v.push([netlink | hi, raw, proto, 0, 0, 0]);
+                v.push([
+                    netlink,
+                    raw | libc::SOCK_CLOEXEC as u64 | hi,
+                    proto | hi,
+                    0,
+                    0,
+                    0,
+                ]);
+                v.push([netlink, libc::SOCK_DGRAM as u64, proto | hi, 0, 0, 0]);
+                v.push([2, raw, proto | hi, 0, 0, 0]);
+            }
             for &flag in CLONE_NAMESPACE_FLAGS {
                 v.push([flag | hi | libc::SIGCHLD as u64, 0, 0, 0, 0, 0]);
             }
@@ -551,6 +595,42 @@ mod tests {
             tree::run(f, libc::SYS_read as u32, 0x4000_0003, [0; 6]),
             tree::RET_KILL_PROCESS,
             "another architecture"
+        );
+        // Netlink: route queries only.
+        let netlink = |ty: libc::c_int, proto: libc::c_int| {
+            run(
+                libc::SYS_socket,
+                [libc::AF_NETLINK as u64, ty as u64, proto as u64, 0, 0, 0],
+            )
+        };
+        let raw_cloexec = libc::SOCK_RAW | libc::SOCK_CLOEXEC;
+        assert_eq!(netlink(raw_cloexec, libc::NETLINK_ROUTE), tree::RET_ALLOW);
+        assert_eq!(
+            netlink(libc::SOCK_DGRAM, libc::NETLINK_ROUTE),
+            tree::RET_ALLOW
+        );
+        for proto in [
+            libc::NETLINK_AUDIT,
+            libc::NETLINK_KOBJECT_UEVENT,
+            libc::NETLINK_SOCK_DIAG,
+            libc::NETLINK_GENERIC,
+        ] {
+            assert_eq!(netlink(raw_cloexec, proto), eperm, "raw {proto}");
+            assert_eq!(netlink(libc::SOCK_DGRAM, proto), eperm, "dgram {proto}");
+        }
+        // inotify and clone3: ENOSYS, from the second filter.
+        let g = &build_filters().expect("builds")[1];
+        let enosys = tree::RET_ERRNO | libc::ENOSYS as u32;
+        for &(_, nr) in UNSUPPORTED {
+            assert_eq!(tree::run(g, nr as u32, tree::AUDIT_ARCH, [0; 6]), enosys);
+        }
+        for nr in [libc::SYS_inotify_init1, libc::SYS_inotify_add_watch] {
+            assert!(UNSUPPORTED.iter().any(|&(_, n)| n == nr), "{nr}");
+        }
+        assert!(DENIED.iter().any(|&(_, n)| n == libc::SYS_fanotify_mark));
+        assert_eq!(
+            tree::run(g, libc::SYS_read as u32, tree::AUDIT_ARCH, [0; 6]),
+            tree::RET_ALLOW
         );
     }
 

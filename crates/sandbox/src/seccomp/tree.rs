@@ -48,7 +48,8 @@ pub(crate) const AUDIT_ARCH: u32 = 0xc000_003e;
 #[cfg(target_arch = "aarch64")]
 pub(crate) const AUDIT_ARCH: u32 = 0xc000_00b7;
 
-/// One condition on an argument's low 32 bits: `(arg & mask) == value`.
+/// One condition on an argument's low 32 bits: `(arg & mask) == value`,
+/// or `!=` when `equal` is false.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct ArgCheck {
     /// Argument index, 0 to 5.
@@ -57,6 +58,30 @@ pub(crate) struct ArgCheck {
     pub mask: u32,
     /// Their expected value.
     pub value: u32,
+    /// Whether the bits must equal `value` (else differ from it).
+    pub equal: bool,
+}
+
+impl ArgCheck {
+    /// `(arg & mask) == value`.
+    pub(crate) fn eq(arg: u8, mask: u32, value: u32) -> Self {
+        Self {
+            arg,
+            mask,
+            value,
+            equal: true,
+        }
+    }
+
+    /// `(arg & mask) != value`.
+    pub(crate) fn ne(arg: u8, mask: u32, value: u32) -> Self {
+        Self {
+            arg,
+            mask,
+            value,
+            equal: false,
+        }
+    }
 }
 
 /// What the filter does with one system call number.
@@ -64,8 +89,10 @@ pub(crate) struct ArgCheck {
 pub(crate) enum Verdict {
     /// Refused with this errno, whatever the arguments.
     Refuse(u16),
-    /// Refused with this errno when any of the checks holds; else allowed.
-    RefuseIf(u16, Vec<ArgCheck>),
+    /// Refused with this errno when any of the rules holds, a rule holding
+    /// when all of its checks do (`seccompiler`'s rules and conditions);
+    /// else allowed.
+    RefuseIf(u16, Vec<Vec<ArgCheck>>),
 }
 
 /// One instruction of a program under construction: final, or a jump to
@@ -106,20 +133,32 @@ pub(crate) fn compile(policy: &BTreeMap<u32, Verdict>) -> BpfProgram {
     let mut at = vec![0usize; blocks.len()];
     for (label, verdict) in blocks.iter().enumerate() {
         at[label] = code.len();
-        if let Verdict::RefuseIf(errno, checks) = verdict {
-            // Each check: load, mask, and if equal skip to the refusal at
-            // the end (the checks after it and the allow in between).
-            let n = checks.len();
-            for (i, c) in checks.iter().enumerate() {
-                let to_refusal = 3 * (n - 1 - i) + 1;
-                code.push(op(BPF_LD_W_ABS, 0, 0, ARGS_OFFSET + 8 * u32::from(c.arg)));
-                code.push(op(BPF_ALU_AND_K, 0, 0, c.mask));
-                code.push(op(
-                    BPF_JMP_JEQ_K,
-                    u8::try_from(to_refusal).expect("few checks per call"),
-                    0,
-                    c.value,
-                ));
+        if let Verdict::RefuseIf(errno, rules) = verdict {
+            // Each check: load, mask, compare. A check that holds goes on to
+            // the rule's next check, or to the refusal after the last; one
+            // that fails goes to the next rule, or to the allow after the
+            // last. Positions are relative to the block's start.
+            let total: usize = rules.iter().map(|r| 3 * r.len()).sum();
+            let (allow, refuse) = (total, total + 1);
+            let mut start = 0;
+            for rule in rules {
+                assert!(!rule.is_empty(), "a rule has at least one check");
+                let next_rule = start + 3 * rule.len();
+                for (i, c) in rule.iter().enumerate() {
+                    let after = start + 3 * i + 3;
+                    let holds = if i + 1 == rule.len() { refuse } else { after };
+                    let fails = if next_rule == total { allow } else { next_rule };
+                    let (jt, jf) = if c.equal {
+                        (holds, fails)
+                    } else {
+                        (fails, holds)
+                    };
+                    let rel = |to: usize| u8::try_from(to - after).expect("few checks per call");
+                    code.push(op(BPF_LD_W_ABS, 0, 0, ARGS_OFFSET + 8 * u32::from(c.arg)));
+                    code.push(op(BPF_ALU_AND_K, 0, 0, c.mask));
+                    code.push(op(BPF_JMP_JEQ_K, rel(jt), rel(jf), c.value));
+                }
+                start = next_rule;
             }
             code.push(op(BPF_RET_K, 0, 0, RET_ALLOW));
             code.push(op(BPF_RET_K, 0, 0, RET_ERRNO | u32::from(*errno)));
@@ -245,13 +284,17 @@ mod tests {
         }
         policy.insert(
             56,
+            Verdict::RefuseIf(1, vec![vec![ArgCheck::eq(0, 0x10, 0x10)]]),
+        );
+        // Refused when arg 0 is 5 and arg 2 is not 0, or arg 1 is 7.
+        policy.insert(
+            57,
             Verdict::RefuseIf(
-                1,
-                vec![ArgCheck {
-                    arg: 0,
-                    mask: 0x10,
-                    value: 0x10,
-                }],
+                2,
+                vec![
+                    vec![ArgCheck::eq(0, u32::MAX, 5), ArgCheck::ne(2, u32::MAX, 0)],
+                    vec![ArgCheck::eq(1, 0xf, 7)],
+                ],
             ),
         );
         let prog = compile(&policy);
@@ -273,6 +316,16 @@ mod tests {
             RET_ALLOW
         );
         assert_eq!(run(&prog, 3, 0x4000_0003, [0; 6]), RET_KILL_PROCESS);
+        for (args, want) in [
+            ([5, 0, 0, 0, 0, 0], RET_ALLOW),
+            ([5, 0, 9, 0, 0, 0], RET_ERRNO | 2),
+            ([4, 0, 9, 0, 0, 0], RET_ALLOW),
+            ([4, 0x17, 0, 0, 0, 0], RET_ERRNO | 2),
+            ([5, 0x17, 0, 0, 0, 0], RET_ERRNO | 2),
+            ([5 | 1 << 32, 0, 1 << 32, 0, 0, 0], RET_ALLOW),
+        ] {
+            assert_eq!(run(&prog, 57, AUDIT_ARCH, args), want, "{args:x?}");
+        }
     }
 
     #[test]
@@ -284,12 +337,8 @@ mod tests {
             .step_by(2)
             .map(|nr| (nr, Verdict::Refuse(13)))
             .collect();
-        let check = ArgCheck {
-            arg: 1,
-            mask: 0xff,
-            value: 0x2a,
-        };
-        policy.insert(1, Verdict::RefuseIf(7, vec![check]));
+        let check = ArgCheck::eq(1, 0xff, 0x2a);
+        policy.insert(1, Verdict::RefuseIf(7, vec![vec![check]]));
         let prog = compile(&policy);
         assert!(
             prog.iter().any(|i| i.code == BPF_JMP_JA && i.k > 255),
