@@ -19,9 +19,16 @@
 //!   all that is left (`kill(-1)` from PID 1 reaches every process in the
 //!   namespace, daemons included), reads the output back symlink-proof and
 //!   reports `Finished`.
-//! - **task**: new session, rlimits, no capabilities (bounding set dropped),
+//! - **task**: moves into the task's cgroup leaf (cgroup v2) and a cgroup
+//!   namespace rooted there, `oom_score_adj` back to 0, new session,
+//!   rlimits, no capabilities (bounding set dropped),
 //!   unprivileged uid/gid, no supplementary groups, `no_new_privs`, seccomp,
 //!   then `execve` with exactly the environment in the spec.
+//!
+//! The launcher and the init are the sandbox's supervisor: `oom_score_adj`
+//! -1000, and on cgroup v2 a cgroup leaf of their own beside the task's
+//! (see [`crate::cgroup::TaskCgroup::attach_supervisor`]), so a memory
+//! limit's OOM kill ends the task and never the process that reports it.
 //!
 //! The launcher is a fresh single-threaded process, so allocating between fork
 //! and exec is safe here; the executor itself (possibly multi-threaded) only
@@ -183,6 +190,33 @@ struct Exec {
     work_dir: CString,
     stdin: Option<CString>,
     filters: Vec<seccompiler::BpfProgram>,
+    /// The task leaf's `cgroup.procs`, opened (close-on-exec) before the
+    /// sandbox was built: see [`LaunchSpec::task_join`].
+    task_join: Option<File>,
+    /// The `oom_score_adj` the task gets back, when the supervisor's was
+    /// lowered (see [`shield_from_oom`]).
+    oom_score_adj: Option<String>,
+}
+
+/// Sets this process's `oom_score_adj` (inherited by its children; a value
+/// set with CAP_SYS_RESOURCE is also the lowest the process may set later).
+fn set_oom_score_adj(value: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/oom_score_adj")
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+}
+
+/// Makes the supervisor (this process, and the init it forks) no OOM
+/// killer's choice: `oom_score_adj` -1000. Returns the value to give the
+/// task back, or `None` when it could not be lowered (an executor without
+/// CAP_SYS_RESOURCE, as in some containers: then the cgroup leaves of v2
+/// alone keep an OOM kill off the supervisor).
+fn shield_from_oom() -> Option<String> {
+    let original = std::fs::read_to_string("/proc/self/oom_score_adj").ok()?;
+    set_oom_score_adj("-1000")
+        .ok()
+        .map(|()| original.trim().to_string())
 }
 
 fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
@@ -190,6 +224,21 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
         .map_err(|e| SetupError::new("spec", e.to_string()))?
         .ok_or_else(|| SetupError::new("spec", "no spec received"))?;
     join_cgroup(&spec.self_join)?;
+    // The supervisor (we and the init) is never the OOM killer's choice:
+    // the task's first process sets its own back before its exec.
+    let oom_score_adj = shield_from_oom();
+    // Opened now, while the host's cgroup file system is in view and in
+    // the host's cgroup namespace (a write is checked against the opener's).
+    let task_join = spec
+        .task_join
+        .as_ref()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map_err(|e| SetupError::new("cgroup", format!("opening {}: {e}", p.display())))
+        })
+        .transpose()?;
     let mut blobs = blobs.into_iter();
     let files = Files {
         work: split_files(&spec.work_files, &mut blobs)?,
@@ -257,6 +306,8 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
             .transpose()?
             .map(|mut v| v.remove(0)),
         filters,
+        task_join,
+        oom_score_adj,
     };
     namespaces::unshare_cgroup()?;
 
@@ -464,6 +515,22 @@ fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno
                 return ($stage, errno);
             }
         };
+    }
+    // Out of the supervisor's leaf into the task's, and a cgroup namespace
+    // rooted there (the task sees its own cgroup as `/`).
+    if let Some(join) = &exec.task_join {
+        step!("cgroup", nix::unistd::write(join, b"0").map(drop));
+        step!(
+            "cgroup namespace",
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        );
+    }
+    if let Some(value) = &exec.oom_score_adj {
+        step!(
+            "oom_score_adj",
+            set_oom_score_adj(value)
+                .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+        );
     }
     step!("setsid", nix::unistd::setsid().map(drop));
     if let Some(path) = &exec.stdin {

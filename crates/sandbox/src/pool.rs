@@ -173,6 +173,7 @@ impl Prebuilt {
         let (mut spec, etc) = sandbox.launch_spec(template)?;
         let cgroup = sandbox.new_cgroup(&template.limits)?;
         spec.self_join = cgroup.self_join_files();
+        spec.task_join = cgroup.task_join_file();
         let mut built = Self {
             launcher: None,
             cgroup: Some(cgroup),
@@ -183,7 +184,7 @@ impl Prebuilt {
         if spec.self_join.is_empty()
             && let Some(cgroup) = &built.cgroup
         {
-            cgroup.attach(pid as i32)?;
+            cgroup.attach_supervisor(pid as i32)?;
         }
         launcher.wait_ready(READY_TIMEOUT)?;
         Ok(built)

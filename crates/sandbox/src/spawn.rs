@@ -498,6 +498,7 @@ impl Sandbox {
         let limits = &req.limits;
         let (mut spec, etc) = self.launch_spec(req)?;
         spec.self_join = cgroup.self_join_files();
+        spec.task_join = cgroup.task_join_file();
         let prepared = self.prepare(&spec, &req.support_files, &etc)?;
         phases.push(("spawn", prepared.spawn_time));
         let deadline = prepared.t_spawn + limits.timeout;
@@ -509,7 +510,7 @@ impl Sandbox {
         let sent = prepared.send_task(&spec, &req.work_files);
         if spec.self_join.is_empty() {
             let t_attach = Instant::now();
-            cgroup.attach(prepared.pid() as i32)?;
+            cgroup.attach_supervisor(prepared.pid() as i32)?;
             phases.push(("cgroupAttach", t_attach.elapsed()));
         }
         let attached_mono = mono_ns();
@@ -612,6 +613,7 @@ impl Sandbox {
             share_network: false,
             fork_server: false,
             self_join: Vec::new(),
+            task_join: None,
         };
         Ok((spec, etc))
     }

@@ -85,6 +85,13 @@ pub(crate) struct LaunchSpec {
     /// executor moves it instead. Not part of the sandbox's shape.
     #[serde(default)]
     pub self_join: Vec<std::path::PathBuf>,
+    /// The task leaf's `cgroup.procs` (see
+    /// [`crate::cgroup::TaskCgroup::task_join_file`]): the launcher opens it
+    /// before it builds the sandbox, and the task's first process writes `0`
+    /// into it before its exec. Taken from the base spec; not part of the
+    /// sandbox's shape.
+    #[serde(default)]
+    pub task_join: Option<std::path::PathBuf>,
 }
 
 impl LaunchSpec {
@@ -121,6 +128,7 @@ impl LaunchSpec {
             collect_dir: task.collect_dir.clone(),
             collect_cap: task.collect_cap,
             self_join: Vec::new(),
+            task_join: None,
             ..s.clone()
         };
         // Compared through JSON: every field, including ones added later,

@@ -897,6 +897,7 @@ impl Server {
             share_network: false,
             fork_server: true,
             self_join: Vec::new(),
+            task_join: None,
         };
         let blobs: Vec<&[u8]> = support
             .iter()

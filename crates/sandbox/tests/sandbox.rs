@@ -241,3 +241,93 @@ fn writing_0_into_the_self_join_files_moves_a_process_into_its_cgroup() {
     cg.remove().expect("remove");
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
+
+/// A task over its memory limit is OOM-killed and the run reports it (the
+/// supervisor survives and says how the task ended), with the cgroup's
+/// counters; on cgroup v2 the task runs in its own leaf with its own
+/// cgroup namespace root and a reset `oom_score_adj`.
+#[test]
+fn a_task_over_its_memory_limit_is_oom_killed_and_reported() {
+    let _serial = serial();
+    let mut req = request(
+        "import json\n\
+         info = {'cgroup': open('/proc/self/cgroup').read(), 'adj': open('/proc/self/oom_score_adj').read()}\n\
+         json.dump(info, open('/task/out.json', 'w'))\n\
+         chunks = []\n\
+         while True:\n    chunks.append(b'\\x01' * (4 << 20))\n",
+    );
+    req.limits.memory_bytes = 64 << 20;
+    let out = sandbox().run(&req, None).expect("an outcome, not an error");
+    assert_eq!(
+        out.termination,
+        Termination::Exited(ExitStatus::Signal(libc::SIGKILL)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stats.oom_kills > 0, "{:?}", out.stats);
+    let ReadBackResult::Read { data, .. } = &out.read_back[0] else {
+        panic!("{:?}", out.read_back)
+    };
+    let v: serde_json::Value = serde_json::from_slice(data).expect("json");
+    let ours = std::fs::read_to_string("/proc/self/oom_score_adj").expect("ours");
+    assert_eq!(v["adj"], ours, "the task is an ordinary OOM candidate");
+    // (Some v1 kernels leave `memory.failcnt` at 0.)
+    if sandbox().cgroups().version() == cgroup::CgroupVersion::V2 {
+        assert!(out.stats.memory_max_hits > 0, "{:?}", out.stats);
+        assert_eq!(v["cgroup"], "0::/\n", "its own leaf is its cgroup root");
+    }
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+/// On cgroup v2, an executor that shares its cgroup with other processes
+/// (a systemd unit without `Delegate=yes`) cannot enable controllers there
+/// ("no internal processes"): it moves itself and the others into a leaf
+/// first, as systemd-managed services do. Needs cgroup v2 (skipped on v1).
+#[test]
+fn an_executor_sharing_its_v2_cgroup_moves_everyone_into_a_leaf() {
+    let _serial = serial();
+    let driver = cgroup::detect(None).expect("a usable cgroup hierarchy");
+    if driver.version() != cgroup::CgroupVersion::V2 {
+        eprintln!("skipped: the host's cgroups are v1");
+        return;
+    }
+    let top = driver.parents()[0].clone();
+    let name = format!("taskexec-{}-shared", std::process::id());
+    let shared = top.join(&name);
+    std::fs::create_dir(&shared).expect("mkdir");
+    let spawn = || {
+        std::process::Command::new("/bin/sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep")
+    };
+    // The "executor" and a process sharing its cgroup.
+    let (mut executor, mut other) = (spawn(), spawn());
+    for p in [&executor, &other] {
+        std::fs::write(shared.join("cgroup.procs"), p.id().to_string()).expect("move");
+    }
+    let made = cgroup::V2Driver::new(&top, &name, executor.id());
+    let leaf = shared.join(cgroup::EXECUTOR_LEAF);
+    let in_leaf = std::fs::read_to_string(leaf.join("cgroup.procs")).unwrap_or_default();
+    let control =
+        std::fs::read_to_string(shared.join("cgroup.subtree_control")).unwrap_or_default();
+    for p in [&mut executor, &mut other] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let _ = std::fs::remove_dir(&leaf);
+    let _ = std::fs::remove_dir(&shared);
+    let driver = made.expect("the driver moves the processes and enables the controllers");
+    assert_eq!(driver.parent(), shared.as_path());
+    for p in [&executor, &other] {
+        assert!(
+            in_leaf.lines().any(|l| l == p.id().to_string()),
+            "{} in the leaf: {in_leaf:?}",
+            p.id()
+        );
+    }
+    for c in ["memory", "pids", "cpu"] {
+        assert!(control.split_whitespace().any(|e| e == c), "{control:?}");
+    }
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}

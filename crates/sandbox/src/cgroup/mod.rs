@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use v1::V1Driver;
-pub use v2::V2Driver;
+pub use v2::{EXECUTOR_LEAF, V2Driver};
 
 /// Limits applied to one task cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,10 @@ pub struct CgroupStats {
     pub oom_kills: u64,
     /// Number of times a fork failed on the pids limit.
     pub pids_max_hits: u64,
+    /// Number of times the memory use reached the limit, whether reclaim
+    /// made room (page cache dropped, the task went on) or not (an OOM
+    /// kill, counted in `oom_kills` too).
+    pub memory_max_hits: u64,
 }
 
 /// Which cgroup version a driver speaks.
@@ -213,16 +217,37 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if stale_owner(&name)
                     .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+                    && remove_tree(&e.path()).is_ok()
                 {
-                    let _ = kill_procs(&e.path().join("cgroup.procs"));
-                    if remove_dir(&e.path()).is_ok() {
-                        removed += 1;
-                    }
+                    removed += 1;
                 }
             }
         }
         removed
     }
+}
+
+/// Kills every process of the cgroup `dir` and of its child cgroups (one
+/// level: a task cgroup's supervisor and task leaves), then removes them
+/// and `dir`.
+pub(crate) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    let children: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    for child in &children {
+        kill_procs(&child.join("cgroup.procs"))?;
+    }
+    kill_procs(&dir.join("cgroup.procs"))?;
+    for child in &children {
+        remove_dir(child)?;
+    }
+    remove_dir(dir)
 }
 
 /// The executor pid in a task cgroup's name `taskexec-<pid>-<n>`.
@@ -235,8 +260,25 @@ pub(crate) fn stale_owner(name: &str) -> Option<u32> {
 
 /// One task's cgroup.
 pub trait TaskCgroup: Send + fmt::Debug {
-    /// Moves process `pid` (and so its future children) into the cgroup.
+    /// Moves process `pid` (and so its future children) into the cgroup:
+    /// where the task's own processes run, under its limits.
     fn attach(&self, pid: i32) -> Result<(), CgroupError>;
+    /// Moves the sandbox's supervisor (the launcher, and so the sandbox's
+    /// init it forks) into the cgroup. On cgroup v2 that is a leaf of its
+    /// own beside the task's (see [`TaskCgroup::task_join_file`]): a memory
+    /// limit's OOM kill, which takes the task's whole leaf with it
+    /// (`memory.oom.group`), never reaches the process that reports how the
+    /// task ended. On v1, where the kernel kills one process, the same
+    /// cgroup as the task's.
+    fn attach_supervisor(&self, pid: i32) -> Result<(), CgroupError> {
+        self.attach(pid)
+    }
+    /// The file the task's first process (forked by the supervisor) writes
+    /// `0` into, before its exec, to leave the supervisor's leaf for the
+    /// task's; `None` when the supervisor and the task share the cgroup.
+    fn task_join_file(&self) -> Option<PathBuf> {
+        None
+    }
     /// Files a single-threaded process writes `0` into to move itself into
     /// the cgroup, one per hierarchy; empty when the driver has none (then
     /// the executor moves it with [`TaskCgroup::attach`]).

@@ -188,11 +188,17 @@ impl TaskCgroup for V1Cgroup {
 
     fn stats(&self) -> Result<CgroupStats, CgroupError> {
         let peak = self.memory.join("memory.max_usage_in_bytes");
+        // Hits of the memory limit, and of memory+swap where it exists.
+        let memory_max_hits = ["memory.failcnt", "memory.memsw.failcnt"]
+            .iter()
+            .filter_map(|f| read_u64(&self.memory.join(f)).ok())
+            .sum();
         Ok(CgroupStats {
             cpu_time: self.cpu_time()?,
             peak_memory_bytes: read_u64(&peak).ok(),
             oom_kills: keyed(&self.memory.join("memory.oom_control"), "oom_kill")?,
             pids_max_hits: keyed(&self.pids.join("pids.events"), "max")?,
+            memory_max_hits,
         })
     }
 
@@ -271,6 +277,7 @@ mod tests {
         )
         .expect("w");
         fs::write(p("pids", "pids.events"), "max 7\n").expect("w");
+        fs::write(p("memory", "memory.failcnt"), "3\n").expect("w");
         let s = cg.stats().expect("stats");
         assert_eq!(
             s,
@@ -278,7 +285,8 @@ mod tests {
                 cpu_time: Duration::from_micros(1500),
                 peak_memory_bytes: Some(4096),
                 oom_kills: 1,
-                pids_max_hits: 7
+                pids_max_hits: 7,
+                memory_max_hits: 3,
             }
         );
     }
