@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use taskexec_model::{
-    AttemptRecord, ErrorType, FieldError, Lifecycle, Limits, LimitsConfig, Method, PhaseTimings,
-    RetryLimits, RunAs, TaskError, TaskInstance, TaskResult, TaskStatus, ValidRetryPolicy,
+    AttemptRecord, ErrorType, FieldError, Lifecycle, LimitHit, Limits, LimitsConfig, Method,
+    PhaseTimings, RetryLimits, RunAs, TaskError, TaskInstance, TaskResult, TaskStatus,
+    ValidRetryPolicy,
 };
 use taskexec_runtimes::{Catalogue, Plan, ResolvedRuntime, RuntimeError};
 use taskexec_sandbox::{
@@ -257,6 +258,8 @@ pub struct AttemptOutput {
     pub cpu_time_ms: Option<u64>,
     /// Peak memory of the attempt.
     pub peak_memory_bytes: Option<u64>,
+    /// The limits the attempt reached (see [`classify::limits_hit`]).
+    pub limits_hit: Vec<LimitHit>,
     /// Time from the start of the sandbox run to the exec of the task's
     /// code, when it got that far: the start latency the service's
     /// concurrency limiter watches.
@@ -293,6 +296,7 @@ pub fn apply_attempt(result: &mut TaskResult, out: &AttemptOutput) {
     if out.cpu_time_ms.is_some() {
         result.execution_metadata.cpu_time_ms = out.cpu_time_ms;
         result.execution_metadata.peak_memory_bytes = out.peak_memory_bytes;
+        result.execution_metadata.limits_hit = out.limits_hit.clone();
     }
 }
 
@@ -705,6 +709,7 @@ impl Engine {
             stderr_truncated: false,
             cpu_time_ms: None,
             peak_memory_bytes: None,
+            limits_hit: Vec::new(),
             sandbox_start: None,
         };
         if let Some(o) = &outcome {
@@ -725,6 +730,7 @@ impl Engine {
             out.stderr_truncated = o.stderr_truncated;
             out.cpu_time_ms = Some(o.stats.cpu_time.as_millis() as u64);
             out.peak_memory_bytes = o.stats.peak_memory_bytes;
+            out.limits_hit = classify::limits_hit(o, &p.limits);
         }
         debug!(
             attempt,

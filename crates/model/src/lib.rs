@@ -27,7 +27,8 @@ pub use quantity::{
     parse_cpu_millis, parse_duration,
 };
 pub use result::{
-    AttemptRecord, ExecutionMetadata, PhaseTimings, TaskResult, TaskStatus, UnknownTaskStatus,
+    AttemptRecord, ExecutionMetadata, LimitHit, PhaseTimings, TaskResult, TaskStatus,
+    UnknownTaskStatus,
 };
 pub use retry::{Jitter, RetryLimits, RetryPolicy, ValidRetryPolicy};
 pub use task::{

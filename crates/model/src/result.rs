@@ -156,6 +156,39 @@ pub struct AttemptRecord {
     pub phases: PhaseTimings,
 }
 
+/// A limit an attempt reached. Serialized in lowercase (`"pids"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitHit {
+    /// A fork or thread creation was refused at the `pids` limit.
+    Pids,
+    /// Memory use reached the `memory` limit (reclaim made room, or the
+    /// task was killed).
+    Memory,
+    /// The work dir and /tmp filled their `disk` size.
+    Disk,
+    /// Stdout, stderr or the output file reached `outputBytes`.
+    Output,
+    /// The task used its whole CPU time (`cpuTimeSeconds`).
+    Cpu,
+    /// The task ran into its wall-clock limit (`timeoutSeconds`).
+    Wall,
+}
+
+impl LimitHit {
+    /// The wire name, e.g. `"pids"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LimitHit::Pids => "pids",
+            LimitHit::Memory => "memory",
+            LimitHit::Disk => "disk",
+            LimitHit::Output => "output",
+            LimitHit::Cpu => "cpu",
+            LimitHit::Wall => "wall",
+        }
+    }
+}
+
 /// How and where a task ran.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -178,6 +211,10 @@ pub struct ExecutionMetadata {
     pub cpu_time_ms: Option<u64>,
     /// Peak memory of the last attempt, in bytes, if measured.
     pub peak_memory_bytes: Option<u64>,
+    /// The limits the last attempt reached, whether or not they ended it
+    /// (a fork bomb whose main process exits 0 still reached `pids`), in
+    /// the order of [`LimitHit`], each once.
+    pub limits_hit: Vec<LimitHit>,
     /// Phase timings summed over all attempts.
     pub phases: PhaseTimings,
 }
@@ -294,6 +331,7 @@ mod tests {
                 }],
                 cpu_time_ms: Some(900),
                 peak_memory_bytes: Some(10 << 20),
+                limits_hit: vec![LimitHit::Pids, LimitHit::Wall],
                 phases,
             },
             history: vec![TransitionRecord {
@@ -315,6 +353,7 @@ mod tests {
         );
         assert_eq!(v["executionMetadata"]["method"], json!("CONTAINER"));
         assert_eq!(v["executionMetadata"]["peakMemoryBytes"], json!(10 << 20));
+        assert_eq!(v["executionMetadata"]["limitsHit"], json!(["pids", "wall"]));
         assert_eq!(
             v["executionMetadata"]["attempts"][0]["stderrTail"],
             json!("boom")
