@@ -141,6 +141,33 @@ fn fork_bomb_hits_the_pids_limit() {
     assert_eq!(r.details()["limit"], 32);
 }
 
+/// A limit reached is reported even when the task survives it: here the
+/// main process forks until the pids limit refuses, then exits 0.
+#[test]
+fn fork_bomb_whose_main_process_exits_0_still_reports_the_pids_limit() {
+    let code = r#"
+import os, time
+refused = False
+try:
+    for _ in range(10000):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+except OSError:
+    refused = True
+print("refused" if refused else "never refused")
+"#;
+    let r = py(code, &["--pids", "24", "--memory", "256Mi", "--timeout", "20s"]);
+    r.expect(0, "COMPLETED", None);
+    assert!(r.result["stdout"].as_str().is_some_and(|s| s.contains("refused")), "{}", r.stdout);
+    assert_eq!(
+        r.result["executionMetadata"]["limitsHit"],
+        json!(["pids"]),
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn memory_bomb_hits_the_memory_limit() {
     let r = py(
@@ -150,6 +177,13 @@ fn memory_bomb_hits_the_memory_limit() {
     r.expect_exhausted("memory");
     assert_eq!(r.details()["limit"], 64 << 20);
     assert_eq!(r.result["signal"], "SIGKILL", "killed by the OOM killer");
+    assert_eq!(r.attempts().len(), 1, "not retried: {}", r.stdout);
+    assert_eq!(
+        r.result["executionMetadata"]["limitsHit"],
+        json!(["memory"]),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -557,6 +591,52 @@ seen["getpid"] = sc(39)
     }
     // The harness itself works: an allowed call succeeds.
     assert!(r.output()["getpid"][0].as_i64().is_some_and(|p| p > 0));
+}
+
+/// inotify (and fanotify) would show, live, which files of the shared
+/// read-only mounts (/usr, ...) the host and other tasks open: refused
+/// with ENOSYS, as on a kernel without inotify, so programs fall back.
+#[test]
+fn inotify_on_usr_is_refused() {
+    let body = r#"
+seen["inotify_init1"] = sc(294, 0)
+seen["inotify_init"] = sc(253)
+seen["inotify_add_watch"] = sc(254, 3, b"/usr", 0x20)
+seen["fanotify_init"] = sc(300, 0, 0)
+seen["fanotify_mark"] = sc(301, 3, 1, 0x20, -100, b"/usr")
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    for key in ["inotify_init1", "inotify_init", "inotify_add_watch"] {
+        assert_eq!(r.output()[key], json!([-1, "ENOSYS"]), "{key}: {}", r.output());
+    }
+    for key in ["fanotify_init", "fanotify_mark"] {
+        assert_eq!(r.output()[key], json!([-1, "EPERM"]), "{key}: {}", r.output());
+    }
+}
+
+/// NETLINK_ROUTE sockets work (the interface list: only `lo` in the task's
+/// network namespace); every other netlink protocol is refused.
+#[test]
+fn netlink_route_queries_work_and_other_netlink_protocols_are_refused() {
+    let body = r#"
+def route():
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    s.close()
+    return "opened"
+attempt("route", route)
+attempt("interfaces", lambda: [name for _, name in socket.if_nameindex()])
+attempt("audit", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9) and "opened")
+attempt("uevent", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15) and "opened")
+attempt("sock_diag", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) and "opened")
+"#;
+    let r = py(&script(body), &["--timeout", "10s"]);
+    r.expect(0, "COMPLETED", None);
+    assert_eq!(r.output()["route"], json!({"ok": "opened"}), "{}", r.output());
+    assert_eq!(r.output()["interfaces"], json!({"ok": ["lo"]}), "{}", r.output());
+    for key in ["audit", "uevent", "sock_diag"] {
+        assert_eq!(r.output()[key], json!({"errno": "EPERM"}), "{key}: {}", r.output());
+    }
 }
 
 #[test]
