@@ -3,7 +3,7 @@
 //! in a fixed order of precedence.
 
 use serde_json::{Value, json};
-use taskexec_model::{ErrorType, LimitHit, Limits, TaskError, format_bytes};
+use taskexec_model::{ErrorType, LimitHit, Limits, LimitsHit, TaskError, format_bytes};
 use taskexec_sandbox::{ExitStatus, ReadBackResult, RunOutcome, Termination, signal_name};
 
 /// Bytes of stderr kept in error details and attempt records.
@@ -153,9 +153,8 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
 /// The limits one run reached, whether or not they ended it: from the
 /// cgroup's event counters (a refused fork, memory use at the limit), the
 /// sandbox's own observations (a full work dir, a stream or the output file
-/// cut at its cap) and what the executor enforced (wall clock, CPU time),
-/// in the order of [`LimitHit`].
-pub fn limits_hit(outcome: &RunOutcome, limits: &Limits) -> Vec<LimitHit> {
+/// cut at its cap) and what the executor enforced (wall clock, CPU time).
+pub fn limits_hit(outcome: &RunOutcome, limits: &Limits) -> LimitsHit {
     let stats = &outcome.stats;
     let signal = match outcome.termination {
         Termination::Exited(ExitStatus::Signal(s)) => Some(s),
@@ -307,42 +306,39 @@ mod tests {
         );
     }
 
+    fn hits(o: &RunOutcome) -> Vec<LimitHit> {
+        limits_hit(o, &limits()).iter().collect()
+    }
+
     #[test]
     fn limits_hit_lists_every_limit_reached_even_on_success() {
-        let l = limits();
         let ok = outcome(Termination::Exited(ExitStatus::Code(0)));
-        assert!(limits_hit(&ok, &l).is_empty());
+        assert!(hits(&ok).is_empty());
         // A fork bomb whose main process exits 0 still reached pids.
         let mut bomb = outcome(Termination::Exited(ExitStatus::Code(0)));
         bomb.stats.pids_max_hits = 12;
         bomb.stats.memory_max_hits = 1;
         bomb.stdout_truncated = true;
         assert_eq!(
-            limits_hit(&bomb, &l),
+            hits(&bomb),
             vec![LimitHit::Pids, LimitHit::Memory, LimitHit::Output]
         );
         let mut oom = outcome(Termination::Exited(ExitStatus::Signal(9)));
         oom.stats.oom_kills = 1;
-        assert_eq!(limits_hit(&oom, &l), vec![LimitHit::Memory]);
+        assert_eq!(hits(&oom), vec![LimitHit::Memory]);
         let mut disk = outcome(Termination::Exited(ExitStatus::Code(0)));
         disk.disk_full = true;
         disk.read_back[0] = ReadBackResult::Read {
             data: Vec::new(),
             truncated: true,
         };
+        assert_eq!(hits(&disk), vec![LimitHit::Disk, LimitHit::Output]);
+        assert_eq!(hits(&outcome(Termination::TimedOut)), vec![LimitHit::Wall]);
         assert_eq!(
-            limits_hit(&disk, &l),
-            vec![LimitHit::Disk, LimitHit::Output]
-        );
-        assert_eq!(
-            limits_hit(&outcome(Termination::TimedOut), &l),
-            vec![LimitHit::Wall]
-        );
-        assert_eq!(
-            limits_hit(&outcome(Termination::CpuTimeExceeded), &l),
+            hits(&outcome(Termination::CpuTimeExceeded)),
             vec![LimitHit::Cpu]
         );
-        assert!(limits_hit(&outcome(Termination::Cancelled), &l).is_empty());
+        assert!(hits(&outcome(Termination::Cancelled)).is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use taskexec_model::{
-    AttemptRecord, ErrorType, FieldError, Lifecycle, LimitHit, Limits, LimitsConfig, Method,
+    AttemptRecord, ErrorType, FieldError, Lifecycle, Limits, LimitsConfig, LimitsHit, Method,
     PhaseTimings, RetryLimits, RunAs, TaskError, TaskInstance, TaskResult, TaskStatus,
     ValidRetryPolicy,
 };
@@ -259,7 +259,7 @@ pub struct AttemptOutput {
     /// Peak memory of the attempt.
     pub peak_memory_bytes: Option<u64>,
     /// The limits the attempt reached (see [`classify::limits_hit`]).
-    pub limits_hit: Vec<LimitHit>,
+    pub limits_hit: LimitsHit,
     /// Time from the start of the sandbox run to the exec of the task's
     /// code, when it got that far: the start latency the service's
     /// concurrency limiter watches.
@@ -296,7 +296,7 @@ pub fn apply_attempt(result: &mut TaskResult, out: &AttemptOutput) {
     if out.cpu_time_ms.is_some() {
         result.execution_metadata.cpu_time_ms = out.cpu_time_ms;
         result.execution_metadata.peak_memory_bytes = out.peak_memory_bytes;
-        result.execution_metadata.limits_hit = out.limits_hit.clone();
+        result.execution_metadata.limits_hit = out.limits_hit;
     }
 }
 
@@ -709,7 +709,7 @@ impl Engine {
             stderr_truncated: false,
             cpu_time_ms: None,
             peak_memory_bytes: None,
-            limits_hit: Vec::new(),
+            limits_hit: LimitsHit::default(),
             sandbox_start: None,
         };
         if let Some(o) = &outcome {

@@ -27,7 +27,7 @@ pub use quantity::{
     parse_cpu_millis, parse_duration,
 };
 pub use result::{
-    AttemptRecord, ExecutionMetadata, LimitHit, PhaseTimings, TaskResult, TaskStatus,
+    AttemptRecord, ExecutionMetadata, LimitHit, LimitsHit, PhaseTimings, TaskResult, TaskStatus,
     UnknownTaskStatus,
 };
 pub use retry::{Jitter, RetryLimits, RetryPolicy, ValidRetryPolicy};

@@ -176,6 +176,16 @@ pub enum LimitHit {
 }
 
 impl LimitHit {
+    /// Every limit, in declaration order (the order of a [`LimitsHit`]).
+    pub const ALL: [LimitHit; 6] = [
+        LimitHit::Pids,
+        LimitHit::Memory,
+        LimitHit::Disk,
+        LimitHit::Output,
+        LimitHit::Cpu,
+        LimitHit::Wall,
+    ];
+
     /// The wire name, e.g. `"pids"`.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -186,6 +196,61 @@ impl LimitHit {
             LimitHit::Cpu => "cpu",
             LimitHit::Wall => "wall",
         }
+    }
+}
+
+/// A set of [`LimitHit`]s (one byte: it travels in every result).
+/// Serialized as a list in the order of [`LimitHit::ALL`], each once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LimitsHit(u8);
+
+impl LimitsHit {
+    fn bit(limit: LimitHit) -> u8 {
+        1 << (limit as u8)
+    }
+
+    /// Adds `limit`.
+    pub fn insert(&mut self, limit: LimitHit) {
+        self.0 |= Self::bit(limit);
+    }
+
+    /// Whether `limit` is in the set.
+    pub fn contains(self, limit: LimitHit) -> bool {
+        self.0 & Self::bit(limit) != 0
+    }
+
+    /// Whether no limit was reached.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The limits in the set, in the order of [`LimitHit::ALL`].
+    pub fn iter(self) -> impl Iterator<Item = LimitHit> {
+        LimitHit::ALL.into_iter().filter(move |l| self.contains(*l))
+    }
+}
+
+impl FromIterator<LimitHit> for LimitsHit {
+    fn from_iter<I: IntoIterator<Item = LimitHit>>(iter: I) -> Self {
+        let mut set = LimitsHit::default();
+        for limit in iter {
+            set.insert(limit);
+        }
+        set
+    }
+}
+
+impl Serialize for LimitsHit {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for LimitsHit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Vec::<LimitHit>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
     }
 }
 
@@ -213,8 +278,8 @@ pub struct ExecutionMetadata {
     pub peak_memory_bytes: Option<u64>,
     /// The limits the last attempt reached, whether or not they ended it
     /// (a fork bomb whose main process exits 0 still reached `pids`), in
-    /// the order of [`LimitHit`], each once.
-    pub limits_hit: Vec<LimitHit>,
+    /// the order of [`LimitHit::ALL`], each once.
+    pub limits_hit: LimitsHit,
     /// Phase timings summed over all attempts.
     pub phases: PhaseTimings,
 }
@@ -331,7 +396,7 @@ mod tests {
                 }],
                 cpu_time_ms: Some(900),
                 peak_memory_bytes: Some(10 << 20),
-                limits_hit: vec![LimitHit::Pids, LimitHit::Wall],
+                limits_hit: [LimitHit::Wall, LimitHit::Pids].into_iter().collect(),
                 phases,
             },
             history: vec![TransitionRecord {
@@ -367,6 +432,32 @@ mod tests {
         assert_eq!(v["history"][0]["at"], json!("2025-01-02T03:04:05.5Z"));
         let back: TaskResult = serde_json::from_value(v).expect("de");
         assert_eq!(back, result);
+    }
+
+    #[test]
+    fn limits_hit_is_a_list_in_a_fixed_order_each_once() {
+        let set: LimitsHit = [LimitHit::Wall, LimitHit::Pids, LimitHit::Wall]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            serde_json::to_value(set).expect("ser"),
+            json!(["pids", "wall"])
+        );
+        assert!(set.contains(LimitHit::Pids) && !set.contains(LimitHit::Memory));
+        let back: LimitsHit =
+            serde_json::from_value(json!(["output", "memory", "output"])).expect("de");
+        assert_eq!(
+            back.iter().collect::<Vec<_>>(),
+            vec![LimitHit::Memory, LimitHit::Output]
+        );
+        assert!(serde_json::from_value::<LimitsHit>(json!(["swap"])).is_err());
+        assert_eq!(
+            serde_json::to_value(LimitsHit::default()).expect("ser"),
+            json!([])
+        );
+        for l in LimitHit::ALL {
+            assert_eq!(serde_json::to_value(l).expect("ser"), json!(l.as_str()));
+        }
     }
 
     #[test]
