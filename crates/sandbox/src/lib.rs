@@ -20,6 +20,7 @@ pub mod pool;
 mod rlimits;
 pub mod seccomp;
 mod spawn;
+pub mod uids;
 pub mod spec;
 pub mod warm;
 mod zygote;
@@ -30,4 +31,5 @@ pub use spawn::{
     SandboxError, SandboxLimits, Termination,
 };
 pub use spec::{ExitStatus, RoMount, SandboxFile, signal_name};
+pub use uids::{TaskUids, UidRangeError};
 pub use warm::{Recycle, WarmConfig, WarmSandbox, WarmStats};
