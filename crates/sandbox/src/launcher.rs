@@ -354,7 +354,12 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
             drop(err_r);
             let (stage, errno) = match userns {
                 Some(((_, unshared_w), (mapped_r, _))) => {
-                    match enter_userns(unshared_w, mapped_r) {
+                    let owner = spec
+                        .userns
+                        .iter()
+                        .find(|r| r.inside == 0)
+                        .map_or(u32::MAX, |r| r.outside);
+                    match enter_userns(owner, unshared_w, mapped_r) {
                         Ok(()) => task_exec(spec, exec),
                         Err(errno) => ("user namespace", errno),
                     }
@@ -416,7 +421,22 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
 /// `mapped`), then becomes root of that namespace, which is the host uid
 /// the executor leased for it: no capability of the process reaches the
 /// host's namespaces any more.
-fn enter_userns(unshared: OwnedFd, mapped: OwnedFd) -> Result<(), nix::errno::Errno> {
+///
+/// The namespace is created with the effective ids set to `owner` (the
+/// host uid its root maps to), which makes `owner` its owner: what the
+/// kernel counts per user for the processes inside (inotify instances,
+/// message-queue bytes, pending signals) is then also charged to `owner`,
+/// a task uid, never to host root. Effective capabilities are kept across
+/// that change (`SECBIT_NO_SETUID_FIXUP`) so that the creation is a
+/// privileged one; the new namespace starts with default securebits.
+fn enter_userns(owner: u32, unshared: OwnedFd, mapped: OwnedFd) -> Result<(), nix::errno::Errno> {
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) };
+    nix::errno::Errno::result(rc)?;
+    let keep = (Uid::from_raw(u32::MAX), Gid::from_raw(u32::MAX));
+    nix::unistd::setresgid(keep.1, Gid::from_raw(owner), keep.1)?;
+    nix::unistd::setresuid(keep.0, Uid::from_raw(owner), keep.0)?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)?;
     nix::unistd::write(&unshared, b"u")?;
     drop(unshared);

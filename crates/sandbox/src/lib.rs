@@ -20,8 +20,8 @@ pub mod pool;
 mod rlimits;
 pub mod seccomp;
 mod spawn;
-pub mod uids;
 pub mod spec;
+pub mod uids;
 pub mod warm;
 mod zygote;
 

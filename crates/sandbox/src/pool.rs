@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 
 use crate::cgroup::TaskCgroup;
 use crate::launcher::mono_ns;
-use crate::uids::UidLease;
 use crate::spawn::{
     CancelToken, Handed, Prepared, RunOutcome, RunRequest, Sandbox, SandboxError, finish_run, watch,
 };
+use crate::uids::UidLease;
 
 /// Sizing of the pools.
 #[derive(Debug, Clone, PartialEq)]

@@ -177,7 +177,9 @@ impl UidPool {
         let mut start = start_at;
         for _ in 0..len {
             if start + count <= len && !st.used[start..start + count].iter().any(|u| *u) {
-                st.used[start..start + count].iter_mut().for_each(|u| *u = true);
+                st.used[start..start + count]
+                    .iter_mut()
+                    .for_each(|u| *u = true);
                 st.next = (start + count) % len;
                 return Some(UidLease {
                     state: Arc::clone(&self.state),
@@ -309,6 +311,10 @@ mod tests {
             r.disjoint_from("runAs", &(60000..=65534)),
             Err(UidRangeError::Overlap { .. })
         ));
-        assert!(TaskUids::DEFAULT.disjoint_from("runAs", &(60000..=65534)).is_ok());
+        assert!(
+            TaskUids::DEFAULT
+                .disjoint_from("runAs", &(60000..=65534))
+                .is_ok()
+        );
     }
 }

@@ -766,6 +766,16 @@ def _probe():
     MS_REC, MS_PRIVATE = 16384, 1 << 18
     rc = libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
     found["mountErrno"] = 0 if rc == 0 else ctypes.get_errno()
+    # The owner of our user namespace, as we see it (NS_GET_OWNER_UID):
+    # 0 when it is the host uid our root maps to, the overflow uid when it
+    # is one we cannot see (host root).
+    import fcntl, os, struct
+    fd = os.open("/proc/self/ns/user", os.O_RDONLY)
+    try:
+        owner = fcntl.ioctl(fd, 0xB704, b"\0" * 4)
+        found["nsOwner"] = struct.unpack("I", owner)[0]
+    finally:
+        os.close(fd)
     return found
 
 FOUND = _probe()
@@ -793,11 +803,18 @@ fn code_a_fork_server_imports_holds_no_host_privilege() {
     // host uid, and nothing maps to host root.
     let map = found["uidMap"].as_array().expect("uid map");
     for line in map {
-        let host_first = line[1].as_str().expect("host id").parse::<u64>().expect("number");
+        let host_first = line[1]
+            .as_str()
+            .expect("host id")
+            .parse::<u64>()
+            .expect("number");
         assert_ne!(host_first, 0, "a host-root mapping: {found}");
     }
     assert_eq!(map[0][0], "0", "{found}");
     assert_eq!(found["mountErrno"], 1, "EPERM: {found}");
+    // Owned by that host uid, not by host root: per-user counts of the
+    // processes inside are charged to a task uid.
+    assert_eq!(found["nsOwner"], 0, "{found}");
     drop(w);
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
