@@ -669,28 +669,6 @@ fn plan(st: &mut State, now: Instant, config: &PoolConfig, doomed: &mut Vec<Preb
 mod tests {
     use super::*;
 
-    /// Keys need no cgroup.
-    #[derive(Debug)]
-    struct NoCgroups;
-
-    impl crate::cgroup::CgroupDriver for NoCgroups {
-        fn version(&self) -> crate::cgroup::CgroupVersion {
-            crate::cgroup::CgroupVersion::V2
-        }
-        fn create(
-            &self,
-            _name: &str,
-            _limits: &crate::cgroup::CgroupLimits,
-        ) -> Result<Box<dyn TaskCgroup>, crate::cgroup::CgroupError> {
-            Err(crate::cgroup::CgroupError::Unavailable {
-                detail: "unit test".into(),
-            })
-        }
-        fn parents(&self) -> Vec<std::path::PathBuf> {
-            Vec::new()
-        }
-    }
-
     fn config() -> PoolConfig {
         PoolConfig {
             min_per_key: 1,
