@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use taskexec_engine::{AttemptRunner, Engine, EngineConfig, SystemClock};
 use taskexec_runtimes::Catalogue;
-use taskexec_sandbox::{LauncherCommand, Sandbox, SandboxConfig, WarmConfig, WarmSandbox, cgroup};
+use taskexec_sandbox::{
+    LauncherCommand, Sandbox, SandboxConfig, TaskUids, WarmConfig, WarmSandbox, cgroup,
+};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -50,6 +52,31 @@ pub struct GlobalArgs {
     /// Override a runtime's interpreter: NAME=/abs/path (repeatable).
     #[arg(long = "interpreter", global = true, value_name = "NAME=PATH")]
     pub interpreters: Vec<String>,
+    /// The host uids tasks run as, START-END (default
+    /// 2130706432-2130771967): each running task gets one of its own, each
+    /// fork server a block of 65. Use ids no host account or other executor
+    /// on the host uses; they may not overlap the `runAs` ids (60000-65534).
+    #[arg(
+        long,
+        global = true,
+        env = "TASKEXEC_TASK_UIDS",
+        value_name = "START-END"
+    )]
+    pub task_uids: Option<String>,
+}
+
+/// The task uid range of `--task-uids`, checked against the ids `runAs`
+/// may name.
+pub fn task_uids(
+    flag: Option<&str>,
+    run_as: &std::ops::RangeInclusive<u32>,
+) -> anyhow::Result<TaskUids> {
+    let uids = match flag {
+        Some(text) => TaskUids::parse(text).context("--task-uids")?,
+        None => TaskUids::DEFAULT,
+    };
+    uids.disjoint_from("runAs", run_as)
+        .context("--task-uids: task uids must not be ids a task may ask for with runAs")
 }
 
 /// Arguments of `taskexec runtimes`.
@@ -117,6 +144,8 @@ pub fn default_warm_config() -> WarmConfig {
 
 /// The engine over a real sandbox.
 pub fn engine(g: &GlobalArgs, warmth: Warmth) -> anyhow::Result<Engine> {
+    let engine_config = EngineConfig::default();
+    let task_uids = task_uids(g.task_uids.as_deref(), &engine_config.run_as)?;
     let cgroups = cgroup::detect(g.cgroup_parent.as_deref()).context("cgroups")?;
     let stale = cgroups.remove_stale();
     if stale > 0 {
@@ -129,14 +158,20 @@ pub fn engine(g: &GlobalArgs, warmth: Warmth) -> anyhow::Result<Engine> {
         Some(p) => LauncherCommand { program: p.clone() },
         None => LauncherCommand::beside_current_exe().context("locating the taskexec binary")?,
     };
-    let sandbox = Sandbox::new(SandboxConfig::new(launcher), cgroups);
+    let sandbox = Sandbox::new(
+        SandboxConfig {
+            task_uids,
+            ..SandboxConfig::new(launcher)
+        },
+        cgroups,
+    );
     let runner: Arc<dyn AttemptRunner> = match warmth {
         Warmth::Cold => Arc::new(sandbox),
         Warmth::Warm => Arc::new(WarmSandbox::new(sandbox, default_warm_config())),
         Warmth::Configured(config) => Arc::new(WarmSandbox::new(sandbox, config)),
     };
     Ok(Engine::new(
-        EngineConfig::default(),
+        engine_config,
         catalogue(g)?,
         runner,
         Arc::new(SystemClock::default()),

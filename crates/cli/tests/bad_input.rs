@@ -215,3 +215,13 @@ fn task_file_that_is_not_a_task_instance_is_a_usage_error() {
     let r = taskexec(&["run", "--task", &path, "--json"], &[]);
     assert_usage_error(&r, "--task", &["not a valid TaskInstance", "bogus"]);
 }
+
+#[test]
+fn a_task_uid_range_that_is_malformed_or_overlaps_run_as_is_a_usage_error() {
+    let r = run_hello(&["--task-uids", "5"]);
+    assert_usage_error(&r, "--task-uids", &["\"5\"", "START-END"]);
+    let r = run_hello(&["--task-uids", "60000-70000"]);
+    assert_usage_error(&r, "--task-uids", &["runAs", "60000-65534"]);
+    let r = run_hello(&["--task-uids", "0-100000"]);
+    assert_usage_error(&r, "--task-uids", &["no id 0"]);
+}

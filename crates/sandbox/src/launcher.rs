@@ -385,12 +385,38 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SetupError::new("init", format!("pipe: {e}")))?;
 
+    // A task with a user namespace of its own (a fork server) unshares it
+    // and says so on `unshared`; we write its id maps and answer on
+    // `mapped`.
+    let userns = if spec.userns.is_empty() {
+        None
+    } else {
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| SetupError::new("init", format!("pipe: {e}")))
+        };
+        Some((pipe()?, pipe()?))
+    };
+
     let t_fork = mono_ns();
     // SAFETY: single-threaded process (see `launch`).
     let task = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(err_r);
-            let (stage, errno) = task_exec(spec, exec);
+            let (stage, errno) = match userns {
+                Some(((_, unshared_w), (mapped_r, _))) => {
+                    let owner = spec
+                        .userns
+                        .iter()
+                        .find(|r| r.inside == 0)
+                        .map_or(u32::MAX, |r| r.outside);
+                    match enter_userns(owner, unshared_w, mapped_r) {
+                        Ok(()) => task_exec(spec, exec),
+                        Err(errno) => ("user namespace", errno),
+                    }
+                }
+                None => task_exec(spec, exec),
+            };
             let mut w = File::from(err_w);
             let _ = w.write_all(format!("{stage}: {errno}").as_bytes());
             // SAFETY: _exit ends the process without running destructors or
@@ -401,6 +427,13 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
         Err(e) => return Err(SetupError::new("init", format!("fork task: {e}"))),
     };
     drop(err_w);
+    if let Some(((unshared_r, unshared_w), (mapped_r, mapped_w))) = userns {
+        drop((unshared_w, mapped_r));
+        if let Err(e) = map_ids(task, &spec.userns, unshared_r, mapped_w) {
+            kill_all_and_reap();
+            return Err(e);
+        }
+    }
     let mut exec_error = String::new();
     let _ = File::from(err_r).read_to_string(&mut exec_error);
     if !exec_error.is_empty() {
@@ -432,6 +465,68 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let t_exit = mono_ns();
     kill_all_and_reap();
     finish(spec, status, t_exit, report)
+}
+
+/// In the task process: unshares a user namespace, says so on
+/// `unshared`, waits for the init to write its id maps (a byte on
+/// `mapped`), then becomes root of that namespace, which is the host uid
+/// the executor leased for it: no capability of the process reaches the
+/// host's namespaces any more.
+///
+/// The namespace is created with the effective ids set to `owner` (the
+/// host uid its root maps to), which makes `owner` its owner: what the
+/// kernel counts per user for the processes inside (inotify instances,
+/// message-queue bytes, pending signals) is then also charged to `owner`,
+/// a task uid, never to host root. Effective capabilities are kept across
+/// that change (`SECBIT_NO_SETUID_FIXUP`) so that the creation is a
+/// privileged one; the new namespace starts with default securebits.
+fn enter_userns(owner: u32, unshared: OwnedFd, mapped: OwnedFd) -> Result<(), nix::errno::Errno> {
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) };
+    nix::errno::Errno::result(rc)?;
+    let keep = (Uid::from_raw(u32::MAX), Gid::from_raw(u32::MAX));
+    nix::unistd::setresgid(keep.1, Gid::from_raw(owner), keep.1)?;
+    nix::unistd::setresuid(keep.0, Uid::from_raw(owner), keep.0)?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)?;
+    nix::unistd::write(&unshared, b"u")?;
+    drop(unshared);
+    let mut b = [0u8; 1];
+    if nix::unistd::read(&mapped, &mut b)? != 1 {
+        return Err(nix::errno::Errno::EPIPE);
+    }
+    let root = (Uid::from_raw(0), Gid::from_raw(0));
+    nix::unistd::setgroups(&[])?;
+    nix::unistd::setresgid(root.1, root.1, root.1)?;
+    nix::unistd::setresuid(root.0, root.0, root.0)
+}
+
+/// In the init: waits for the task to unshare its user namespace, writes
+/// its uid and gid maps, and lets it go on. A task that ended first has
+/// said why on its error pipe, which the caller reads next.
+fn map_ids(
+    task: Pid,
+    ranges: &[crate::spec::IdRange],
+    unshared: OwnedFd,
+    mapped: OwnedFd,
+) -> Result<(), SetupError> {
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(&unshared, &mut b) {
+            Ok(1) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => return Ok(()),
+        }
+    }
+    let map = crate::spec::id_map(ranges);
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{task}/{file}");
+        std::fs::write(&path, &map)
+            .map_err(|e| SetupError::new("user namespace", format!("writing {path}: {e}")))?;
+    }
+    nix::unistd::write(&mapped, b"m")
+        .map_err(|e| SetupError::new("user namespace", format!("resuming the task: {e}")))?;
+    Ok(())
 }
 
 /// Kills every other process of the PID namespace and reaps them all.

@@ -21,6 +21,7 @@ mod rlimits;
 pub mod seccomp;
 mod spawn;
 pub mod spec;
+pub mod uids;
 pub mod warm;
 mod zygote;
 
@@ -30,4 +31,5 @@ pub use spawn::{
     SandboxError, SandboxLimits, Termination,
 };
 pub use spec::{ExitStatus, RoMount, SandboxFile, signal_name};
+pub use uids::{TaskUids, UidRangeError};
 pub use warm::{Recycle, WarmConfig, WarmSandbox, WarmStats};

@@ -38,6 +38,7 @@ use crate::launcher::mono_ns;
 use crate::spawn::{
     CancelToken, Handed, Prepared, RunOutcome, RunRequest, Sandbox, SandboxError, finish_run, watch,
 };
+use crate::uids::UidLease;
 
 /// Sizing of the pools.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,14 +104,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const FORGET_AFTER_IDLES: u32 = 10;
 
 /// Everything that shapes a pre-built sandbox: the read-only mounts, the
-/// support files (the handler wrapper), the user (the synthetic `/etc`
-/// names it) and the limit class (cgroup limits and scratch size). Tasks
+/// support files (the handler wrapper), the user a request names (else
+/// each sandbox leases a uid of its own when it is built; the synthetic
+/// `/etc` names it) and the limit class (cgroup limits and scratch size). Tasks
 /// with equal keys can use each other's pre-built sandboxes; the rest of a
 /// request (files, argv, environment, stdin, rlimits, read-back, time and
 /// output limits) travels with the task.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
-    user: (u32, u32),
+    user: Option<(u32, u32)>,
     ro_mounts: Vec<(String, bool)>,
     support_files: Vec<(String, Vec<u8>, bool)>,
     memory_bytes: u64,
@@ -121,10 +123,10 @@ struct PoolKey {
 }
 
 impl PoolKey {
-    fn of(sandbox: &Sandbox, req: &RunRequest) -> Self {
+    fn of(req: &RunRequest) -> Self {
         let l = &req.limits;
         Self {
-            user: sandbox.user_of(req),
+            user: req.user,
             ro_mounts: req
                 .ro_mounts
                 .iter()
@@ -144,14 +146,19 @@ impl PoolKey {
     }
 }
 
-/// A sandbox built ahead of its task: its cgroup, and its launcher waiting
-/// for the task. Dropped unused, both are destroyed.
+/// A sandbox built ahead of its task: its cgroup, its launcher waiting
+/// for the task, and the user it was built for. Dropped unused, all are
+/// destroyed (the uid goes back once the cgroup is empty).
 #[derive(Debug)]
 struct Prebuilt {
     /// `None` once handed to a task.
     launcher: Option<Prepared>,
     /// `None` once handed to a task.
     cgroup: Option<Box<dyn TaskCgroup>>,
+    /// The uid leased for the sandbox's task, if the request named none.
+    lease: Option<UidLease>,
+    /// The (uid, gid) its task runs as.
+    user: (u32, u32),
 }
 
 impl Drop for Prebuilt {
@@ -159,7 +166,8 @@ impl Drop for Prebuilt {
         // The launcher first (killed and reaped), then its cgroup.
         drop(self.launcher.take());
         if let Some(cgroup) = self.cgroup.take() {
-            let _ = cgroup.kill_all();
+            let emptied = cgroup.kill_all();
+            crate::uids::release(self.lease.take(), &emptied);
             let _ = cgroup.remove();
         }
     }
@@ -170,13 +178,16 @@ impl Prebuilt {
     /// its limits, a launcher that got the base spec and sits in the cgroup,
     /// and its `Ready`.
     fn build(sandbox: &Sandbox, template: &RunRequest) -> Result<Self, SandboxError> {
-        let (mut spec, etc) = sandbox.launch_spec(template)?;
+        let (lease, user) = sandbox.user_for(template)?;
+        let (mut spec, etc) = sandbox.launch_spec(template, user)?;
         let cgroup = sandbox.new_cgroup(&template.limits)?;
         spec.self_join = cgroup.self_join_files();
         spec.task_join = cgroup.task_join_file();
         let mut built = Self {
             launcher: None,
             cgroup: Some(cgroup),
+            lease,
+            user,
         };
         let launcher = sandbox.prepare(&spec, &template.support_files, &etc)?;
         let pid = launcher.pid();
@@ -211,11 +222,12 @@ impl Prebuilt {
         if !self.is_waiting() {
             return None;
         }
-        let (spec, _etc) = match sandbox.launch_spec(req) {
+        let (spec, _etc) = match sandbox.launch_spec(req, self.user) {
             Ok(spec) => spec,
             Err(e) => return Some(Err(e)),
         };
         let (launcher, cgroup) = (self.launcher.take()?, self.cgroup.take()?);
+        let lease = self.lease.take();
         // The launcher's own set-up in the cgroup is not the task's.
         let cpu_base = cgroup.cpu_time().unwrap_or_default();
         let sent = launcher
@@ -224,7 +236,8 @@ impl Prebuilt {
         if sent.is_err() {
             // It died since the check: nothing of the task ran.
             drop(launcher);
-            let _ = cgroup.kill_all();
+            let emptied = cgroup.kill_all();
+            crate::uids::release(lease, &emptied);
             let _ = cgroup.remove();
             return None;
         }
@@ -247,7 +260,7 @@ impl Prebuilt {
             &mut heard,
         );
         let died_unheard = result.is_err() && !heard;
-        let result = finish_run(cgroup.as_ref(), result, phases, t0, cpu_base);
+        let result = finish_run(cgroup.as_ref(), result, phases, t0, cpu_base, lease);
         // A launcher that ended without a word after the hand-over was dying
         // already (killed between the check and the hand-over): its init
         // never reported the task's start, and a sandbox has no effect
@@ -417,7 +430,7 @@ impl LauncherPool {
         cancel: Option<&CancelToken>,
     ) -> Result<RunOutcome, SandboxError> {
         let shared = &self.shared;
-        let key = PoolKey::of(&shared.sandbox, req);
+        let key = PoolKey::of(req);
         let mut arrived = false;
         loop {
             let taken = {
@@ -657,28 +670,6 @@ fn plan(st: &mut State, now: Instant, config: &PoolConfig, doomed: &mut Vec<Preb
 mod tests {
     use super::*;
 
-    /// Keys need no cgroup.
-    #[derive(Debug)]
-    struct NoCgroups;
-
-    impl crate::cgroup::CgroupDriver for NoCgroups {
-        fn version(&self) -> crate::cgroup::CgroupVersion {
-            crate::cgroup::CgroupVersion::V2
-        }
-        fn create(
-            &self,
-            _name: &str,
-            _limits: &crate::cgroup::CgroupLimits,
-        ) -> Result<Box<dyn TaskCgroup>, crate::cgroup::CgroupError> {
-            Err(crate::cgroup::CgroupError::Unavailable {
-                detail: "unit test".into(),
-            })
-        }
-        fn parents(&self) -> Vec<std::path::PathBuf> {
-            Vec::new()
-        }
-    }
-
     fn config() -> PoolConfig {
         PoolConfig {
             min_per_key: 1,
@@ -723,12 +714,6 @@ mod tests {
 
     #[test]
     fn per_task_parts_do_not_change_the_key_but_limits_and_user_do() {
-        let sandbox = Sandbox::new(
-            crate::SandboxConfig::new(crate::LauncherCommand {
-                program: "/nonexistent".into(),
-            }),
-            Box::new(NoCgroups),
-        );
         let a = request();
         let mut b = request();
         b.argv = vec!["/usr/bin/python3".into()];
@@ -740,12 +725,12 @@ mod tests {
         }];
         b.limits.timeout = Duration::from_secs(9);
         b.limits.output_bytes = 7;
-        assert_eq!(PoolKey::of(&sandbox, &a), PoolKey::of(&sandbox, &b));
+        assert_eq!(PoolKey::of(&a), PoolKey::of(&b));
         let mut c = request();
         c.limits.memory_bytes *= 2;
-        assert_ne!(PoolKey::of(&sandbox, &a), PoolKey::of(&sandbox, &c));
+        assert_ne!(PoolKey::of(&a), PoolKey::of(&c));
         let mut d = request();
         d.user = Some((1000, 1000));
-        assert_ne!(PoolKey::of(&sandbox, &a), PoolKey::of(&sandbox, &d));
+        assert_ne!(PoolKey::of(&a), PoolKey::of(&d));
     }
 }

@@ -21,6 +21,7 @@ use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
 use crate::spec::{
     ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, RlimitSpec, RoMount, SandboxFile,
 };
+use crate::uids::{TaskUids, UidLease, UidPool};
 
 /// How to start the launcher: our own binary with [`LAUNCHER_ARG`], normally.
 #[derive(Debug, Clone)]
@@ -56,10 +57,9 @@ impl LauncherCommand {
 pub struct SandboxConfig {
     /// How to start the launcher.
     pub launcher: LauncherCommand,
-    /// The unprivileged uid tasks run as.
-    pub uid: u32,
-    /// The unprivileged gid tasks run as.
-    pub gid: u32,
+    /// The host uids tasks run as (gid = uid), one of its own for each
+    /// task running ([`crate::uids`]), unless a request names its user.
+    pub task_uids: TaskUids,
     /// Host name inside the sandbox.
     pub hostname: String,
     /// Sandbox path of the work dir.
@@ -69,12 +69,12 @@ pub struct SandboxConfig {
 }
 
 impl SandboxConfig {
-    /// Defaults: uid/gid 65534 (nobody), host name "sandbox", /task, /opt/taskexec.
+    /// Defaults: task uids [`TaskUids::DEFAULT`], host name "sandbox",
+    /// /task, /opt/taskexec.
     pub fn new(launcher: LauncherCommand) -> Self {
         Self {
             launcher,
-            uid: 65534,
-            gid: 65534,
+            task_uids: TaskUids::DEFAULT,
             hostname: "sandbox".into(),
             work_dir: "/task".into(),
             support_dir: "/opt/taskexec".into(),
@@ -126,7 +126,8 @@ pub struct RunRequest {
     pub collect_dir: Option<String>,
     /// Limits.
     pub limits: SandboxLimits,
-    /// Run as this (uid, gid) instead of the configured default; never 0.
+    /// Run as this (uid, gid) instead of a uid of its own from
+    /// [`SandboxConfig::task_uids`]; never 0.
     pub user: Option<(u32, u32)>,
     /// The request may run in a forked child of a pre-started interpreter
     /// of this kind (e.g. "python": see [`crate::zygote`]) when a warm
@@ -352,6 +353,9 @@ pub(crate) fn etc_files(uid: u32, gid: u32, hostname: &str) -> Vec<SandboxFile> 
 pub struct Sandbox {
     pub(crate) config: SandboxConfig,
     pub(crate) cgroups: Box<dyn CgroupDriver>,
+    /// The node's one allocator of task uids (cold runs, pre-built
+    /// sandboxes and fork servers alike).
+    pub(crate) uids: UidPool,
 }
 
 /// Numbers task cgroups uniquely within this process (names carry the pid,
@@ -412,7 +416,11 @@ pub(crate) fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
 impl Sandbox {
     /// A sandbox using `cgroups` for limits.
     pub fn new(config: SandboxConfig, cgroups: Box<dyn CgroupDriver>) -> Self {
-        Self { config, cgroups }
+        Self {
+            uids: UidPool::new(config.task_uids),
+            config,
+            cgroups,
+        }
     }
 
     /// The cgroup driver in use.
@@ -430,10 +438,11 @@ impl Sandbox {
         let t0 = Instant::now();
         let t0_mono = mono_ns();
         let mut phases: Vec<(&'static str, Duration)> = Vec::new();
+        let (lease, user) = self.user_for(req)?;
         let cgroup = self.new_cgroup(&req.limits)?;
         phases.push(("cgroupCreate", t0.elapsed()));
-        let result = self.run_in(req, cancel, cgroup.as_ref(), &mut phases, t0, t0_mono);
-        finish_run(cgroup.as_ref(), result, phases, t0, Duration::ZERO)
+        let result = self.run_in(req, user, cancel, cgroup.as_ref(), &mut phases, t0, t0_mono);
+        finish_run(cgroup.as_ref(), result, phases, t0, Duration::ZERO, lease)
     }
 
     /// A new task cgroup (named by [`cgroup_name`]) with the limits of
@@ -453,9 +462,24 @@ impl Sandbox {
         )?)
     }
 
-    /// The (uid, gid) `req` runs as.
-    pub(crate) fn user_of(&self, req: &RunRequest) -> (u32, u32) {
-        req.user.unwrap_or((self.config.uid, self.config.gid))
+    /// The (uid, gid) `req` runs as: the one it names, else a uid of its
+    /// own, leased until its cgroup is empty (see [`finish_run`]).
+    pub(crate) fn user_for(
+        &self,
+        req: &RunRequest,
+    ) -> Result<(Option<UidLease>, (u32, u32)), SandboxError> {
+        if let Some(user) = req.user {
+            return Ok((None, user));
+        }
+        let lease = self.uids.lease(1).ok_or_else(|| SandboxError::Setup {
+            stage: "uids".into(),
+            message: format!(
+                "every task uid of {} is in use; widen the range (--task-uids)",
+                self.config.task_uids
+            ),
+        })?;
+        let uid = lease.first();
+        Ok((Some(lease), (uid, uid)))
     }
 
     /// Spawns the launcher with `channel` (one end of a socket pair) as its
@@ -486,9 +510,11 @@ impl Sandbox {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_in(
         &self,
         req: &RunRequest,
+        user: (u32, u32),
         cancel: Option<&CancelToken>,
         cgroup: &dyn TaskCgroup,
         phases: &mut Vec<(&'static str, Duration)>,
@@ -496,7 +522,7 @@ impl Sandbox {
         t0_mono: u64,
     ) -> Result<RunOutcome, SandboxError> {
         let limits = &req.limits;
-        let (mut spec, etc) = self.launch_spec(req)?;
+        let (mut spec, etc) = self.launch_spec(req, user)?;
         spec.self_join = cgroup.self_join_files();
         spec.task_join = cgroup.task_join_file();
         let prepared = self.prepare(&spec, &req.support_files, &etc)?;
@@ -575,9 +601,9 @@ impl Sandbox {
     pub(crate) fn launch_spec(
         &self,
         req: &RunRequest,
+        (uid, gid): (u32, u32),
     ) -> Result<(LaunchSpec, Vec<SandboxFile>), SandboxError> {
         let limits = &req.limits;
-        let (uid, gid) = self.user_of(req);
         if uid == 0 || gid == 0 {
             return Err(SandboxError::Setup {
                 stage: "spec".into(),
@@ -612,6 +638,7 @@ impl Sandbox {
             collect_cap: 64 << 20,
             share_network: false,
             fork_server: false,
+            userns: Vec::new(),
             self_join: Vec::new(),
             task_join: None,
         };
@@ -977,18 +1004,21 @@ impl Prepared {
     }
 }
 
-/// The end of every run: kills whatever is left in the cgroup, reads its
-/// accounting (less `cpu_base`, the CPU time used before the task was handed
-/// over) and removes it, then completes the outcome.
+/// The end of every run: kills whatever is left in the cgroup, gives the
+/// task's uid back (`lease`; lost if the cgroup could not be emptied),
+/// reads its accounting (less `cpu_base`, the CPU time used before the task
+/// was handed over) and removes it, then completes the outcome.
 pub(crate) fn finish_run(
     cgroup: &dyn TaskCgroup,
     result: Result<RunOutcome, SandboxError>,
     mut phases: Vec<(&'static str, Duration)>,
     t0: Instant,
     cpu_base: Duration,
+    lease: Option<UidLease>,
 ) -> Result<RunOutcome, SandboxError> {
     let t_clean = Instant::now();
     let kill = cgroup.kill_all();
+    crate::uids::release(lease, &kill);
     let stats = cgroup.stats();
     let removed = cgroup.remove();
     phases.push(("cleanup", t_clean.elapsed()));

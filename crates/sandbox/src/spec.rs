@@ -79,6 +79,13 @@ pub(crate) struct LaunchSpec {
     /// runs under the fork-server seccomp profile.
     #[serde(default)]
     pub fork_server: bool,
+    /// When not empty, the task (a fork server) runs as root of a user
+    /// namespace of its own whose uids and gids map as listed here (host
+    /// ids the executor leased for it): the init writes the maps before
+    /// the task runs a single instruction of its own program, so nothing
+    /// it runs holds a privilege over the host's namespaces.
+    #[serde(default)]
+    pub userns: Vec<IdRange>,
     /// Cgroup files the launcher writes `0` into first thing, to move
     /// itself into its task cgroup (see
     /// [`crate::cgroup::TaskCgroup::self_join_files`]); empty when the
@@ -141,6 +148,23 @@ impl LaunchSpec {
             _ => false,
         }
     }
+}
+
+/// One line of a user namespace's `uid_map` (and `gid_map`): `count` ids
+/// from `inside` are the host's from `outside`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IdRange {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
+}
+
+/// The text of a `uid_map`/`gid_map` for `ranges`.
+pub(crate) fn id_map(ranges: &[IdRange]) -> String {
+    ranges
+        .iter()
+        .map(|r| format!("{} {} {}\n", r.inside, r.outside, r.count))
+        .collect()
 }
 
 /// Resource limits applied with setrlimit, a second layer under cgroups.

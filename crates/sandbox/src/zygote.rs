@@ -5,8 +5,17 @@
 //! A fork server lives in a sandbox of its own, built by the ordinary
 //! launcher with [`LaunchSpec::fork_server`] set: new PID, mount, network,
 //! IPC, UTS and cgroup namespaces, the read-only root of the runtime, its own
-//! cgroup; it stays root there with only [`seccomp::FORK_SERVER_CAPS`] and
-//! under the fork-server seccomp profile. The server code itself is
+//! cgroup. It runs as root of a user namespace of its own
+//! ([`LaunchSpec::userns`]), whose ids are a block of [`SERVER_UIDS`] host
+//! uids it leases from the node's allocator ([`crate::uids`]) for its life:
+//! its uid 0 is the block's first id, [`FORK_UIDS`] its next ones. The
+//! sandbox's init writes the maps before the server runs anything, so the
+//! code it imports (the wrapper, the modules of `definition.preload`, chosen
+//! by tasks) holds capabilities only over the namespaces the server creates
+//! for its children, none over the host's (it cannot mount, change the
+//! host name or address anything of the namespaces the launcher built). It
+//! keeps only [`seccomp::FORK_SERVER_CAPS`] there and runs under the
+//! fork-server seccomp profile. The server code itself is
 //! `zygote/python_zygote.py` (its docstring has the protocol).
 //!
 //! Ahead of any task, a server's thread keeps *spare* children
@@ -36,7 +45,9 @@
 //! Concurrent children of one server share its PID namespace, so each runs
 //! under a uid of its own from [`FORK_UIDS`] (with /proc's `hidepid` and
 //! distinct uids, a child can neither see nor signal another); a request
-//! that asks for a specific uid runs cold instead.
+//! that asks for a specific uid runs cold instead. Those uids are host uids
+//! of the server's block, so no two tasks running on the node share a uid
+//! (nor a per-uid kernel limit), whichever server or cold sandbox runs them.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -64,10 +75,15 @@ use crate::spawn::{
     CancelToken, ReadBackResult, RunOutcome, RunRequest, Sandbox, SandboxError, Termination,
     cgroup_name, drain, etc_files, io, metas, nix_io, ns_delta, pidfd_open, poll_tags,
 };
-use crate::spec::{ExitStatus, LaunchSpec, Report, RlimitSpec, SandboxFile};
+use crate::spec::{ExitStatus, IdRange, LaunchSpec, Report, RlimitSpec, SandboxFile};
 
-/// The uids children of one fork server run as, one per concurrent child.
+/// The uids children of one fork server run as, one per concurrent child,
+/// inside the server's user namespace (the host sees the server's block).
 pub const FORK_UIDS: std::ops::RangeInclusive<u32> = 62000..=62063;
+
+/// Host uids a fork server leases for its life: its own root, then one per
+/// uid of [`FORK_UIDS`].
+pub(crate) const SERVER_UIDS: u32 = 1 + (*FORK_UIDS.end() - *FORK_UIDS.start() + 1);
 
 /// The fork-server program of each kind.
 fn server_source(kind: &str) -> Option<&'static str> {
@@ -182,6 +198,10 @@ struct Server {
     _channel: UnixStream,
     control: Mutex<OwnedFd>,
     cgroup: Mutex<Box<dyn TaskCgroup>>,
+    /// The host uids of the server's user namespace; its children's leases
+    /// hold it too, so it goes back only once the last of their cgroups is
+    /// empty.
+    ids: Arc<crate::uids::UidLease>,
     /// Uids not lent now, least recently given back first.
     free_uids: Mutex<VecDeque<u32>>,
     log: Arc<Mutex<Vec<u8>>>,
@@ -209,7 +229,11 @@ impl Drop for Server {
             let _ = l.wait();
         }
         if let Ok(cgroup) = self.cgroup.lock() {
-            let _ = cgroup.kill_all();
+            if cgroup.kill_all().is_err() {
+                // Something of the server may live on: its ids are never
+                // lent again.
+                std::mem::forget(Arc::clone(&self.ids));
+            }
             let _ = cgroup.remove();
         }
     }
@@ -240,20 +264,22 @@ struct Spare {
     cgroup: Box<dyn TaskCgroup>,
     /// The uid of the task it was given: back to the server only once
     /// every process of the task is gone.
-    lease: Option<UidLease>,
+    lease: Option<ChildUid>,
 }
 
 /// A uid of a server's pool, lent to one run. Given back when dropped:
 /// by a run that never handed its task over, at once; by a run that did,
 /// with its spare, after the spare's cgroup is empty, so no process of one
-/// task can still be there when a later task gets the same uid.
+/// task can still be there when a later task gets the same uid. It keeps
+/// the server's block of host uids leased meanwhile.
 #[derive(Debug)]
-struct UidLease {
+struct ChildUid {
     server: Weak<Server>,
     uid: u32,
+    _block: Arc<crate::uids::UidLease>,
 }
 
-impl Drop for UidLease {
+impl Drop for ChildUid {
     fn drop(&mut self) {
         if let Some(server) = self.server.upgrade() {
             server.give_uid(self.uid);
@@ -434,9 +460,10 @@ impl ForkServers {
         let Some(uid) = server.take_uid() else {
             return Err(Fallback::Busy);
         };
-        let lease = UidLease {
+        let lease = ChildUid {
             server: Arc::downgrade(&server),
             uid,
+            _block: Arc::clone(&server.ids),
         };
         let Some(reaper) = self.reaper.lock().ok().and_then(|r| r.as_ref().cloned()) else {
             return Err(Fallback::NotEligible); // shut down (the lease gives the uid back)
@@ -832,6 +859,32 @@ impl Server {
             content: seccomp::to_bytes(&[final_filter]),
             executable: false,
         });
+        // The server's host uids: its root, then its children's.
+        let ids = sandbox
+            .uids
+            .lease(SERVER_UIDS)
+            .ok_or_else(|| SandboxError::Setup {
+                stage: "uids".into(),
+                message: format!(
+                    "no block of {SERVER_UIDS} free task uids in {} for a fork server",
+                    config.task_uids
+                ),
+            })?;
+        let userns = vec![
+            IdRange {
+                inside: 0,
+                outside: ids.first(),
+                count: 1,
+            },
+            IdRange {
+                inside: *FORK_UIDS.start(),
+                outside: ids.first() + 1,
+                count: SERVER_UIDS - 1,
+            },
+        ];
+        // The host id of the server's first child uid: what the launcher
+        // gives the (unused) work dir of the server's own sandbox.
+        let first_child = ids.first() + 1;
         // /etc/passwd names every uid a child may get.
         let mut etc = etc_files(*FORK_UIDS.start(), *FORK_UIDS.start(), &config.hostname);
         etc[0].content = std::iter::once("root:x:0:0:root:/root:/bin/false\n".to_string())
@@ -858,8 +911,8 @@ impl Server {
             .collect();
         let spec = LaunchSpec {
             hostname: config.hostname.clone(),
-            uid: *FORK_UIDS.start(),
-            gid: *FORK_UIDS.start(),
+            uid: first_child,
+            gid: first_child,
             argv: vec![
                 interpreter.clone(),
                 "-E".into(),
@@ -896,6 +949,7 @@ impl Server {
             collect_cap: 0,
             share_network: false,
             fork_server: true,
+            userns,
             self_join: Vec::new(),
             task_join: None,
         };
@@ -942,6 +996,7 @@ impl Server {
             _channel: ours,
             control: Mutex::new(control),
             cgroup: Mutex::new(cgroup),
+            ids: Arc::new(ids),
             free_uids: Mutex::new(FORK_UIDS.collect()),
             log: Arc::new(Mutex::new(Vec::new())),
             work_dir: config.work_dir.clone(),
@@ -1140,7 +1195,7 @@ impl Server {
         sandbox: &Sandbox,
         req: &RunRequest,
         cancel: Option<&CancelToken>,
-        lease: UidLease,
+        lease: ChildUid,
         reaper: &std::sync::mpsc::Sender<Spare>,
     ) -> Result<Result<RunOutcome, SandboxError>, SandboxError> {
         let t0 = Instant::now();

@@ -748,3 +748,73 @@ fn load_four_at_a_time() {
     let secs = t.elapsed().as_secs_f64();
     println!("{:.1} tasks/s", f64::from(4 * per_thread) / secs);
 }
+
+/// A module of `definition.preload` (here one the test ships beside the
+/// wrapper) runs its import-time code in the fork server, before any fork:
+/// what it finds there is kept and returned by a task of that server.
+const PRIVILEGE_PROBE: &str = r#"
+import ctypes
+
+def _probe():
+    found = {}
+    with open("/proc/self/uid_map") as f:
+        found["uidMap"] = [line.split() for line in f]
+    # An action only a holder of host privileges can take: the server's
+    # mount namespace belongs to the host's user namespace.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    MS_REC, MS_PRIVATE = 16384, 1 << 18
+    rc = libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
+    found["mountErrno"] = 0 if rc == 0 else ctypes.get_errno()
+    # The owner of our user namespace, as we see it (NS_GET_OWNER_UID):
+    # 0 when it is the host uid our root maps to, the overflow uid when it
+    # is one we cannot see (host root).
+    import fcntl, os, struct
+    fd = os.open("/proc/self/ns/user", os.O_RDONLY)
+    try:
+        owner = fcntl.ioctl(fd, 0xB704, b"\0" * 4)
+        found["nsOwner"] = struct.unpack("I", owner)[0]
+    finally:
+        os.close(fd)
+    return found
+
+FOUND = _probe()
+"#;
+
+#[test]
+fn code_a_fork_server_imports_holds_no_host_privilege() {
+    let _s = serial();
+    let w = warm();
+    let mut req = handler(
+        "import privilege_probe\ndef main(x):\n    return privilege_probe.FOUND\n",
+        "{}",
+    );
+    req.support_files.push(SandboxFile {
+        path: "privilege_probe.py".into(),
+        content: PRIVILEGE_PROBE.as_bytes().to_vec(),
+        executable: false,
+    });
+    req.preload = vec!["privilege_probe".into()];
+    let out = w.run(&req, None).expect("runs");
+    let stats = w.stats();
+    assert_eq!(stats.fork_server_runs, 1, "ran warm: {stats:?}");
+    let found = json_output(&out);
+    // Root of its own user namespace only: uid 0 there is an unprivileged
+    // host uid, and nothing maps to host root.
+    let map = found["uidMap"].as_array().expect("uid map");
+    for line in map {
+        let host_first = line[1]
+            .as_str()
+            .expect("host id")
+            .parse::<u64>()
+            .expect("number");
+        assert_ne!(host_first, 0, "a host-root mapping: {found}");
+    }
+    assert_eq!(map[0][0], "0", "{found}");
+    assert_eq!(found["mountErrno"], 1, "EPERM: {found}");
+    // Owned by that host uid, not by host root: per-user counts of the
+    // processes inside are charged to a task uid.
+    assert_eq!(found["nsOwner"], 0, "{found}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}

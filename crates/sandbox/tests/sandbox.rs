@@ -70,8 +70,10 @@ fn a_task_runs_unprivileged_in_its_own_root_and_its_output_is_read_back() {
         panic!("{:?}", out.read_back)
     };
     let v: serde_json::Value = serde_json::from_slice(data).expect("json");
-    assert_eq!(v["uid"], 65534);
-    assert_eq!(v["gid"], 65534);
+    // A uid of its own from the task range, which no host account uses.
+    let uid = v["uid"].as_u64().expect("uid") as u32;
+    assert!(TaskUids::DEFAULT.contains(uid), "{v}");
+    assert_eq!(v["gid"], v["uid"]);
     assert_eq!(
         v["pid"], 2,
         "the task is the first child of the sandbox's init"
@@ -329,5 +331,64 @@ fn an_executor_sharing_its_v2_cgroup_moves_everyone_into_a_leaf() {
     for c in ["memory", "pids", "cpu"] {
         assert!(control.split_whitespace().any(|e| e == c), "{control:?}");
     }
+
+/// Two tasks running at once never share a uid, so a per-uid kernel limit
+/// one of them exhausts does not reach the other: here the process count
+/// of a uid, which `RLIMIT_NPROC` bounds (the same holds for every count
+/// the kernel keeps per user: inotify instances, message queue bytes,
+/// pending signals...). Cold tasks once all ran as uid 65534, so a task
+/// holding nine processes made a concurrent task's `fork` fail.
+#[test]
+fn concurrent_tasks_do_not_share_a_uid_or_its_kernel_limits() {
+    let _serial = serial();
+    let sb = sandbox();
+    let marker = format!("nproc-holder-{}", std::process::id());
+    let mut holder = request(
+        "import os, time\n\
+         for _ in range(8):\n\
+         \x20   if os.fork() == 0:\n\
+         \x20       time.sleep(60)\n\
+         \x20       os._exit(0)\n\
+         time.sleep(60)",
+    );
+    holder.argv.push(marker.clone());
+    let token = CancelToken::new().expect("token");
+    std::thread::scope(|scope| {
+        let held = scope.spawn(|| sb.run(&holder, Some(&token)).expect("holder runs"));
+        // The holder's nine processes are up before the other task starts.
+        let until = Instant::now() + Duration::from_secs(20);
+        while processes_with(&marker).len() < 9 {
+            assert!(Instant::now() < until, "the holder never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = sb
+            .run(
+                &request(
+                    "import os, resource, sys\n\
+                     resource.setrlimit(resource.RLIMIT_NPROC, (4, 4))\n\
+                     try:\n\
+                     \x20   pid = os.fork()\n\
+                     except OSError as e:\n\
+                     \x20   print('fork failed:', e.strerror, 'uid', os.getuid())\n\
+                     \x20   sys.exit(3)\n\
+                     if pid == 0:\n\
+                     \x20   os._exit(0)\n\
+                     os.waitpid(pid, 0)\n\
+                     print('forked')",
+                ),
+                None,
+            )
+            .expect("runs");
+        token.cancel();
+        let held = held.join().expect("joins");
+        assert_eq!(held.termination, Termination::Cancelled);
+        assert_eq!(
+            (out.termination, String::from_utf8_lossy(&out.stdout).trim()),
+            (Termination::Exited(ExitStatus::Code(0)), "forked"),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    assert!(processes_with(&marker).is_empty());
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }

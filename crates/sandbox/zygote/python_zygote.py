@@ -1,8 +1,10 @@
 """taskexec fork server for Python handler tasks.
 
 Usage (started by the taskexec launcher inside a sandbox of its own, as root
-with only the capabilities listed in seccomp::FORK_SERVER_CAPS, under the
-fork-server seccomp profile, no_new_privs set):
+of a user namespace of its own, whose ids are a block of unprivileged host
+uids, with only the capabilities listed in seccomp::FORK_SERVER_CAPS, under
+the fork-server seccomp profile, no_new_privs set; those capabilities reach
+only the namespaces the server's children create, none of the host's):
 
     python3 -E -s -B -u python_zygote.py WRAPPER CHILD_FILTERS FINAL_FILTERS [MODULE...]
 
