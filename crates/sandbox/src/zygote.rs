@@ -322,8 +322,18 @@ fn key_of(kind: &str, req: &RunRequest) -> u64 {
     for f in &req.support_files {
         (&f.path, &f.content, f.executable).hash(&mut h);
     }
-    req.preload.hash(&mut h);
+    preload_list(req).hash(&mut h);
     h.finish()
+}
+
+/// The modules a server of `req` preloads, sorted and deduplicated: lists
+/// that differ only in order or repeats share one server (each new list
+/// costs a server start).
+fn preload_list(req: &RunRequest) -> Vec<&String> {
+    let mut list: Vec<&String> = req.preload.iter().collect();
+    list.sort();
+    list.dedup();
+    list
 }
 
 /// What the child needs of the request (the `spec frame` of the server's
@@ -876,7 +886,7 @@ impl Server {
                 format!("{}/{FINAL_FILTER_FILE}", config.support_dir),
             ]
             .into_iter()
-            .chain(req.preload.iter().cloned())
+            .chain(preload_list(req).into_iter().cloned())
             .collect(),
             env,
             ro_mounts: req.ro_mounts.clone(),

@@ -537,6 +537,27 @@ fn preloaded_modules_are_loaded_before_the_task_by_a_server_of_their_own() {
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// A preload list is a set: reordering or repeating its modules does not
+/// start another server.
+#[test]
+fn reordered_preload_lists_share_one_server() {
+    let _s = serial();
+    let w = warm();
+    for modules in [
+        &["colorsys", "wave"][..],
+        &["wave", "colorsys"],
+        &["wave", "colorsys", "wave"],
+    ] {
+        let out = w.run(&preloading(modules), None).expect("runs");
+        assert_eq!(json_output(&out)["colorsys"], true, "{modules:?}");
+    }
+    let stats = w.stats();
+    assert_eq!(stats.fork_servers, 1, "one server: {stats:?}");
+    assert_eq!(stats.fork_server_runs, 3, "all warm: {stats:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
 /// First requests racing for new keys: those of one key wait for the one
 /// server that starts (without the servers' lock, so the other key's start
 /// goes on at the same time), and every request runs warm.
