@@ -11,6 +11,7 @@
 
 mod capture;
 pub mod cgroup;
+mod closer;
 mod frame;
 pub mod fsread;
 pub mod launcher;

@@ -68,6 +68,7 @@ use serde::Serialize;
 
 use crate::capture::Capped;
 use crate::cgroup::{CgroupLimits, TaskCgroup};
+use crate::closer::{Deferred, dispose};
 use crate::frame::{read_frame, write_frame};
 use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
 use crate::seccomp;
@@ -257,7 +258,10 @@ const MAX_SPARES: usize = 8;
 struct Spare {
     /// The limits its cgroup was made with.
     limits: CgroupLimits,
-    task: UnixStream,
+    /// Our end of the task channel. Once the task runs, its code can queue
+    /// descriptors in it, and closing it closes them: it is closed on the
+    /// closer thread ([`crate::closer`]).
+    task: Deferred<UnixStream>,
     out_r: OwnedFd,
     err_r: OwnedFd,
     status_r: OwnedFd,
@@ -344,8 +348,18 @@ fn key_of(kind: &str, req: &RunRequest) -> u64 {
     for f in &req.support_files {
         (&f.path, &f.content, f.executable).hash(&mut h);
     }
-    req.preload.hash(&mut h);
+    preload_list(req).hash(&mut h);
     h.finish()
+}
+
+/// The modules a server of `req` preloads, sorted and deduplicated: lists
+/// that differ only in order or repeats share one server (each new list
+/// costs a server start).
+fn preload_list(req: &RunRequest) -> Vec<&String> {
+    let mut list: Vec<&String> = req.preload.iter().collect();
+    list.sort();
+    list.dedup();
+    list
 }
 
 /// What the child needs of the request (the `spec frame` of the server's
@@ -925,7 +939,7 @@ impl Server {
                 format!("{}/{FINAL_FILTER_FILE}", config.support_dir),
             ]
             .into_iter()
-            .chain(req.preload.iter().cloned())
+            .chain(preload_list(req).into_iter().cloned())
             .collect(),
             env,
             ro_mounts: req.ro_mounts.clone(),
@@ -1118,7 +1132,7 @@ impl Server {
         let limits = *self.spare_limits.lock().unwrap_or_else(|p| p.into_inner());
         let spare = Spare {
             limits,
-            task,
+            task: Deferred::new(task),
             out_r,
             err_r,
             status_r,
@@ -1164,7 +1178,7 @@ impl Server {
         }
         // In its cgroup: the child builds its namespaces and mounts now,
         // ahead of any task.
-        (&spare.task)
+        (&*spare.task)
             .write_all(b"p")
             .map_err(io("preparing a fork-server child"))?;
         Ok(spare)
@@ -1246,7 +1260,7 @@ impl Server {
             .map(|f| f.content.as_slice())
             .collect();
         let t_spec = Instant::now();
-        let sent = write_frame(&mut &spare.task, &spec, &blobs);
+        let sent = write_frame(&mut &*spare.task, &spec, &blobs);
         // Whether the task's code may have run: `m` received, or the run
         // was stopped (cancel, limits) and its verdict stands.
         let mut started = false;
@@ -1402,43 +1416,43 @@ impl Server {
                     0 => status_open = drain(status_r, |d| status_bytes.extend_from_slice(d)),
                     1 => out_open = drain(out_r, |d| stdout.push(d)),
                     2 => err_open = drain(err_r, |d| stderr.push(d)),
+                    // Once the task runs, its code holds the other end:
+                    // we only peek there (below), and never receive.
+                    3 if started_mono.is_some() => match peek_last_words(task, &last_words) {
+                        Peeked::Words(status) => early = Some(status),
+                        Peeked::Nothing => {}
+                        // Anything else (junk, the end): the exit status
+                        // comes from the server's report.
+                        Peeked::Other => task_open = false,
+                    },
                     3 => loop {
                         match recv_message(task) {
                             Ok(Some((bytes, fd))) => {
-                                let mut rest = &bytes[..];
-                                if started_mono.is_none() {
-                                    // Our own code's messages: `m` with the
-                                    // work dir, or `E` with a setup error.
-                                    if work_dir.is_none() {
-                                        work_dir = fd;
-                                    }
-                                    if bytes.first() == Some(&b'm') && bytes.len() >= 9 {
-                                        let stamp = <[u8; 8]>::try_from(&bytes[1..9])
-                                            .map(u64::from_le_bytes)
-                                            .unwrap_or_else(|_| mono_ns());
-                                        started_mono = Some(stamp);
-                                        *started = true;
-                                        phases.push(("setup", t_spec.elapsed()));
-                                        rest = &bytes[9..];
-                                    } else {
-                                        if task_bytes.len() < 64 << 10 {
-                                            task_bytes.extend_from_slice(&bytes);
-                                        }
-                                        rest = &[];
-                                    }
+                                // Our own code's messages: `m` with the
+                                // work dir, or `E` with a setup error.
+                                if work_dir.is_none() {
+                                    work_dir = fd;
                                 } else {
-                                    // From here the task's code holds the
-                                    // socket too: only a short "x<code>" is
-                                    // understood; descriptors are dropped.
-                                    drop(fd);
+                                    dispose(fd);
                                 }
-                                if !rest.is_empty() {
-                                    last_words.extend_from_slice(rest);
-                                    if last_words.len() > 32 {
-                                        task_open = false;
-                                        break;
+                                if bytes.first() == Some(&b'm') && bytes.len() >= 9 {
+                                    let stamp = <[u8; 8]>::try_from(&bytes[1..9])
+                                        .map(u64::from_le_bytes)
+                                        .unwrap_or_else(|_| mono_ns());
+                                    started_mono = Some(stamp);
+                                    *started = true;
+                                    phases.push(("setup", t_spec.elapsed()));
+                                    // Bytes past `m` in the same read are the
+                                    // start of the last words.
+                                    last_words = bytes[9..].to_vec();
+                                    if !last_words.is_empty() {
+                                        early = parse_last_words(&last_words);
+                                        task_open = early.is_none() && last_words.len() <= 32;
                                     }
-                                    early = parse_last_words(&last_words);
+                                    break;
+                                }
+                                if task_bytes.len() < 64 << 10 {
+                                    task_bytes.extend_from_slice(&bytes);
                                 }
                             }
                             Ok(None) => {
@@ -1568,7 +1582,10 @@ fn receive(
 ) -> nix::Result<(Vec<u8>, Option<i32>, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; 65536];
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 4]);
+    // Room for the most descriptors one message can carry (`SCM_MAX_FD`):
+    // the kernel never drops (and so closes, on this thread) any of them
+    // for lack of room, and each arrives close-on-exec.
+    let mut space = nix::cmsg_space!(libc::ucred, [RawFd; 253]);
     let msg = recvmsg::<()>(
         task.as_raw_fd(),
         &mut iov,
@@ -1595,11 +1612,59 @@ fn receive(
 }
 
 /// One nonblocking receive: `Ok(None)` at end of stream; of the
-/// descriptors a message carried, the first is kept (the others closed).
+/// descriptors a message carried, the first is kept (the others go to the
+/// closer thread). Only while our own code holds the child's end.
 fn recv_message(task: &UnixStream) -> nix::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
     let (bytes, _pid, fds) = receive(task, MsgFlags::MSG_DONTWAIT)?;
     if bytes.is_empty() && fds.is_empty() {
         return Ok(None);
     }
-    Ok(Some((bytes, fds.into_iter().next())))
+    let mut fds = fds.into_iter();
+    let first = fds.next();
+    let rest: Vec<OwnedFd> = fds.collect();
+    if !rest.is_empty() {
+        dispose(rest);
+    }
+    Ok(Some((bytes, first)))
+}
+
+/// What the head of a started task's channel holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Peeked {
+    /// Well-formed last words (after `before`, the bytes read with `m`).
+    Words(ExitStatus),
+    /// Nothing yet.
+    Nothing,
+    /// Anything else, or the end of the stream.
+    Other,
+}
+
+/// Looks at the head of the channel once the task's code holds its other
+/// end, without taking anything off it: a peek with no room for control
+/// messages installs no descriptor in our table and closes none (the
+/// queue keeps its own references), so nothing the task queued is ever
+/// closed, or waited for, on the thread that enforces its limits. The
+/// queue goes with the socket, on the closer thread.
+fn peek_last_words(task: &UnixStream, before: &[u8]) -> Peeked {
+    let mut buf = [0u8; 33];
+    let n = loop {
+        match nix::sys::socket::recv(
+            task.as_raw_fd(),
+            &mut buf,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Peeked::Nothing,
+            Err(_) => return Peeked::Other,
+        }
+    };
+    if n == 0 {
+        return Peeked::Other;
+    }
+    let words: Vec<u8> = before.iter().chain(&buf[..n]).copied().collect();
+    match parse_last_words(&words) {
+        Some(status) => Peeked::Words(status),
+        None => Peeked::Other,
+    }
 }

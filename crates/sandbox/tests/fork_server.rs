@@ -300,6 +300,111 @@ fn junk_and_descriptors_on_the_last_words_socket_change_nothing() {
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// Hands the executor, through the last-words socket, a TCP socket whose
+/// close blocks (`SO_LINGER` with unsent data to a peer that never reads),
+/// then spins: its limits must still stop it on time.
+const LINGERER: &str = r#"
+import os, socket, struct
+def main(x):
+    s = last_words_socket()
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    c = socket.create_connection(ls.getsockname())
+    peer, _ = ls.accept()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+    c.setblocking(False)
+    try:
+        while True:
+            c.send(b"z" * 65536)
+    except BlockingIOError:
+        pass
+    fd = c.detach()
+    socket.send_fds(s, [b"z"], [fd])
+    os.close(fd)
+    while True:
+        pass
+"#;
+
+#[test]
+fn a_descriptor_whose_close_blocks_does_not_stall_the_limits() {
+    let _s = serial();
+    let w = warm();
+    let code = format!("{FIND_SOCKET}\n{LINGERER}");
+    let mut timed = handler(&code, "null");
+    timed.limits.timeout = Duration::from_secs(2);
+    let mut cpu = handler(&code, "null");
+    cpu.limits.cpu_time = Some(Duration::from_secs(1));
+    // Correctness bounds (the stall was the linger time, 60 s), not speed
+    // figures: the wall clock for the timeout, the task's CPU time for the
+    // CPU limit (on a busy machine 1 s of CPU takes longer than 1 s).
+    let t = std::time::Instant::now();
+    let out = w.run(&timed, None).expect("runs");
+    let elapsed = t.elapsed();
+    assert_eq!(
+        out.termination,
+        Termination::TimedOut,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    let out = w.run(&cpu, None).expect("runs");
+    assert_eq!(
+        out.termination,
+        Termination::CpuTimeExceeded,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stats.cpu_time < Duration::from_secs(2),
+        "used {:?} of CPU",
+        out.stats.cpu_time
+    );
+    let stats = w.stats();
+    assert_eq!(stats.fork_server_runs, 2, "both ran warm: {stats:?}");
+    let t = std::time::Instant::now();
+    drop(w);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+/// What the task inherits of ours is close-on-exec: no program it runs
+/// gets the last-words socket.
+#[test]
+fn the_last_words_socket_is_close_on_exec_in_the_task() {
+    let _s = serial();
+    let w = warm();
+    let code = r#"
+import os, subprocess
+def main(x):
+    mine = {}
+    for f in sorted(int(f) for f in os.listdir("/proc/self/fd")):
+        try:
+            target = os.readlink("/proc/self/fd/%d" % f)
+        except OSError:
+            continue
+        if f > 2 and target.startswith("socket:"):
+            mine[f] = os.get_inheritable(f)
+    seen = subprocess.run(["/bin/ls", "-l", "/proc/self/fd"], capture_output=True, text=True, close_fds=False).stdout
+    return {"sockets": mine, "child_sees_socket": "socket:" in seen}
+"#;
+    let out = w.run(&handler(code, "null"), None).expect("runs");
+    let v = json_output(&out);
+    let sockets = v["sockets"].as_object().expect("an object");
+    assert!(
+        !sockets.is_empty(),
+        "the task has its last-words socket: {v}"
+    );
+    assert!(sockets.values().all(|i| i == false), "close-on-exec: {v}");
+    assert_eq!(v["child_sees_socket"], false, "{v}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
 #[test]
 fn a_cancelled_child_is_killed_with_everything_it_started() {
     let _s = serial();
@@ -428,6 +533,27 @@ fn preloaded_modules_are_loaded_before_the_task_by_a_server_of_their_own() {
     let stats = w.stats();
     assert_eq!(stats.fork_server_runs, 3, "all three ran warm: {stats:?}");
     assert_eq!(stats.fork_server_fallbacks, 0, "{stats:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
+/// A preload list is a set: reordering or repeating its modules does not
+/// start another server.
+#[test]
+fn reordered_preload_lists_share_one_server() {
+    let _s = serial();
+    let w = warm();
+    for modules in [
+        &["colorsys", "wave"][..],
+        &["wave", "colorsys"],
+        &["wave", "colorsys", "wave"],
+    ] {
+        let out = w.run(&preloading(modules), None).expect("runs");
+        assert_eq!(json_output(&out)["colorsys"], true, "{modules:?}");
+    }
+    let stats = w.stats();
+    assert_eq!(stats.fork_servers, 1, "one server: {stats:?}");
+    assert_eq!(stats.fork_server_runs, 3, "all warm: {stats:?}");
     drop(w);
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }

@@ -41,6 +41,7 @@ rule. See
 docs/security.md for what a task shares with the pre-fork image.
 """
 
+import array
 import atexit
 import ctypes
 import fcntl
@@ -116,6 +117,19 @@ def _load_filters(path):
         pos += 8 * n
         progs.append((buf, _SockFprog(n, ctypes.cast(buf, ctypes.c_void_p))))
     return progs
+
+
+def _recv_fds(sock, maxfds):
+    """One request and its descriptors, each close-on-exec as it arrives
+    (socket.recv_fds ignores its flags argument on Python 3.11)."""
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(
+        4096, socket.CMSG_SPACE(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _recv_exact(sock, n):
@@ -370,7 +384,10 @@ def _serve(control):
         for key, _ in sel.select():
             if key.fileobj is control:
                 try:
-                    msg, fds, _flags, _addr = socket.recv_fds(control, 4096, 4 + MAX_JOIN)
+                    # Close-on-exec from the start: nothing of ours reaches
+                    # a program the task runs (the task channel is kept for
+                    # the last words; stdout and stderr are dup2'ed).
+                    msg, fds = _recv_fds(control, 4 + MAX_JOIN)
                 except InterruptedError:
                     continue
                 if not msg:
