@@ -38,8 +38,12 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The queue is full; retry after `Retry-After` seconds (429).
     QueueFull,
-    /// The service is not ready (503 from `/readyz`).
+    /// The service is not ready (503 from `/readyz`), or its store cannot
+    /// be reached now (503 with `Retry-After`): nothing was stored.
     Unavailable,
+    /// The store's disk is full (507): nothing was stored, and nothing can
+    /// be until an operator makes room.
+    StorageFull,
     /// A fault of the server (5xx); details are in the server's log.
     Internal,
 }
@@ -54,6 +58,7 @@ impl ErrorKind {
             StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
             StatusCode::TOO_MANY_REQUESTS => Self::QueueFull,
             StatusCode::SERVICE_UNAVAILABLE => Self::Unavailable,
+            StatusCode::INSUFFICIENT_STORAGE => Self::StorageFull,
             s if s.is_server_error() => Self::Internal,
             _ => Self::BadRequest,
         }
@@ -182,6 +187,34 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Unavailable,
             message,
+        )
+    }
+
+    /// 503 UNAVAILABLE with `Retry-After` (whole seconds, at least 1): the
+    /// store cannot be reached now; the whole error chain of `err` is
+    /// logged.
+    pub fn store_unavailable(
+        what: &str,
+        err: &(dyn StdError + 'static),
+        retry_after: Duration,
+    ) -> Self {
+        tracing::warn!(error = %error_chain(err), "{what}: the store is unavailable");
+        let secs = retry_after.as_secs().max(1);
+        let mut e = Self::unavailable(format!(
+            "the task store is unavailable; nothing was stored; retry in {secs} s"
+        ));
+        e.retry_after = Some(secs);
+        e
+    }
+
+    /// 507 STORAGE_FULL: the store's disk is full; the whole error chain of
+    /// `err` is logged.
+    pub fn storage_full(what: &str, err: &(dyn StdError + 'static)) -> Self {
+        tracing::error!(error = %error_chain(err), "{what}: the store is full");
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::StorageFull,
+            "the task store is full; nothing was stored",
         )
     }
 
@@ -340,6 +373,24 @@ mod tests {
         assert_eq!(
             ApiError::queue_full(Duration::from_secs(3)).retry_after,
             Some(3)
+        );
+    }
+
+    #[test]
+    fn store_outages_answer_503_with_retry_after_and_507() {
+        let cause = std::io::Error::other("connection refused");
+        let e = ApiError::store_unavailable("submitting", &cause, Duration::ZERO);
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.detail().kind, ErrorKind::Unavailable);
+        assert_eq!(e.retry_after, Some(1));
+        let res = e.into_response();
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        let e = ApiError::storage_full("submitting", &cause);
+        assert_eq!(e.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(e.detail().kind, ErrorKind::StorageFull);
+        assert_eq!(
+            ErrorKind::for_status(StatusCode::INSUFFICIENT_STORAGE),
+            ErrorKind::StorageFull
         );
     }
 

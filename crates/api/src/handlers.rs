@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use taskexec_engine::service::{Service, SubmitError, TaskEvent};
 use taskexec_model::{TaskInstance, TaskStatus, TransitionRecord};
-use taskexec_store::{CancelOutcome, ListQuery, StoreError, Submitted, TaskRecord};
+use taskexec_store::{CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskRecord};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -135,8 +135,17 @@ pub struct ListParams {
     pub cursor: Option<String>,
 }
 
+/// When a client should try again after the store was unreachable.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// The answer to a failure of the store: 503 with `Retry-After` while it
+/// cannot be reached, 507 STORAGE_FULL when its disk is full, else 500.
 fn store_error(what: &str, e: &StoreError) -> ApiError {
-    ApiError::internal(what, e)
+    match e.class() {
+        ErrorClass::Unavailable => ApiError::store_unavailable(what, e, STORE_RETRY_AFTER),
+        ErrorClass::Full => ApiError::storage_full(what, e),
+        ErrorClass::Other => ApiError::internal(what, e),
+    }
 }
 
 fn submit_error(e: SubmitError, batch: bool) -> ApiError {

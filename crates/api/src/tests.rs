@@ -1154,3 +1154,54 @@ async fn an_unread_body_closes_the_connection_and_a_read_one_does_not() {
     a.error(StatusCode::BAD_REQUEST, "BAD_REQUEST");
     assert!(!closes(&a), "{:?}", a.headers);
 }
+
+/// Cancels racing the ends of running tasks (which complete at once): every
+/// answer agrees with the stored outcome. A 202 is followed by CANCELLED
+/// only; a 409 carries the final status the task keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_answers_agree_with_the_outcome() {
+    const TASKS: usize = 30;
+    let (app, service) = start(Setup::default()).await;
+    let mut cancels = Vec::new();
+    for i in 0..TASKS {
+        let id = format!("race-{i}");
+        let a = send(&app, post_json("/v1/tasks", &task(json!({"id": id})))).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+        let app = app.clone();
+        cancels.push(tokio::spawn(async move {
+            // Some cancels land while the task runs, some after.
+            for _ in 0..(i % 4) {
+                tokio::task::yield_now().await;
+            }
+            let a = send(&app, post(&format!("/v1/tasks/{id}/cancel"), "")).await;
+            (id, a)
+        }));
+    }
+    for cancel in cancels {
+        let (id, a) = cancel.await.expect("cancel");
+        let rec = service
+            .wait_final(&id, Duration::from_secs(20))
+            .await
+            .expect("wait")
+            .expect("the task");
+        assert!(rec.status.is_final(), "{id}: {rec:?}");
+        match a.status {
+            StatusCode::ACCEPTED => {
+                assert_eq!(
+                    rec.status,
+                    taskexec_model::TaskStatus::Cancelled,
+                    "{id}: 202 {}",
+                    a.text
+                );
+            }
+            StatusCode::CONFLICT => {
+                let e = a.error(StatusCode::CONFLICT, "CONFLICT");
+                assert_eq!(e["status"], rec.status.as_str(), "{id}: {}", a.text);
+                assert_ne!(rec.status, taskexec_model::TaskStatus::Cancelled, "{id}");
+            }
+            other => panic!("{id}: {other} {}", a.text),
+        }
+        let result = rec.result.expect("a result");
+        assert_eq!(result.status, rec.status, "{id}");
+    }
+}

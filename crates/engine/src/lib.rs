@@ -114,6 +114,9 @@ impl Default for EngineConfig {
 pub struct Cancellation {
     token: CancelToken,
     tx: Arc<watch::Sender<bool>>,
+    /// Cancelled because its node no longer holds the task's lease
+    /// ([`Cancellation::fence`]), not at anyone's request.
+    fenced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cancellation {
@@ -123,6 +126,7 @@ impl Cancellation {
         Ok(Self {
             token: CancelToken::new()?,
             tx: Arc::new(tx),
+            fenced: Arc::default(),
         })
     }
 
@@ -130,6 +134,22 @@ impl Cancellation {
     pub fn cancel(&self) {
         self.token.cancel();
         self.tx.send_replace(true);
+    }
+
+    /// Stops the task because its node lost (or may have lost) the task's
+    /// lease: the sandbox is killed as by [`Cancellation::cancel`], and
+    /// [`Cancellation::is_fenced`] tells the attempt's owner to record
+    /// nothing (the task's new holder does). Returns whether this call
+    /// fenced it (false if it already was).
+    pub fn fence(&self) -> bool {
+        let first = !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst);
+        self.cancel();
+        first
+    }
+
+    /// Whether the task was fenced ([`Cancellation::fence`]).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the task was cancelled.

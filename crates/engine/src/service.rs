@@ -9,8 +9,8 @@
 //! queue with a `run_after` time, so a backoff never holds a worker slot and
 //! survives a restart.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,8 +22,8 @@ use taskexec_model::{
 };
 use taskexec_sandbox::WarmStats;
 use taskexec_store::{
-    CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, StoreError,
-    Submitted, TaskRecord, TaskStore, Write,
+    CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ErrorClass, ListPage, ListQuery, NewTask,
+    StoreError, Submitted, TaskRecord, TaskStore, Write,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
@@ -145,8 +145,61 @@ pub enum SubmitError {
     Unavailable,
 }
 
+/// What a committed batch of writes reports: the ids of the tasks whose
+/// final write the store turned into CANCELLED (a cancel won).
+type Committed = Arc<[String]>;
+
 /// An acknowledgement of a committed write.
-type Ack = oneshot::Sender<Result<(), String>>;
+type Ack = oneshot::Sender<Result<Committed, String>>;
+
+/// How long a failure of the store keeps the node not ready
+/// ([`Service::ready`]) after the last write that met it: the writer's
+/// retries and new submissions renew it while the outage lasts, and once it
+/// passed without one, traffic is let through to find out.
+const STORE_FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// The store as this node's writes last found it: for readiness, and the
+/// count of writes held in memory until committed.
+#[derive(Debug, Default)]
+struct StoreHealth {
+    /// The class of the last failure (unreachable or full), and when, as
+    /// long as no write succeeded since.
+    failing: Mutex<Option<(ErrorClass, Instant)>>,
+    /// Writes sent to the writer and not yet committed or given up.
+    pending: AtomicUsize,
+}
+
+impl StoreHealth {
+    /// Notes the outcome of a write.
+    fn record<T>(&self, outcome: &Result<T, StoreError>) {
+        match outcome {
+            Ok(_) => *lock(&self.failing) = None,
+            Err(e) => match e.class() {
+                class @ (ErrorClass::Unavailable | ErrorClass::Full) => {
+                    *lock(&self.failing) = Some((class, Instant::now()));
+                }
+                ErrorClass::Other => {}
+            },
+        }
+    }
+
+    /// The store's problem, if a write met one lately.
+    fn problem(&self) -> Option<ErrorClass> {
+        lock(&self.failing)
+            .filter(|(_, at)| at.elapsed() < STORE_FAILURE_HOLD)
+            .map(|(class, _)| class)
+    }
+
+    /// `n` more writes (negative: fewer) wait for their commit.
+    fn pending(&self, added: usize, removed: usize) {
+        let now = if added > 0 {
+            self.pending.fetch_add(added, Ordering::SeqCst) + added
+        } else {
+            self.pending.fetch_sub(removed, Ordering::SeqCst) - removed
+        };
+        gauge!("taskexec_store_pending_writes").set(now as f64);
+    }
+}
 
 /// What the writer is asked to do.
 #[derive(Debug)]
@@ -164,6 +217,9 @@ struct Running {
     cancel: Cancellation,
     cpu_millis: u64,
     memory_bytes: u64,
+    /// Its attempt ran; what is left is writing its outcome (nothing to
+    /// stop).
+    ran: bool,
 }
 
 /// Tasks prepared at submission on this node, kept for their first claim
@@ -321,6 +377,11 @@ pub struct Service {
     finals: Arc<FinalWaiters>,
     /// Preparations made at submission, for the first claim here.
     prepared: PreparedCache,
+    /// What this node's writes found of the store.
+    health: Arc<StoreHealth>,
+    /// This node stopped its tasks because it could not renew their leases
+    /// in time: it claims nothing until the store answers again.
+    fenced: AtomicBool,
 }
 
 fn now() -> OffsetDateTime {
@@ -373,9 +434,12 @@ impl Service {
             limiter,
             finals: Arc::default(),
             prepared: PreparedCache::default(),
+            health: Arc::default(),
+            fenced: AtomicBool::new(false),
         });
         tokio::spawn(writer(
             Arc::clone(&service.store),
+            Arc::clone(&service.health),
             service.config.node.clone(),
             rx,
             service
@@ -512,6 +576,7 @@ impl Service {
                 .await
                 .map(|s| (s, Vec::new()))
         };
+        self.health.record(&stored);
         let (submitted, claimed) = match stored {
             Ok(s) => s,
             Err(StoreError::QueueFull { .. }) => {
@@ -705,6 +770,14 @@ impl Service {
         if !self.scheduler_alive.load(Ordering::SeqCst) {
             return Err("the scheduler is not running".into());
         }
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err("leases could not be renewed: tasks stopped, claiming paused".into());
+        }
+        match self.health.problem() {
+            Some(ErrorClass::Full) => return Err("store: full (writes fail)".into()),
+            Some(_) => return Err("store: unavailable (writes fail)".into()),
+            None => {}
+        }
         self.store.ping().await.map_err(|e| format!("store: {e}"))
     }
 
@@ -848,23 +921,31 @@ impl Service {
         }
     }
 
-    /// Sends writes, to be committed in one transaction; waits for the
-    /// commit when `ack`.
-    async fn write(&self, writes: Vec<Write>, ack: bool) {
+    /// Sends writes, to be committed in one transaction; when `ack`, waits
+    /// for the commit and returns what it reports (`None` if it failed).
+    async fn write(&self, writes: Vec<Write>, ack: bool) -> Option<Committed> {
         if writes.is_empty() {
-            return;
+            return Some(Arc::from([]));
         }
+        let n = writes.len();
+        self.health.pending(n, 0);
         if ack {
             let (tx, rx) = oneshot::channel();
             if self.writes.send(Pending::Write(writes, Some(tx))).is_ok() {
                 match rx.await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(committed)) => return Some(committed),
                     Ok(Err(e)) => error!(error = %e, "store write failed"),
                     Err(_) => error!("store writer stopped"),
                 }
+            } else {
+                self.health.pending(0, n);
             }
+            None
         } else {
-            let _ = self.writes.send(Pending::Write(writes, None));
+            if self.writes.send(Pending::Write(writes, None)).is_err() {
+                self.health.pending(0, n);
+            }
+            None
         }
     }
 
@@ -914,12 +995,29 @@ impl Service {
         result: TaskResult,
         mut batch: Vec<Write>,
     ) {
-        let status = result.status;
-        let error_type = result
+        let mut status = result.status;
+        let mut error_type = result
             .error
             .as_ref()
             .map(|e| e.error_type.as_str())
             .unwrap_or("none");
+        let mut last = result.history.last().cloned();
+        batch.push(Write::Finish {
+            id: id.to_string(),
+            attempt: store_attempt,
+            result,
+        });
+        let committed = self.write(batch, true).await;
+        // A cancel recorded before this result won: the store keeps the
+        // task CANCELLED, and so do the event and the count.
+        if status != TaskStatus::Cancelled
+            && committed.is_some_and(|c| c.iter().any(|won| won == id))
+        {
+            info!(task_id = id, from = %status, "a cancel requested before the attempt ended won");
+            status = TaskStatus::Cancelled;
+            error_type = ErrorType::Cancelled.as_str();
+            last = last.map(|rec| taskexec_store::cancel_won_transition(&rec));
+        }
         counter!(
             "taskexec_tasks_finished_total",
             "runtime" => runtime.to_string(),
@@ -927,13 +1025,6 @@ impl Service {
             "error_type" => error_type
         )
         .increment(1);
-        let last = result.history.last().cloned();
-        batch.push(Write::Finish {
-            id: id.to_string(),
-            attempt: store_attempt,
-            result,
-        });
-        self.write(batch, true).await;
         if let Some(rec) = last {
             let _ = self.events.send(TaskEvent {
                 id: id.to_string(),
@@ -1042,6 +1133,31 @@ impl Service {
                     run_after,
                 });
                 self.write(batch, true).await;
+                // A cancel recorded before the requeue committed made the
+                // store ignore it (the cancel won): the task ends here.
+                let cancelled = self
+                    .store
+                    .cancel_requested(&[id.to_string()])
+                    .await
+                    .is_ok_and(|c| !c.is_empty());
+                if cancelled {
+                    let mut batch = Vec::new();
+                    let error = crate::cancelled_error();
+                    self.transition(
+                        id,
+                        lc,
+                        attempt,
+                        TaskStatus::Cancelled,
+                        &error.message,
+                        &mut batch,
+                    );
+                    let mut result = base_result(stored, attempts, last);
+                    result.status = TaskStatus::Cancelled;
+                    result.error = Some(error);
+                    result.history = lc.history().to_vec();
+                    self.finish(id, &stored.runtime, attempt, result, batch)
+                        .await;
+                }
                 self.wake.notify_one();
             }
             Decision::Final { status, error } => {
@@ -1066,7 +1182,8 @@ impl Service {
             let (free, slots) = self.free();
             let want = slots.min(64);
             let mut claimed = Vec::new();
-            if slots > 0 && free.cpu_millis > 0 && free.memory_bytes > 0 {
+            let fenced = self.fenced.load(Ordering::SeqCst);
+            if !fenced && slots > 0 && free.cpu_millis > 0 && free.memory_bytes > 0 {
                 match self
                     .store
                     .claim(&self.config.node, free, want, now(), self.config.lease)
@@ -1111,6 +1228,7 @@ impl Service {
                     cancel: cancel.clone(),
                     cpu_millis: c.cpu_millis.into(),
                     memory_bytes: c.memory_bytes,
+                    ran: false,
                 },
             );
             let me = Arc::clone(self);
@@ -1179,6 +1297,18 @@ impl Service {
                     .engine
                     .run_attempt(&c.record.task, &prepared, attempt, &cancel)
                     .await;
+                if cancel.is_fenced() {
+                    // The lease is (or may be) another node's: it records
+                    // this attempt as interrupted, not us.
+                    warn!(task_id = %id, attempt, "attempt stopped: this node lost its lease");
+                    self.lock_running().remove(&id);
+                    self.idle.notify_waiters();
+                    self.wake.notify_one();
+                    return;
+                }
+                if let Some(r) = self.lock_running().get_mut(&id) {
+                    r.ran = true;
+                }
                 if let Some(latency) = out.sandbox_start {
                     let in_flight = self.lock_running().len();
                     self.adjust_limit(|l, now| l.on_start(now, latency, in_flight));
@@ -1258,6 +1388,22 @@ impl Service {
         self.wake.notify_one();
     }
 
+    /// Stops the running tasks `ids` (killing their sandboxes) because this
+    /// node does not hold their leases any more, or may not: their attempts
+    /// record nothing here, the task's next holder takes them over.
+    fn fence(&self, ids: &[&String], why: &str) {
+        let running = self.lock_running();
+        for id in ids {
+            if let Some(r) = running.get(*id)
+                && !r.ran
+                && r.cancel.fence()
+            {
+                warn!(task_id = %id, reason = why, "self-fencing: stopping a task");
+                counter!("taskexec_tasks_self_fenced_total").increment(1);
+            }
+        }
+    }
+
     /// Renews the leases of running tasks, picks up cancel requests made
     /// through the store (from another node's API), and takes over tasks
     /// whose node stopped renewing its lease (it died, or lost the database):
@@ -1268,6 +1414,9 @@ impl Service {
             (self.config.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(10));
         let tick = Duration::from_millis(500).min(every);
         let mut last_renew = Instant::now();
+        // When the last renewal that went through was sent: the leases it
+        // extended last until then plus a lease.
+        let mut renewed = Instant::now();
         let mut last_takeover = Instant::now();
         loop {
             tokio::time::sleep(tick).await;
@@ -1277,6 +1426,10 @@ impl Service {
             // Off the claim path: counting the queue scans the table.
             if let Ok(stats) = self.store.stats().await {
                 gauge!("taskexec_queue_depth").set(stats.queued as f64);
+                if self.fenced.swap(false, Ordering::SeqCst) {
+                    info!("the store answers again: claiming resumes");
+                    self.wake.notify_one();
+                }
             }
             let ids: Vec<String> = self.lock_running().keys().cloned().collect();
             if !ids.is_empty() {
@@ -1289,10 +1442,34 @@ impl Service {
                     }
                 }
                 if last_renew.elapsed() >= every {
-                    last_renew = Instant::now();
+                    let sent = Instant::now();
+                    last_renew = sent;
                     let until = now() + self.config.lease;
-                    if let Err(e) = self.store.renew(&self.config.node, &ids, until).await {
-                        warn!(error = %e, "renewing leases failed");
+                    match self.store.renew(&self.config.node, &ids, until).await {
+                        Ok(held) => {
+                            renewed = sent;
+                            // Taken over (this node was paused or cut off
+                            // past its lease), or ended meanwhile.
+                            let held: HashSet<String> = held.into_iter().collect();
+                            let lost: Vec<&String> =
+                                ids.iter().filter(|id| !held.contains(*id)).collect();
+                            self.fence(&lost, "its lease is another node's now");
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "renewing leases failed");
+                            // The leases run out before the next renewal
+                            // could extend them: stop the tasks now, so
+                            // they never run beside their next holder's.
+                            if renewed.elapsed() + every >= self.config.lease {
+                                let all: Vec<&String> = ids.iter().collect();
+                                self.fence(&all, "its lease could not be renewed in time");
+                                if !self.fenced.swap(true, Ordering::SeqCst) {
+                                    warn!(
+                                        "leases expire unrenewed: running tasks stopped, claiming paused"
+                                    );
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -1397,6 +1574,7 @@ impl Pending {
 /// end share a transaction.
 async fn writer(
     store: Arc<dyn TaskStore>,
+    health: Arc<StoreHealth>,
     node: String,
     mut rx: mpsc::UnboundedReceiver<Pending>,
     linger: Option<Duration>,
@@ -1434,11 +1612,13 @@ async fn writer(
             }
         }
         histogram!("taskexec_store_batch_writes").record(writes.len() as f64);
+        let n = writes.len();
         let result = if writes.is_empty() {
-            Ok(())
+            Ok(Arc::from([]))
         } else {
-            apply_with_retries(&*store, &node, writes).await
+            apply_with_retries(&*store, &health, &node, writes).await
         };
+        health.pending(0, n);
         for ack in acks {
             let _ = ack.send(result.clone());
         }
@@ -1450,14 +1630,17 @@ async fn writer(
 /// so results are not dropped; the fences make a retried batch harmless.
 async fn apply_with_retries(
     store: &dyn TaskStore,
+    health: &StoreHealth,
     node: &str,
     writes: Vec<Write>,
-) -> Result<(), String> {
+) -> Result<Committed, String> {
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
     loop {
-        match store.apply_as(node, writes.clone()).await {
-            Ok(()) => return Ok(()),
+        let outcome = store.apply_as(node, writes.clone()).await;
+        health.record(&outcome);
+        match outcome {
+            Ok(cancelled) => return Ok(Arc::from(cancelled)),
             Err(e) => {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);

@@ -8,6 +8,7 @@
 //! Both schemas store times as unix milliseconds and JSON as text, so the
 //! conversions here serve both.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ pub(crate) use task_columns;
 macro_rules! state_columns {
     () => {
         "id, status, attempt, queued, run_after, queued_since, node, lease_until, updated_at, \
-         attempts_json, result_json"
+         attempts_json, result_json, cancel_requested"
     };
 }
 pub(crate) use state_columns;
@@ -215,6 +216,9 @@ pub(crate) struct TaskState {
     pub(crate) updated_at: i64,
     pub(crate) attempts_json: String,
     pub(crate) result_json: Option<String>,
+    /// A cancel was requested while the task was not final: it ends
+    /// CANCELLED, whatever its attempt reports.
+    pub(crate) cancel_requested: bool,
 }
 
 impl TaskState {
@@ -225,12 +229,15 @@ impl TaskState {
 }
 
 /// What [`apply_write`] did to a task it changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Applied<'w> {
     /// A transition to append to the task's history.
-    pub(crate) event: Option<&'w TransitionRecord>,
+    pub(crate) event: Option<Cow<'w, TransitionRecord>>,
     /// The task went back to the queue.
     pub(crate) requeued: bool,
+    /// A final write was stored as CANCELLED: a cancel requested before
+    /// it won.
+    pub(crate) cancel_won: bool,
 }
 
 /// The task id and attempt a write belongs to.
@@ -255,7 +262,15 @@ pub(crate) fn write_target(write: &Write) -> (&str, u32) {
 ///   (its attempt record and a result with that same status still apply);
 /// - an attempt record already recorded is ignored;
 /// - a finish whose status is not final is ignored (and logged): it would
-///   release the task without requeuing it.
+///   release the task without requeuing it;
+/// - once a cancel was requested (which [`request_cancel`] records only
+///   while the task is not final: the one compare-and-set between a cancel
+///   and the task's end), the task ends CANCELLED: a transition into
+///   another final status, and a finish with one, are stored as CANCELLED
+///   ([`cancel_won`], the attempt's output discarded), and a requeue is
+///   ignored (the node then finishes the task as cancelled).
+///
+/// [`request_cancel`]: crate::TaskStore::request_cancel
 pub(crate) fn apply_write<'w>(
     state: &mut TaskState,
     write: &'w Write,
@@ -287,9 +302,99 @@ pub(crate) fn apply_write<'w>(
         return Ok(None);
     }
     let is_final = state.status.is_final();
+    // The cancel won: an attempt's end is the task's cancellation.
+    let won = state.cancel_requested && !is_final;
+    let write: Cow<'w, Write> = match write {
+        Write::Transition {
+            id,
+            attempt,
+            record,
+        } if won && record.to.is_final() && record.to != TaskStatus::Cancelled => {
+            Cow::Owned(Write::Transition {
+                id: id.clone(),
+                attempt: *attempt,
+                record: cancel_won_transition(record),
+            })
+        }
+        Write::Finish {
+            id,
+            attempt,
+            result,
+        } if state.cancel_requested && result.status != TaskStatus::Cancelled => {
+            Cow::Owned(Write::Finish {
+                id: id.clone(),
+                attempt: *attempt,
+                result: cancel_won(result),
+            })
+        }
+        Write::Requeue { .. } if won => {
+            tracing::debug!(
+                task = id,
+                "requeue of a task whose cancel was requested skipped"
+            );
+            return Ok(None);
+        }
+        other => Cow::Borrowed(other),
+    };
+    match write {
+        Cow::Borrowed(write) => apply_checked(state, write, is_final),
+        Cow::Owned(write) => Ok(
+            apply_checked(state, &write, is_final)?.map(|applied| Applied {
+                event: applied.event.map(|e| Cow::Owned(e.into_owned())),
+                requeued: applied.requeued,
+                cancel_won: matches!(write, Write::Finish { .. }),
+            }),
+        ),
+    }
+}
+
+/// The reason of a final transition stored as CANCELLED because a cancel
+/// was requested before the attempt's end.
+pub(crate) const CANCEL_WON_REASON: &str =
+    "cancelled (requested before the attempt ended; its result was discarded)";
+
+/// `record`, a transition into a final status, as the transition into
+/// CANCELLED that it becomes once a cancel was requested.
+pub fn cancel_won_transition(record: &TransitionRecord) -> TransitionRecord {
+    TransitionRecord {
+        to: TaskStatus::Cancelled,
+        reason: CANCEL_WON_REASON.to_owned(),
+        ..record.clone()
+    }
+}
+
+/// `result`, the final result of an attempt that ended after a cancel was
+/// requested, as the CANCELLED result stored instead: the status, the
+/// error and the last transition (as [`cancel_won_transition`] stores it)
+/// say cancelled, the output is discarded; the attempts, logs and
+/// measurements stay.
+pub(crate) fn cancel_won(result: &TaskResult) -> TaskResult {
+    let mut out = result.clone();
+    out.status = TaskStatus::Cancelled;
+    out.output = serde_json::Value::Null;
+    out.error = Some(TaskError::new(
+        ErrorType::Cancelled,
+        "the task was cancelled",
+    ));
+    if let Some(last) = out.history.last_mut()
+        && last.to == result.status
+    {
+        *last = cancel_won_transition(last);
+    }
+    out
+}
+
+/// [`apply_write`] past the fences and the cancel rule.
+fn apply_checked<'w>(
+    state: &mut TaskState,
+    write: &'w Write,
+    is_final: bool,
+) -> Result<Option<Applied<'w>>, StoreError> {
+    let (id, attempt) = write_target(write);
     let mut applied = Applied {
         event: None,
         requeued: false,
+        cancel_won: false,
     };
     match write {
         Write::Transition { record, .. } => {
@@ -307,7 +412,7 @@ pub(crate) fn apply_write<'w>(
             }
             state.status = record.to;
             state.updated_at = to_ms(record.at);
-            applied.event = Some(record);
+            applied.event = Some(Cow::Borrowed(record));
         }
         Write::AttemptDone { record, .. } => {
             let mut attempts: Vec<AttemptRecord> =

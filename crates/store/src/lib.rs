@@ -25,6 +25,15 @@
 //!   final transition, attempt record and result can be written in any order.
 //! - A [`Write::Finish`] whose result status is not final is ignored (and
 //!   logged): it would release the task without requeuing it.
+//! - Cancel against completion is one compare-and-set on the task's row:
+//!   [`TaskStore::request_cancel`] records a cancel only while the task is
+//!   not final (else it answers [`CancelOutcome::AlreadyFinal`]), and once
+//!   recorded, the task ends CANCELLED: a later transition into another
+//!   final status, and a result with one, are stored as CANCELLED
+//!   ([`cancel_won_transition`]; the output is discarded, the attempt's
+//!   record kept), and a requeue is ignored (its node then finishes the
+//!   task as cancelled). So a cancel answered `Requested` is never
+//!   followed by another final status.
 //! - `claim` returns each record as stored before the claim (status,
 //!   attempt), but with `node` set, `queued` false and `updated_at = now`.
 //! - `list` cursors are the last row's sequence number; a cursor that is not
@@ -46,8 +55,9 @@ use serde::{Deserialize, Serialize};
 use taskexec_model::{AttemptRecord, TaskInstance, TaskResult, TaskStatus, TransitionRecord};
 use time::OffsetDateTime;
 
+pub use common::cancel_won_transition;
 pub use postgres::{PgOptions, PgStore};
-pub use sqlite::SqliteStore;
+pub use sqlite::{Durability, SqliteStore};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +112,80 @@ pub enum StoreError {
     BadUrl(String),
 }
 
+/// What a client or a caller can do about a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The database cannot be reached or is busy now (connection refused
+    /// or cut, server shutting down or starting, too many connections, pool
+    /// timed out, lock contention): try again later.
+    Unavailable,
+    /// The database's storage is full: nothing can be written until an
+    /// operator makes room.
+    Full,
+    /// Anything else: a fault of ours or of the data.
+    Other,
+}
+
+/// SQLite's primary result code of a full disk (`SQLITE_FULL`).
+const SQLITE_FULL: i32 = 13;
+
+/// The class of SQLite's (extended) result code `code`.
+fn sqlite_class(code: i32) -> ErrorClass {
+    match code & 0xff {
+        SQLITE_FULL => ErrorClass::Full,
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CANTOPEN.
+        5 | 6 | 14 => ErrorClass::Unavailable,
+        _ => ErrorClass::Other,
+    }
+}
+
+/// The class of a PostgreSQL SQLSTATE.
+fn postgres_class(state: &str) -> ErrorClass {
+    match state {
+        // disk_full (and out_of_memory, insufficient_resources' kin).
+        "53100" => ErrorClass::Full,
+        // too_many_connections, admin/crash shutdown, cannot_connect_now,
+        // serialization failure, deadlock.
+        "53300" | "57P01" | "57P02" | "57P03" | "40001" | "40P01" => ErrorClass::Unavailable,
+        // connection_exception and its subclasses.
+        s if s.starts_with("08") => ErrorClass::Unavailable,
+        _ => ErrorClass::Other,
+    }
+}
+
 impl StoreError {
+    /// What can be done about this error (see [`ErrorClass`]), whichever
+    /// backend answered.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or("");
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    postgres_class(code)
+                } else {
+                    // SQLite (through sqlx) reports its result code.
+                    code.parse().map_or(ErrorClass::Other, sqlite_class)
+                }
+            }
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed,
+            ) => ErrorClass::Unavailable,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                sqlite_class(e.extended_code)
+            }
+            StoreError::Closed => ErrorClass::Unavailable,
+            _ => ErrorClass::Other,
+        }
+    }
+
     /// Whether a uniqueness constraint refused the write (a task id that
     /// exists already), whichever backend answered.
     pub fn is_unique_violation(&self) -> bool {
@@ -395,21 +478,27 @@ pub trait TaskStore: Send + Sync + Debug {
     ) -> Result<Vec<ClaimedTask>, StoreError>;
     /// Applies writes in one transaction (batched status updates and results).
     /// Fenced by attempt only: for administration and tests; nodes use
-    /// [`TaskStore::apply_as`].
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// [`TaskStore::apply_as`]. Returns the ids of the tasks whose result
+    /// was stored as CANCELLED instead of the one written, because a
+    /// cancel was requested before it (see the crate docs).
+    async fn apply(&self, writes: Vec<Write>) -> Result<Vec<String>, StoreError>;
     /// Applies writes of node `node` in one transaction, each only if `node`
     /// still holds the task's claim (and the attempt fence passes): once a
     /// task was taken over after its lease expired, or requeued, the former
     /// holder's late writes are ignored, so a node that comes back never
-    /// writes over a newer attempt.
-    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<(), StoreError>;
-    /// Extends the lease of `node` on `ids` until `until`.
+    /// writes over a newer attempt. Returns what [`TaskStore::apply`] does.
+    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<Vec<String>, StoreError>;
+    /// Extends the lease of `node` on `ids` until `until`; returns the ids
+    /// whose lease it extended, in no particular order: those `node` still
+    /// holds (claimed, not final, not taken over). A running task missing
+    /// from the answer was taken over, finished or requeued meanwhile: its
+    /// node must stop running it (self-fencing).
     async fn renew(
         &self,
         node: &str,
         ids: &[String],
         until: OffsetDateTime,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<String>, StoreError>;
     /// Records a cancel request (and cancels a queued task at once, with the
     /// transition `record`, whose `from` and `attempt` the store sets to the
     /// task's current status and attempt).

@@ -2,7 +2,9 @@
 //! of a cluster (`taskexec serve --database postgres://…` on each).
 //!
 //! [`PgStore::open`] connects a bounded pool (16 connections unless
-//! [`PgOptions`] says otherwise, with an acquire timeout) and runs the
+//! [`PgOptions`] says otherwise, with an acquire timeout), each connection
+//! with `synchronous_commit` raised to `on` if the server's setting is
+//! `off` (every commit is durable before it is answered), and runs the
 //! migrations of `migrations/postgres/`, embedded at compile time. Several
 //! nodes may start at once: sqlx's migrator takes a session advisory lock
 //! (`pg_advisory_lock`, keyed by the database name) before it creates its
@@ -163,6 +165,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
+            .after_connect(|conn, _| Box::pin(async move { durable_commits(conn).await }))
             .connect_with(connect.application_name("taskexec"))
             .await?;
         // The migrator serialises concurrent openers with a PostgreSQL
@@ -247,8 +250,25 @@ fn read_state(row: &PgRow) -> Result<(String, TaskState), StoreError> {
         updated_at: row.try_get("updated_at")?,
         attempts_json: row.try_get("attempts_json")?,
         result_json: row.try_get("result_json")?,
+        cancel_requested: row.try_get("cancel_requested")?,
     };
     Ok((id, state))
+}
+
+/// Makes every commit of `conn` wait for its WAL to be flushed to disk
+/// (`synchronous_commit` at least `on`), whatever the server, database or
+/// role configure: a submission, cancel or result is answered only once
+/// it survives a crash of the database server or a power loss. A setting
+/// that already waits (`on`, `local`, `remote_write`, `remote_apply`) is
+/// kept; only `off` is raised.
+async fn durable_commits(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT set_config('synchronous_commit', 'on', false) \
+         WHERE current_setting('synchronous_commit') = 'off'",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Tells the listeners of [`QUEUE_CHANNEL`] that tasks became claimable,
@@ -696,11 +716,11 @@ impl TaskStore for PgStore {
         Ok(out.into_iter().map(|(_, c)| c).collect())
     }
 
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+    async fn apply(&self, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
         self.apply_writes(writes, None).await
     }
 
-    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<(), StoreError> {
+    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
         self.apply_writes(writes, Some(node)).await
     }
 
@@ -709,23 +729,26 @@ impl TaskStore for PgStore {
         node: &str,
         ids: &[String],
         until: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        // Locks in id order, as `apply` does.
-        sqlx::query(concat!(
+        // Locks in id order, as `apply` does. The conditions are checked
+        // again on the locked rows (a row written meanwhile is re-read).
+        let held: Vec<String> = sqlx::query_scalar(concat!(
             "UPDATE tasks SET lease_until = $1 WHERE id IN (SELECT id FROM tasks \
              WHERE id = ANY($2) AND node = $3 AND NOT queued AND ",
             not_final!(),
-            " ORDER BY id FOR UPDATE)"
+            " ORDER BY id FOR UPDATE) AND node = $3 AND NOT queued AND ",
+            not_final!(),
+            " RETURNING id"
         ))
         .bind(to_ms(until))
         .bind(ids)
         .bind(node)
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(())
+        Ok(held)
     }
 
     async fn request_cancel(
@@ -891,9 +914,9 @@ impl PgStore {
         &self,
         writes: Vec<Write>,
         holder: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         if writes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut ids: Vec<&str> = writes.iter().map(|w| write_target(w).0).collect();
         ids.sort_unstable();
@@ -915,6 +938,7 @@ impl PgStore {
         }
         let mut events: Vec<(&str, String)> = Vec::new();
         let mut requeued = false;
+        let mut cancelled = Vec::new();
         for write in &writes {
             let (id, _) = write_target(write);
             let Some((state, changed)) = states.get_mut(id) else {
@@ -926,8 +950,11 @@ impl PgStore {
             };
             *changed = true;
             requeued |= applied.requeued;
+            if applied.cancel_won {
+                cancelled.push(id.to_owned());
+            }
             if let Some(record) = applied.event {
-                events.push((id, serde_json::to_string(record).map_err(json_err(id))?));
+                events.push((id, serde_json::to_string(&record).map_err(json_err(id))?));
             }
         }
         let changed: Vec<(&str, &TaskState)> = states
@@ -941,7 +968,7 @@ impl PgStore {
             notify_queue(&mut tx).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(cancelled)
     }
 }
 

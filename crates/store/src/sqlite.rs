@@ -1,7 +1,10 @@
 //! SQLite backend of [`TaskStore`]: one database file (or a private
-//! temporary one for tests), opened in WAL mode with `synchronous=NORMAL`
-//! (`FULL` with `?synchronous=full`), a 5 s busy timeout and foreign keys
-//! on. Reads go through a small sqlx connection pool and run in parallel;
+//! temporary one for tests), opened in WAL mode, a 5 s busy timeout and
+//! foreign keys on. A transaction that acknowledges something to a client
+//! (a submission, a cancel, a final result) commits with
+//! `synchronous=FULL`, so it survives a power loss; the others (claims,
+//! renewals, a task's start) with `synchronous=NORMAL`, which survives a
+//! crash of the process (see [`Durability`]). Reads go through a small sqlx connection pool and run in parallel;
 //! every transaction that writes runs whole on the writer's own connection
 //! and thread ([`writer`]), in arrival order, starting with
 //! `BEGIN IMMEDIATE`, so it takes SQLite's single write lock before it
@@ -55,6 +58,35 @@ const MEMORY_URL: &str = "sqlite::memory:";
 /// The scheme of a file database URL.
 const FILE_PREFIX: &str = "sqlite://";
 
+/// How durable the SQLite store's commits are: the query of the database
+/// URL, `sqlite://PATH?synchronous=…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The default (no query, or `synchronous=acknowledged`): commits that
+    /// acknowledge something to a client (a submission, a cancel, a final
+    /// result) sync the log (`FULL`) and survive a power loss; the others
+    /// (`NORMAL`) survive a crash of the process, and are lost at a power
+    /// loss only if no acknowledging commit followed them.
+    Acknowledged,
+    /// `synchronous=full`: every commit syncs the log.
+    Full,
+    /// `synchronous=normal`: no commit syncs the log; a power loss may
+    /// take the last acknowledged commits (a task answered 2xx may vanish).
+    Normal,
+}
+
+impl Durability {
+    /// The level of every commit, and that of an acknowledging one.
+    fn levels(self) -> (threads::Level, threads::Level) {
+        use threads::Level::{Power, Process};
+        match self {
+            Durability::Acknowledged => (Process, Power),
+            Durability::Full => (Power, Power),
+            Durability::Normal => (Process, Process),
+        }
+    }
+}
+
 /// The SQLite task store. Clones share the connections.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -71,6 +103,8 @@ pub struct SqliteStore {
     /// The directory of a `sqlite::memory:` database, removed when the
     /// last clone is dropped.
     _temp: Option<Arc<tempfile::TempDir>>,
+    /// The level of a commit that acknowledges something to a client.
+    ack: threads::Level,
 }
 
 impl SqliteStore {
@@ -80,12 +114,11 @@ impl SqliteStore {
     /// `sqlite::memory:` (a private database in a temporary directory, gone
     /// when the store is dropped: the writer and the readers need one file
     /// to share); anything else is [`StoreError::BadUrl`]. A file database
-    /// runs in WAL mode with `synchronous=NORMAL` (a commit survives a crash
-    /// of the process, not necessarily a power loss);
-    /// `sqlite://PATH?synchronous=full` syncs the log at every commit
-    /// instead (survives a power loss, costs an fsync per transaction).
+    /// runs in WAL mode with the [`Durability`] its query names
+    /// (`?synchronous=acknowledged`, the default, `full` or `normal`); the
+    /// temporary one with [`Durability::Normal`].
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
-        let (path, full_sync, temp): (PathBuf, bool, Option<tempfile::TempDir>) =
+        let (path, durability, temp): (PathBuf, Durability, Option<tempfile::TempDir>) =
             if url == MEMORY_URL {
                 let dir = tempfile::Builder::new()
                     .prefix("taskexec-store-")
@@ -94,17 +127,18 @@ impl SqliteStore {
                         what: "creating the temporary database's directory",
                         source,
                     })?;
-                (dir.path().join("tasks.db"), false, Some(dir))
+                (dir.path().join("tasks.db"), Durability::Normal, Some(dir))
             } else if let Some(rest) = url.strip_prefix(FILE_PREFIX)
                 && let (path, query) = rest.split_once('?').unwrap_or((rest, ""))
                 && !path.is_empty()
             {
-                let full_sync = match query {
-                    "" | "synchronous=normal" => false,
-                    "synchronous=full" => true,
+                let durability = match query {
+                    "" | "synchronous=acknowledged" => Durability::Acknowledged,
+                    "synchronous=full" => Durability::Full,
+                    "synchronous=normal" => Durability::Normal,
                     _ => return Err(StoreError::BadUrl(url.to_owned())),
                 };
-                (PathBuf::from(path), full_sync, None)
+                (PathBuf::from(path), durability, None)
             } else {
                 return Err(StoreError::BadUrl(url.to_owned()));
             };
@@ -114,10 +148,10 @@ impl SqliteStore {
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(if full_sync {
-                SqliteSynchronous::Full
-            } else {
+            .synchronous(if durability == Durability::Normal {
                 SqliteSynchronous::Normal
+            } else {
+                SqliteSynchronous::Full
             });
         // An in-process database needs no liveness check at each acquire
         // (a round trip to the connection's thread).
@@ -127,15 +161,16 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        let writer =
-            threads::ConnThreads::open(&path, 1, "sqlite-writer", full_sync, BUSY_TIMEOUT)?;
+        let (floor, ack) = durability.levels();
+        let writer = threads::ConnThreads::open(&path, 1, "sqlite-writer", floor, BUSY_TIMEOUT)?;
         let readers =
-            threads::ConnThreads::open(&path, READERS, "sqlite-reader", full_sync, BUSY_TIMEOUT)?;
+            threads::ConnThreads::open(&path, READERS, "sqlite-reader", floor, BUSY_TIMEOUT)?;
         Ok(SqliteStore {
             writer: Arc::new(writer),
             readers: Arc::new(readers),
             pool,
             _temp: temp.map(Arc::new),
+            ack,
         })
     }
 
@@ -165,6 +200,8 @@ macro_rules! history_column {
 mod statements;
 mod threads;
 
+use threads::Level;
+
 #[async_trait]
 impl TaskStore for SqliteStore {
     async fn submit(
@@ -173,7 +210,9 @@ impl TaskStore for SqliteStore {
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
         self.writer
-            .write(move |tx| statements::submit(tx, &tasks, max_queued))
+            .write(self.ack, move |tx| {
+                statements::submit(tx, &tasks, max_queued)
+            })
             .await
     }
 
@@ -185,7 +224,7 @@ impl TaskStore for SqliteStore {
     ) -> Result<(Vec<Submitted>, Vec<ClaimedTask>), StoreError> {
         let claim = owned_claim(&claim);
         self.writer
-            .write(move |tx| {
+            .write(self.ack, move |tx| {
                 let submitted = statements::submit(tx, &tasks, max_queued)?;
                 let claimed = statements::claim(tx, &claim)?;
                 Ok((submitted, claimed))
@@ -277,15 +316,15 @@ impl TaskStore for SqliteStore {
             lease,
         });
         self.writer
-            .write(move |tx| statements::claim(tx, &claim))
+            .write(Level::Process, move |tx| statements::claim(tx, &claim))
             .await
     }
 
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+    async fn apply(&self, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
         self.apply_writes(writes, None).await
     }
 
-    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<(), StoreError> {
+    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
         self.apply_writes(writes, Some(node)).await
     }
 
@@ -294,13 +333,15 @@ impl TaskStore for SqliteStore {
         node: &str,
         ids: &[String],
         until: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let (node, ids) = (node.to_owned(), ids.to_vec());
         self.writer
-            .write(move |tx| statements::renew(tx, &node, &ids, until, IN_CHUNK))
+            .write(Level::Process, move |tx| {
+                statements::renew(tx, &node, &ids, until, IN_CHUNK)
+            })
             .await
     }
 
@@ -311,7 +352,9 @@ impl TaskStore for SqliteStore {
     ) -> Result<CancelOutcome, StoreError> {
         let id = id.to_owned();
         self.writer
-            .write(move |tx| statements::request_cancel(tx, &id, record))
+            .write(self.ack, move |tx| {
+                statements::request_cancel(tx, &id, record)
+            })
             .await
     }
 
@@ -332,7 +375,9 @@ impl TaskStore for SqliteStore {
         // take the same tasks over in between.
         let node = node.to_owned();
         self.writer
-            .write(move |tx| statements::take_over_expired(tx, &node, now, lease))
+            .write(Level::Process, move |tx| {
+                statements::take_over_expired(tx, &node, now, lease)
+            })
             .await
     }
 
@@ -388,14 +433,28 @@ impl SqliteStore {
         &self,
         writes: Vec<Write>,
         holder: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         if writes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let holder = holder.map(str::to_owned);
+        let sync = apply_level(&writes, self.ack);
         self.writer
-            .write(move |tx| statements::apply_writes(tx, &writes, holder.as_deref()))
+            .write(sync, move |tx| {
+                statements::apply_writes(tx, &writes, holder.as_deref())
+            })
             .await
+    }
+}
+
+/// The level of a commit of `writes`: that of an acknowledging commit
+/// (`ack`) if one stores a final result (answered to clients once
+/// committed), else a crash of the process is all it must survive.
+fn apply_level(writes: &[Write], ack: Level) -> Level {
+    if writes.iter().any(|w| matches!(w, Write::Finish { .. })) {
+        ack
+    } else {
+        Level::Process
     }
 }
 
@@ -407,5 +466,33 @@ fn owned_claim(claim: &ClaimRequest<'_>) -> statements::Claim {
         limit: claim.limit,
         now: claim.now,
         lease: claim.lease,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use taskexec_model::{TaskResult, TaskStatus};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    #[test]
+    fn acknowledging_commits_are_synced_by_default() {
+        use Level::{Power, Process};
+        assert_eq!(Durability::Acknowledged.levels(), (Process, Power));
+        assert_eq!(Durability::Full.levels(), (Power, Power));
+        assert_eq!(Durability::Normal.levels(), (Process, Process));
+        let requeue = Write::Requeue {
+            id: "a".to_owned(),
+            attempt: 1,
+            run_after: OffsetDateTime::UNIX_EPOCH,
+        };
+        let finish = Write::Finish {
+            id: "a".to_owned(),
+            attempt: 1,
+            result: TaskResult::new("a", TaskStatus::Completed),
+        };
+        assert_eq!(apply_level(std::slice::from_ref(&requeue), Power), Process);
+        assert_eq!(apply_level(&[requeue, finish], Power), Power);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
-use taskexec_store::{SqliteStore, StoreError, TaskStore};
+use taskexec_store::{ErrorClass, SqliteStore, StoreError, TaskStore};
 use tempfile::TempDir;
 
 use conformance::{Harness, at, claim, new_task, submit};
@@ -187,4 +187,86 @@ async fn claimers_in_separate_pools_never_share() {
     }
     assert_eq!(all.len(), 120);
     assert_eq!(all.iter().collect::<HashSet<_>>().len(), 120);
+}
+
+/// A tmpfs of `size` mounted on a temporary directory, unmounted when
+/// dropped; `None` (with a notice) where mounting is not allowed.
+struct SmallDisk {
+    dir: TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(SmallDisk { dir }),
+            other => {
+                eprintln!("skipped: cannot mount a tmpfs here ({other:?}); run as root");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A store whose disk fills up refuses the submission that does not fit
+/// as `Full` (what the API answers 507 STORAGE_FULL), stores nothing of
+/// it, and still answers reads of what it stored.
+#[tokio::test]
+async fn a_full_disk_is_classed_full_and_stores_nothing() {
+    let Some(disk) = SmallDisk::mount("1m") else {
+        return;
+    };
+    let url = format!("sqlite://{}", disk.dir.path().join("store.db").display());
+    let store = SqliteStore::open(&url).await.expect("open");
+    let big = "x".repeat(64 << 10);
+    let mut stored = Vec::new();
+    let err = loop {
+        let id = format!("t{}", stored.len());
+        let mut t = new_task(&id);
+        t.task.input = serde_json::json!({ "pad": big });
+        match store.submit(vec![t], 1_000_000).await {
+            Ok(_) => stored.push(id),
+            Err(e) => break (id, e),
+        }
+        assert!(stored.len() < 64, "a 1 MiB disk never filled up");
+    };
+    let (refused, err) = err;
+    assert_eq!(err.class(), ErrorClass::Full, "{err:?}");
+    assert!(!stored.is_empty());
+    assert_eq!(store.get(&refused).await.expect("get"), None);
+    for id in &stored {
+        assert!(store.get(id).await.expect("get").is_some(), "{id}");
+    }
+    store.close().await;
+}
+
+#[test]
+fn busy_and_closed_are_unavailable() {
+    let busy = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+        None,
+    ));
+    assert_eq!(busy.class(), ErrorClass::Unavailable);
+    assert_eq!(StoreError::Closed.class(), ErrorClass::Unavailable);
+    let full = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+        None,
+    ));
+    assert_eq!(full.class(), ErrorClass::Full);
+    assert_eq!(
+        StoreError::BadCursor("x".to_owned()).class(),
+        ErrorClass::Other
+    );
 }

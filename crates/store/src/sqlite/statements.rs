@@ -176,6 +176,7 @@ fn read_state(tx: &Transaction<'_>, id: &str) -> Result<Option<TaskState>, Store
                     updated_at: row.get("updated_at")?,
                     attempts_json: row.get("attempts_json")?,
                     result_json: row.get("result_json")?,
+                    cancel_requested: row.get::<_, i64>("cancel_requested")? != 0,
                 },
             ))
         })
@@ -325,16 +326,18 @@ pub(super) fn claim(tx: &Transaction<'_>, claim: &Claim) -> Result<Vec<ClaimedTa
 }
 
 /// Applies `writes`; with a `holder`, only where that node holds the
-/// task's claim (see [`crate::TaskStore::apply_as`]).
+/// task's claim (see [`crate::TaskStore::apply_as`]). The tasks whose
+/// cancel won.
 pub(super) fn apply_writes(
     tx: &Transaction<'_>,
     writes: &[Write],
     holder: Option<&str>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<String>, StoreError> {
     // The state of each task written (and whether it changed), read once
     // and changed in memory; events are appended as they come, the changed
     // rows stored at the end.
     let mut states: HashMap<&str, Option<(TaskState, bool)>> = HashMap::new();
+    let mut cancelled = Vec::new();
     for write in writes {
         let (id, _) = write_target(write);
         if !states.contains_key(id) {
@@ -349,8 +352,11 @@ pub(super) fn apply_writes(
             continue;
         };
         *changed = true;
+        if applied.cancel_won {
+            cancelled.push(id.to_owned());
+        }
         if let Some(record) = applied.event {
-            append_event(tx, id, record)?;
+            append_event(tx, id, &record)?;
         }
     }
     for (id, state) in &states {
@@ -358,24 +364,25 @@ pub(super) fn apply_writes(
             write_state(tx, id, state)?;
         }
     }
-    Ok(())
+    Ok(cancelled)
 }
 
-/// Extends the leases `node` holds on `ids` to `until`.
+/// Extends the leases `node` holds on `ids` to `until`; the ids extended.
 pub(super) fn renew(
     tx: &Transaction<'_>,
     node: &str,
     ids: &[String],
     until: OffsetDateTime,
     chunk: usize,
-) -> Result<(), StoreError> {
+) -> Result<Vec<String>, StoreError> {
+    let mut held = Vec::with_capacity(ids.len());
     for ids in ids.chunks(chunk) {
         let marks = vec!["?"; ids.len()].join(", ");
         let sql = format!(
             concat!(
                 "UPDATE tasks SET lease_until = ? WHERE node = ? AND queued = 0 AND ",
                 not_final!(),
-                " AND id IN ({})"
+                " AND id IN ({}) RETURNING id"
             ),
             marks
         );
@@ -383,10 +390,13 @@ pub(super) fn renew(
         values.push(to_ms(until).into());
         values.push(node.to_owned().into());
         values.extend(ids.iter().map(|id| id.clone().into()));
-        tx.prepare(&sql)?
-            .execute(rusqlite::params_from_iter(values))?;
+        let mut stmt = tx.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(values), |r| r.get(0))?;
+        for id in rows {
+            held.push(id?);
+        }
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Cancels task `id` if queued, else marks it for its node to cancel.

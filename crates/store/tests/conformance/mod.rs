@@ -70,6 +70,10 @@ macro_rules! conformance_suite {
             a_former_holder_writes_nothing,
             a_retried_batch_records_its_transitions_once,
             renew_and_ping,
+            renew_answers_the_leases_still_held,
+            a_cancel_that_won_ends_the_task_cancelled,
+            a_requeue_after_a_cancel_request_is_ignored,
+            cancel_and_completion_races_have_one_winner,
             stats_count_queued_and_running,
             reopen_keeps_everything,
         );
@@ -1850,4 +1854,260 @@ pub async fn a_retried_batch_records_its_transitions_once(h: &dyn Harness) {
     let a = get(&*store, "a").await;
     let to: Vec<TaskStatus> = a.history.iter().map(|h| h.to).collect();
     assert_eq!(to, vec![Received, Preparing, Running]);
+}
+
+/// Renewing answers which leases were extended: a task taken over, finished
+/// or never held is not among them (its former node must stop it).
+pub async fn renew_answers_the_leases_still_held(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b"), new_task("c")]).await;
+    assert_eq!(
+        ids(&claim(&*store, "n1", 3, at(1)).await),
+        vec!["a", "b", "c"]
+    );
+    // a is taken over by n2 (n1's lease ran out), c finishes.
+    store
+        .renew("n1", &["b".to_owned(), "c".to_owned()], at(100))
+        .await
+        .expect("renew");
+    assert_eq!(ids(&take_over(&*store, "n2", at(40)).await), vec!["a"]);
+    store
+        .apply_as("n1", vec![finish("c", 1, Completed, at(41))])
+        .await
+        .expect("apply");
+    let all = ["a", "b", "c", "missing"].map(str::to_owned);
+    let mut held = store.renew("n1", &all, at(200)).await.expect("renew");
+    held.sort();
+    assert_eq!(held, vec!["b"]);
+    assert_eq!(
+        store.renew("n2", &all, at(200)).await.expect("renew"),
+        vec!["a"]
+    );
+    assert!(
+        store
+            .renew("n1", &[], at(200))
+            .await
+            .expect("renew")
+            .is_empty()
+    );
+}
+
+/// A running attempt that ends (here COMPLETED) after a cancel was recorded
+/// stores the task as CANCELLED: the transition, the result (output
+/// discarded, error CANCELLED) and its history agree; the attempt's record
+/// stays as it was.
+pub async fn a_cancel_that_won_ends_the_task_cancelled(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Running, at(3)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store
+            .request_cancel("a", record(Running, Cancelled, at(4), 0))
+            .await
+            .expect("cancel"),
+        CancelOutcome::Requested {
+            node: Some("n1".to_owned())
+        }
+    );
+    // The attempt completed before the kill reached it.
+    let completed = record(Running, Completed, at(5), 1);
+    let mut late = result("a", Completed, at(5));
+    late.history = vec![completed.clone()];
+    let won = store
+        .apply_as(
+            "n1",
+            vec![
+                attempt_done("a", 1, Completed, at(5)),
+                Write::Transition {
+                    id: "a".to_owned(),
+                    attempt: 1,
+                    record: completed.clone(),
+                },
+                Write::Finish {
+                    id: "a".to_owned(),
+                    attempt: 1,
+                    result: late,
+                },
+            ],
+        )
+        .await
+        .expect("apply");
+    assert_eq!(won, vec!["a"], "the store says the cancel won");
+    let a = get(&*store, "a").await;
+    assert_eq!(a.status, Cancelled);
+    assert_eq!(a.node, None);
+    let last = a.history.last().expect("history");
+    assert_eq!(
+        (last.from, last.to, last.at, last.attempt),
+        (Some(Running), Cancelled, at(5), 1)
+    );
+    let stored = a.result.expect("result");
+    assert_eq!(stored.status, Cancelled);
+    assert_eq!(stored.output, serde_json::Value::Null);
+    assert_eq!(
+        stored.error.map(|e| e.error_type),
+        Some(ErrorType::Cancelled)
+    );
+    assert_eq!(stored.history, vec![last.clone()]);
+    assert_eq!(a.attempts.len(), 1);
+    assert_eq!(a.attempts[0].status, Completed);
+    assert_eq!(
+        store
+            .request_cancel("a", record(Running, Cancelled, at(6), 0))
+            .await
+            .expect("cancel"),
+        CancelOutcome::AlreadyFinal(Cancelled)
+    );
+}
+
+/// A retry decided while a cancel was being recorded is not queued: the
+/// task stays with its node, which then finishes it as cancelled.
+pub async fn a_requeue_after_a_cancel_request_is_ignored(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(
+        &*store,
+        vec![transition("a", 1, Received, Preparing, at(2))],
+    )
+    .await;
+    store
+        .request_cancel("a", record(Preparing, Cancelled, at(3), 0))
+        .await
+        .expect("cancel");
+    store
+        .apply_as(
+            "n1",
+            vec![attempt_done("a", 1, Failed, at(4)), requeue("a", 1, at(10))],
+        )
+        .await
+        .expect("apply");
+    let a = get(&*store, "a").await;
+    assert!(!a.queued);
+    assert_eq!(a.node.as_deref(), Some("n1"));
+    assert!(claim(&*store, "n2", 1, at(20)).await.is_empty());
+    store
+        .apply_as(
+            "n1",
+            vec![
+                Write::Transition {
+                    id: "a".to_owned(),
+                    attempt: 1,
+                    record: record(Preparing, Cancelled, at(5), 1),
+                },
+                finish("a", 1, Cancelled, at(5)),
+            ],
+        )
+        .await
+        .expect("apply");
+    assert_eq!(get(&*store, "a").await.status, Cancelled);
+}
+
+/// Cancels and completions of the same tasks, at once from many tasks:
+/// each cancel's answer agrees with the stored outcome. `Requested` (202)
+/// means the task ends CANCELLED; `AlreadyFinal(COMPLETED)` (409) means
+/// the completion committed first.
+pub async fn cancel_and_completion_races_have_one_winner(h: &dyn Harness) {
+    const TASKS: usize = 40;
+    let store: Arc<dyn TaskStore> = Arc::from(h.open().await);
+    let names: Vec<String> = (0..TASKS).map(|i| format!("t{i:02}")).collect();
+    submit(&*store, names.iter().map(|n| new_task(n)).collect()).await;
+    assert_eq!(claim(&*store, "n1", TASKS, at(1)).await.len(), TASKS);
+    let starts = names
+        .iter()
+        .flat_map(|n| {
+            [
+                transition(n, 1, Received, Preparing, at(2)),
+                transition(n, 1, Preparing, Running, at(3)),
+            ]
+        })
+        .collect();
+    apply(&*store, starts).await;
+    let mut joins = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let (store, name) = (Arc::clone(&store), name.clone());
+        // Both start together; one of them gives way a little (the
+        // completion for even tasks, the cancel for odd ones), so both
+        // orders happen.
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let give_way = |late: bool| async move {
+            if late {
+                for _ in 0..20 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let completing = tokio::spawn({
+            let (store, name, start) = (Arc::clone(&store), name.clone(), Arc::clone(&start));
+            async move {
+                start.wait().await;
+                give_way(i % 2 == 0).await;
+                let done = record(Running, Completed, at(5), 1);
+                let mut r = result(&name, Completed, at(5));
+                r.history = vec![done.clone()];
+                store
+                    .apply_as(
+                        "n1",
+                        vec![
+                            attempt_done(&name, 1, Completed, at(5)),
+                            Write::Transition {
+                                id: name.clone(),
+                                attempt: 1,
+                                record: done,
+                            },
+                            Write::Finish {
+                                id: name.clone(),
+                                attempt: 1,
+                                result: r,
+                            },
+                        ],
+                    )
+                    .await
+                    .expect("apply");
+            }
+        });
+        let cancelling = tokio::spawn({
+            let name = name.clone();
+            async move {
+                start.wait().await;
+                give_way(i % 2 == 1).await;
+                store
+                    .request_cancel(&name, record(Running, Cancelled, at(4), 0))
+                    .await
+                    .expect("cancel")
+            }
+        });
+        joins.push((name, completing, cancelling));
+    }
+    let (mut won, mut lost) = (0, 0);
+    for (name, completing, cancelling) in joins {
+        completing.await.expect("completion");
+        let answer = cancelling.await.expect("cancel");
+        let stored = get(&*store, &name).await;
+        let result = stored.result.as_ref().expect("a result");
+        assert_eq!(result.status, stored.status, "{name}");
+        match answer {
+            CancelOutcome::Requested { .. } => {
+                won += 1;
+                assert_eq!(stored.status, Cancelled, "{name}: 202, then {stored:?}");
+                assert_eq!(result.output, serde_json::Value::Null, "{name}");
+            }
+            CancelOutcome::AlreadyFinal(status) => {
+                lost += 1;
+                assert_eq!(status, Completed, "{name}");
+                assert_eq!(stored.status, Completed, "{name}");
+                assert!(!stored.cancel_requested, "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert_eq!(won + lost, TASKS);
 }
