@@ -371,3 +371,92 @@ impl<'a> Expansion<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn measure(schema: &Value) -> Result<(), TooComplex> {
+        let bytes = serde_json::to_vec(schema).expect("json").len();
+        check(schema, bytes, &SchemaLimits::default())
+    }
+
+    /// The attack: each definition is an `anyOf` of two `$ref`s to the
+    /// next, so one value meets 2^n subschemas (12 s of evaluation at 30).
+    fn doubling(levels: usize) -> Value {
+        let mut defs = serde_json::Map::new();
+        for i in 0..levels {
+            let next = format!("#/$defs/d{}", i + 1);
+            defs.insert(
+                format!("d{i}"),
+                json!({"anyOf": [{"$ref": next}, {"$ref": next, "type": "array"}]}),
+            );
+        }
+        defs.insert(format!("d{levels}"), json!({"type": "integer"}));
+        json!({"$defs": defs, "$ref": "#/$defs/d0"})
+    }
+
+    #[test]
+    fn exponential_ref_expansion_is_refused() {
+        let attack = doubling(30);
+        assert!(serde_json::to_vec(&attack).expect("json").len() < 4096);
+        let err = measure(&attack).expect_err("refused");
+        assert!(err.0.contains("10000 subschemas"), "{err}");
+        measure(&doubling(8)).expect("2^8 expanded subschemas are fine");
+    }
+
+    #[test]
+    fn recursive_schemas_that_descend_are_accepted() {
+        measure(&json!({
+            "type": "object",
+            "properties": {"children": {"type": "array", "items": {"$ref": "#"}}}
+        }))
+        .expect("a tree schema");
+    }
+
+    #[test]
+    fn ref_cycles_on_the_same_value_are_refused() {
+        let err = measure(
+            &json!({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}),
+        )
+        .expect_err("endless");
+        assert!(err.0.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn size_depth_count_and_nesting_are_bounded() {
+        let big = json!({"description": "x".repeat(70_000)});
+        assert!(measure(&big).expect_err("size").0.contains("bytes"));
+        let mut deep = json!({"type": "integer"});
+        for _ in 0..40 {
+            deep = json!({"items": deep});
+        }
+        assert!(measure(&deep).expect_err("depth").0.contains("levels"));
+        let props: serde_json::Map<String, Value> =
+            (0..2500).map(|i| (format!("p{i}"), json!({}))).collect();
+        assert!(
+            measure(&json!({"properties": props}))
+                .expect_err("count")
+                .0
+                .contains("2000 subschemas")
+        );
+        let mut nested = json!({"type": "integer"});
+        for _ in 0..10 {
+            nested = json!({"not": nested});
+        }
+        assert!(
+            measure(&nested)
+                .expect_err("nesting")
+                .0
+                .contains("combinators")
+        );
+    }
+
+    #[test]
+    fn unknown_refs_are_refused_and_anchors_resolve() {
+        assert!(measure(&json!({"$ref": "other.json#/x"})).is_err());
+        measure(&json!({"$defs": {"a": {"$anchor": "num", "type": "number"}}, "$ref": "#num"}))
+            .expect("anchor");
+    }
+}

@@ -178,4 +178,30 @@ mod tests {
         assert_eq!(err, PoolError::Busy(1));
         drop(hold_tx);
     }
+
+    #[tokio::test]
+    async fn a_schema_within_the_limits_but_slow_is_cut_by_the_budget() {
+        // Recursion that doubles its work at every level of the value:
+        // within every static limit, exponential in the value's depth.
+        let schema = json!({"anyOf": [
+            {"items": {"$ref": "#"}},
+            {"items": {"$ref": "#"}, "minItems": 0}
+        ], "not": {"type": "string"}});
+        let v = SchemaCache::default()
+            .compile(&schema)
+            .expect("within the limits");
+        // The innermost value fails, so every branch of every level runs.
+        let mut instance = json!("x");
+        for _ in 0..40 {
+            instance = json!([instance]);
+        }
+        let pool = ValidationPool::new(PoolConfig {
+            threads: 1,
+            queue: 4,
+            budget: Duration::from_millis(200),
+        });
+        let err = pool.validate(v, instance).await.expect_err("over budget");
+        assert_eq!(err, PoolError::OverBudget(Duration::from_millis(200)));
+        assert!(err.to_string().contains("too expensive"), "{err}");
+    }
 }
