@@ -1203,5 +1203,62 @@ async fn cancel_answers_agree_with_the_outcome() {
         }
         let result = rec.result.expect("a result");
         assert_eq!(result.status, rec.status, "{id}");
+
+/// An input schema whose evaluation is exponential: refused at submission
+/// when its `$ref`s expand past the limit, cut by the validation budget
+/// when it is within the limits but slow on the value; `/healthz` answers
+/// meanwhile (validation never runs on the runtime's threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expensive_schemas_are_refused_and_healthz_stays_fast() {
+    let app = app().await;
+    let mut defs = serde_json::Map::new();
+    for i in 0..30 {
+        let next = format!("#/$defs/d{}", i + 1);
+        defs.insert(
+            format!("d{i}"),
+            json!({"anyOf": [{"$ref": next}, {"$ref": next, "type": "array"}]}),
+        );
+    }
+    defs.insert("d30".to_string(), json!({"type": "integer"}));
+    let attack = json!({"$defs": defs, "$ref": "#/$defs/d0"});
+    let body = task(json!({"input": 1}));
+    let mut body = body;
+    body["definition"]["inputSchema"] = attack;
+    let a = send(&app, post_json("/v1/tasks", &body)).await;
+    let e = a.error(StatusCode::UNPROCESSABLE_ENTITY, "INPUT_VALIDATION");
+    assert_eq!(e["field"], "definition.inputSchema", "{}", a.text);
+    assert!(a.text.contains("10000 subschemas"), "{}", a.text);
+
+    // Within every static limit, exponential in the value's depth.
+    let slow = json!({"anyOf": [
+        {"items": {"$ref": "#"}},
+        {"items": {"$ref": "#"}, "minItems": 0}
+    ], "not": {"type": "string"}});
+    let mut input = json!("x");
+    for _ in 0..40 {
+        input = json!([input]);
+    }
+    let mut body = task(json!({"input": input}));
+    body["definition"]["inputSchema"] = slow;
+    let submissions: Vec<_> = (0..4)
+        .map(|_| {
+            let (app, body) = (app.clone(), body.clone());
+            tokio::spawn(async move { send(&app, post_json("/v1/tasks", &body)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    let h = send(&app, get("/healthz")).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "/healthz took {:?} under expensive validations",
+        t.elapsed()
+    );
+    for s in submissions {
+        let a = s.await.expect("joined");
+        let e = a.error(StatusCode::UNPROCESSABLE_ENTITY, "INPUT_VALIDATION");
+        assert!(a.text.contains("too expensive"), "{}", a.text);
+        assert_eq!(e["field"], "definition.inputSchema", "{}", a.text);
     }
 }

@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, info, warn};
 
 pub use classify::{Verdict, classify};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use schema::{SchemaCache, Violation};
+pub use schema::{PoolConfig, SchemaCache, SchemaLimits, ValidationPool, Violation};
 
 use crate::prepare::CompileCache;
 
@@ -96,6 +96,10 @@ pub struct EngineConfig {
     /// The default, 60000 to 65534, keeps clear of the accounts
     /// distributions hand out to people and services.
     pub run_as: std::ops::RangeInclusive<u32>,
+    /// Complexity limits of `inputSchema` and `outputSchema`.
+    pub schema_limits: SchemaLimits,
+    /// The threads, queue and time budget of schema validation.
+    pub validation: PoolConfig,
 }
 
 impl Default for EngineConfig {
@@ -104,6 +108,8 @@ impl Default for EngineConfig {
             limits: LimitsConfig::default(),
             retry_limits: RetryLimits::default(),
             run_as: 60000..=65534,
+            schema_limits: SchemaLimits::default(),
+            validation: PoolConfig::default(),
         }
     }
 }
@@ -185,6 +191,7 @@ pub struct Prepared {
     retry: ValidRetryPolicy,
     runtime: Arc<ResolvedRuntime>,
     plan: Plan,
+    input_schema: Option<Arc<jsonschema::Validator>>,
     output_schema: Option<Arc<jsonschema::Validator>>,
     /// `securityContext.runAs`, resolved to (uid, gid).
     user: Option<(u32, u32)>,
@@ -333,6 +340,7 @@ pub struct Engine {
     runner: Arc<dyn AttemptRunner>,
     clock: Arc<dyn Clock>,
     schemas: SchemaCache,
+    validation: ValidationPool,
     compiled: CompileCache,
     /// Runtimes resolved on this host, by name: finding and canonicalizing
     /// interpreters and expanding mount patterns is start-up work, not
@@ -353,11 +361,12 @@ impl Engine {
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
+            schemas: SchemaCache::new(config.schema_limits),
+            validation: ValidationPool::new(config.validation),
             config,
             catalogue,
             runner,
             clock,
-            schemas: SchemaCache::default(),
             compiled: CompileCache::default(),
             resolved: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -386,8 +395,49 @@ impl Engine {
     }
 
     /// Checks a task without running it: `Err` is the REJECTED result's error.
-    pub fn check(&self, task: &TaskInstance) -> Result<(), TaskError> {
-        self.prepare(task).map(drop)
+    pub async fn check(&self, task: &mut TaskInstance) -> Result<(), TaskError> {
+        let prepared = self.prepare(task)?;
+        self.validate_input(task, &prepared).await
+    }
+
+    /// Validates the task's input against `definition.inputSchema` on the
+    /// validation pool, within its time budget: `Err` is the REJECTED
+    /// result's error (INPUT_VALIDATION). The input is moved to the pool
+    /// and back; it is `null` after a validation that ran out of budget
+    /// (the task is rejected then).
+    pub async fn validate_input(
+        &self,
+        task: &mut TaskInstance,
+        p: &Prepared,
+    ) -> Result<(), TaskError> {
+        let Some(schema) = &p.input_schema else {
+            return Ok(());
+        };
+        let input = std::mem::take(&mut task.input);
+        let (input, violations) = self
+            .validation
+            .validate(Arc::clone(schema), input)
+            .await
+            .map_err(|e| {
+                TaskError::new(
+                    ErrorType::InputValidation,
+                    format!("the input could not be checked against definition.inputSchema: {e}"),
+                )
+                .with_details(json!({"field": "definition.inputSchema"}))
+            })?;
+        task.input = input;
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let n = violations.len();
+        Err(TaskError::new(
+            ErrorType::InputValidation,
+            format!(
+                "the input does not match definition.inputSchema ({n} violation{})",
+                if n == 1 { "" } else { "s" }
+            ),
+        )
+        .with_details(json!({"field": "input", "violations": capped(violations)})))
     }
 
     /// The runtime `name` as found on this host, resolved once and cached
@@ -402,7 +452,9 @@ impl Engine {
         Ok(rt)
     }
 
-    /// Validates and plans a task; `Err` is the error of a REJECTED task.
+    /// Validates and plans a task, compiling its schemas; `Err` is the
+    /// error of a REJECTED task. The input is checked against its schema
+    /// separately, by [`Self::validate_input`] (on the validation pool).
     pub fn prepare(&self, task: &TaskInstance) -> Result<Prepared, TaskError> {
         self.prepare_inner(task).map_err(|r| r.error)
     }
@@ -459,23 +511,12 @@ impl Engine {
                 .compile(schema)
                 .map_err(|e| Rejection::field(FieldError::new(field, format!("{e}"))))
         };
-        if let Some(schema) = &task.definition.input_schema {
-            let v = compile("definition.inputSchema", schema)?;
-            let violations = schema::violations(&v, &task.input);
-            if !violations.is_empty() {
-                let n = violations.len();
-                return Err(Rejection {
-                    error: TaskError::new(
-                        ErrorType::InputValidation,
-                        format!(
-                            "the input does not match definition.inputSchema ({n} violation{})",
-                            if n == 1 { "" } else { "s" }
-                        ),
-                    )
-                    .with_details(json!({"field": "input", "violations": violations})),
-                });
-            }
-        }
+        let input_schema = task
+            .definition
+            .input_schema
+            .as_ref()
+            .map(|s| compile("definition.inputSchema", s))
+            .transpose()?;
         let output_schema = task
             .definition
             .output_schema
@@ -490,6 +531,7 @@ impl Engine {
             retry: validated.retry,
             runtime,
             plan,
+            input_schema,
             output_schema,
             user,
         })
@@ -505,7 +547,7 @@ impl Engine {
         self.execute_inner(task, cancel).instrument(span).await
     }
 
-    async fn execute_inner(&self, task: TaskInstance, cancel: &Cancellation) -> TaskResult {
+    async fn execute_inner(&self, mut task: TaskInstance, cancel: &Cancellation) -> TaskResult {
         let clock = &self.clock;
         let start = clock.now();
         let t_start = Instant::now();
@@ -518,6 +560,13 @@ impl Engine {
 
         let t_prep = Instant::now();
         let prepared = match self.prepare(&task) {
+            Ok(p) => match self.validate_input(&mut task, &p).await {
+                Ok(()) => Ok(p),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let prepared = match prepared {
             Ok(p) => p,
             Err(error) => {
                 info!(error = %error.message, "task rejected");
@@ -677,11 +726,14 @@ impl Engine {
                 let t_val = Instant::now();
                 let v = match &p.output_schema {
                     Some(schema) => {
-                        let violations = schema::violations(schema, &output);
-                        if violations.is_empty() {
-                            Verdict::Completed { output }
-                        } else {
-                            Verdict::Failed(
+                        match self.validation.validate(Arc::clone(schema), output).await {
+                            Ok((output, violations)) if violations.is_empty() => {
+                                Verdict::Completed { output }
+                            }
+                            // The output is not repeated in the error: it
+                            // can be as large as outputBytes, and the error
+                            // is stored with the attempt and the result.
+                            Ok((_, violations)) => Verdict::Failed(
                                 TaskError::new(
                                     ErrorType::OutputValidation,
                                     format!(
@@ -689,8 +741,17 @@ impl Engine {
                                         violations.len()
                                     ),
                                 )
-                                .with_details(json!({"violations": violations, "output": output})),
-                            )
+                                .with_details(json!({"violations": capped(violations)})),
+                            ),
+                            Err(e) => Verdict::Failed(
+                                TaskError::new(
+                                    ErrorType::OutputValidation,
+                                    format!(
+                                        "the output could not be checked against definition.outputSchema: {e}"
+                                    ),
+                                )
+                                .with_details(json!({"field": "definition.outputSchema"})),
+                            ),
                         }
                     }
                     None => Verdict::Completed { output },
@@ -866,6 +927,15 @@ impl Engine {
             ))),
         }
     }
+}
+
+/// Violations reported in an error at most.
+const MAX_VIOLATIONS: usize = 100;
+
+/// The first [`MAX_VIOLATIONS`] violations (the count is in the message).
+fn capped(mut v: Vec<Violation>) -> Vec<Violation> {
+    v.truncate(MAX_VIOLATIONS);
+    v
 }
 
 fn relative(dir: &str) -> &str {

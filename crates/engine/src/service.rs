@@ -487,7 +487,15 @@ impl Service {
         let mut preparations = Vec::with_capacity(tasks.len());
         for (index, mut task) in tasks.into_iter().enumerate() {
             Self::assign_id(&mut task);
-            let prepared = self.engine.prepare(&task).map_err(|error| {
+            let prepared = match self.engine.prepare(&task) {
+                Ok(p) => self
+                    .engine
+                    .validate_input(&mut task, &p)
+                    .await
+                    .map(|()| p),
+                Err(e) => Err(e),
+            }
+            .map_err(|error| {
                 counter!("taskexec_tasks_rejected_total", "error_type" => error.error_type.as_str()).increment(1);
                 SubmitError::Rejected { index, error }
             })?;

@@ -6,6 +6,13 @@
 //! features: no HTTP or file retrieval, so a schema cannot make the executor
 //! fetch URLs), formats are validated, and `pattern` uses the linear-time
 //! `regex` engine so a hostile pattern cannot backtrack for minutes.
+//!
+//! Evaluation cost is bounded twice: statically, by [`complexity`] limits
+//! checked before a schema is compiled, and in time, by the [`pool`] that
+//! runs every validation on its own threads within a budget.
+
+pub mod complexity;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +21,9 @@ use jsonschema::{PatternOptions, Validator};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+pub use complexity::{SchemaLimits, TooComplex};
+pub use pool::{PoolConfig, PoolError, ValidationPool};
 
 /// Compiled schemas kept at most; the cache is emptied when full.
 const MAX_CACHED: usize = 1024;
@@ -27,31 +37,48 @@ pub struct Violation {
     pub message: String,
 }
 
-/// A schema that is itself invalid.
+/// A schema that is refused.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("not a valid JSON Schema: {0}")]
-pub struct SchemaError(pub String);
+pub enum SchemaError {
+    /// It is not a valid JSON Schema.
+    #[error("not a valid JSON Schema: {0}")]
+    Invalid(String),
+    /// It is over a complexity limit.
+    #[error("{0}: the schema would be too expensive to evaluate")]
+    TooComplex(#[from] TooComplex),
+}
 
 /// Cache of compiled validators keyed by the SHA-256 of the schema's
-/// canonical JSON.
+/// canonical JSON. Every schema is checked against the complexity limits
+/// before it is compiled.
 #[derive(Debug, Default)]
 pub struct SchemaCache {
     map: Mutex<HashMap<[u8; 32], Arc<Validator>>>,
+    limits: SchemaLimits,
 }
 
 impl SchemaCache {
+    /// A cache refusing schemas over `limits`.
+    pub fn new(limits: SchemaLimits) -> Self {
+        Self {
+            map: Mutex::default(),
+            limits,
+        }
+    }
+
     /// Compiles `schema`, or returns the cached validator for the same content.
     pub fn compile(&self, schema: &Value) -> Result<Arc<Validator>, SchemaError> {
-        let bytes = serde_json::to_vec(schema).map_err(|e| SchemaError(e.to_string()))?;
+        let bytes = serde_json::to_vec(schema).map_err(|e| SchemaError::Invalid(e.to_string()))?;
         let key: [u8; 32] = Sha256::digest(&bytes).into();
         if let Some(v) = self.lock().get(&key) {
             return Ok(Arc::clone(v));
         }
+        complexity::check(schema, bytes.len(), &self.limits)?;
         let validator = jsonschema::options()
             .should_validate_formats(true)
             .with_pattern_options(PatternOptions::regex())
             .build(schema)
-            .map_err(|e| SchemaError(e.to_string()))?;
+            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
         let validator = Arc::new(validator);
         let mut map = self.lock();
         if map.len() >= MAX_CACHED {
