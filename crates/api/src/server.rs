@@ -422,10 +422,12 @@ async fn connection(
             }))
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    // Boxed, so that dropping it below hands the socket back.
+    let mut conn = Box::pin(
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), service),
+    );
     let watchdog = activity.watch(header_timeout, config.idle_timeout);
     tokio::pin!(watchdog);
     let mut stopping = false;

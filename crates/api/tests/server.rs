@@ -127,7 +127,7 @@ fn an_idle_keep_alive_connection_is_closed() {
 fn a_client_that_sends_a_whole_oversized_body_reads_its_413() {
     let addr = start(config(16, 1));
     let mut s = TcpStream::connect(addr).expect("connect");
-    let body = vec![b'a'; 4 << 20];
+    let body = vec![b'a'; 32 << 20];
     let head = format!(
         "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
         body.len()
