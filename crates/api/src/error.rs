@@ -218,6 +218,16 @@ impl ApiError {
         )
     }
 
+    /// The same error with `Retry-After` (whole seconds, at least 1).
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        let mut secs = after.as_secs();
+        if after.subsec_nanos() > 0 || secs == 0 {
+            secs = secs.saturating_add(1);
+        }
+        self.retry_after = Some(secs);
+        self
+    }
+
     /// 500 INTERNAL with a generic public message; the whole error chain of
     /// `err` is logged.
     pub fn internal(what: &str, err: &(dyn StdError + 'static)) -> Self {

@@ -29,6 +29,7 @@ pub mod extract;
 pub mod handlers;
 mod keepalive;
 pub mod schema;
+pub mod server;
 
 use std::fmt;
 use std::sync::Arc;

@@ -99,6 +99,21 @@ pub struct ServeArgs {
     /// a pre-started interpreter (true/false, default true).
     #[arg(long, env = "TASKEXEC_FORK_SERVERS")]
     pub fork_servers: Option<bool>,
+    /// Time a request's head may take from its first byte, e.g. 10s (the
+    /// default).
+    #[arg(long, env = "TASKEXEC_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// Time a request's body may take after its head, e.g. 60s (the default).
+    #[arg(long, env = "TASKEXEC_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
+    /// Time a keep-alive connection without a request in flight stays open,
+    /// e.g. 60s (the default).
+    #[arg(long, env = "TASKEXEC_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Connections open at most (default 1024); the last 1/64 of them (at
+    /// most 16) only answer /healthz and /readyz.
+    #[arg(long, env = "TASKEXEC_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// A TOML file with any of the settings above.
     #[arg(long, env = "TASKEXEC_CONFIG")]
     pub config: Option<PathBuf>,
@@ -171,6 +186,14 @@ struct FileConfig {
     warm_pool_idle: Option<Loose>,
     /// Fork servers on or off.
     fork_servers: Option<bool>,
+    /// Header timeout.
+    header_timeout: Option<Loose>,
+    /// Body timeout.
+    body_timeout: Option<Loose>,
+    /// Idle keep-alive timeout.
+    idle_timeout: Option<Loose>,
+    /// Connection limit.
+    max_connections: Option<usize>,
 }
 
 /// Total memory from /proc/meminfo.
@@ -196,6 +219,8 @@ struct Settings {
     auth_token: Option<String>,
     shutdown_grace: Duration,
     max_body: usize,
+    /// The HTTP server's timeouts and connection limit.
+    http: taskexec_api::server::ServerConfig,
     /// The warm runner's settings (`None`: off, every task runs cold).
     warm: Option<WarmConfig>,
 }
@@ -308,6 +333,42 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--max-body {v:?}: {e}"))? as usize,
         None => 8 << 20,
     };
+    let mut http = match args.max_connections.or(file.max_connections) {
+        Some(n) if !(2..=1_000_000).contains(&n) => {
+            bail!("--max-connections {n}: expected a number from 2 to 1000000")
+        }
+        Some(n) => taskexec_api::server::ServerConfig::with_max_connections(n),
+        None => taskexec_api::server::ServerConfig::default(),
+    };
+    for (name, given, slot) in [
+        (
+            "--header-timeout",
+            args.header_timeout
+                .or(file.header_timeout.map(Loose::into_text)),
+            &mut http.header_timeout,
+        ),
+        (
+            "--body-timeout",
+            args.body_timeout
+                .or(file.body_timeout.map(Loose::into_text)),
+            &mut http.body_timeout,
+        ),
+        (
+            "--idle-timeout",
+            args.idle_timeout
+                .or(file.idle_timeout.map(Loose::into_text)),
+            &mut http.idle_timeout,
+        ),
+    ] {
+        if let Some(v) = given {
+            let d = taskexec_model::parse_duration(&v)
+                .map_err(|e| anyhow::anyhow!("{name} {v:?}: {e}"))?;
+            if d < Duration::from_millis(100) {
+                bail!("{name} {v:?}: expected at least 100ms");
+            }
+            *slot = d;
+        }
+    }
     // Flags and environment first (a token, then a token file), then the
     // file's settings in the same order.
     let auth_token = match (
@@ -342,6 +403,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         auth_token,
         shutdown_grace,
         max_body,
+        http,
         warm,
     })
 }
@@ -621,10 +683,12 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
                 s.database, s.service.workers, s.service.node
             );
             let stop = Arc::clone(&stop_http);
+            let http = s.http;
             Some(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.notified().await })
-                    .await
+                taskexec_api::server::serve(listener, router, http, async move {
+                    stop.notified().await;
+                })
+                .await;
             }))
         } else {
             info!(database = %s.database, workers = s.service.workers, node = %s.service.node, "taskexec worker ready");
