@@ -538,9 +538,33 @@ fn spawn_wakeups(pg: PgStore, service: Arc<Service>) {
     });
 }
 
+/// A worker serves no HTTP: its HTTP settings are refused rather than
+/// silently ignored. (The HTTP server's timeouts and connection cap, once
+/// they exist, belong here too: --header-timeout, --body-timeout,
+/// --idle-timeout, --max-connections.)
+fn refuse_http_flags(args: &ServeArgs) -> anyhow::Result<()> {
+    let given = [
+        (args.listen.is_some(), "--listen"),
+        (args.auth_token.is_some(), "--auth-token"),
+        (args.auth_token_file.is_some(), "--auth-token-file"),
+        (args.max_body.is_some(), "--max-body"),
+        (args.max_queued.is_some(), "--max-queued"),
+    ];
+    if let Some((_, flag)) = given.iter().find(|(g, _)| *g) {
+        bail!(
+            "{flag}: `taskexec worker` serves no HTTP API, so it takes no HTTP settings; \
+             pass {flag} to `taskexec serve` (or unset its TASKEXEC_ variable)"
+        );
+    }
+    Ok(())
+}
+
 /// `taskexec serve` (with `http`) or `taskexec worker` (without: a node
 /// that only executes).
 pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow::Result<ExitCode> {
+    if !http {
+        refuse_http_flags(&args)?;
+    }
     let s = settings(args)?;
     let warmth = match s.warm.clone() {
         Some(config) => crate::setup::Warmth::Configured(config),
@@ -835,6 +859,22 @@ mod tests {
         let args = parse(&["--config", config]);
         let e = format!("{:#}", settings(args).expect_err("unknown key"));
         assert!(e.contains("warm_pool"), "{e}");
+    }
+
+    #[test]
+    fn a_worker_refuses_http_settings() {
+        let e = refuse_http_flags(&parse(&["--listen", "127.0.0.1:9000"]))
+            .expect_err("--listen on a worker")
+            .to_string();
+        assert!(
+            e.starts_with("--listen: `taskexec worker` serves no HTTP API"),
+            "{e}"
+        );
+        let e = refuse_http_flags(&parse(&["--auth-token", "t"]))
+            .expect_err("--auth-token on a worker")
+            .to_string();
+        assert!(e.starts_with("--auth-token:"), "{e}");
+        refuse_http_flags(&parse(&["--workers", "2"])).expect("a worker's own setting");
     }
 
     #[test]

@@ -215,3 +215,20 @@ fn task_file_that_is_not_a_task_instance_is_a_usage_error() {
     let r = taskexec(&["run", "--task", &path, "--json"], &[]);
     assert_usage_error(&r, "--task", &["not a valid TaskInstance", "bogus"]);
 }
+
+#[test]
+fn a_client_without_a_server_says_how_to_start_one() {
+    // Port 9 on loopback: nothing listens there.
+    let r = taskexec(&["list", "--server", "http://127.0.0.1:9"], &[]);
+    assert_usage_error(
+        &r,
+        "no taskexec server at http://127.0.0.1:9",
+        &["start one with `taskexec serve`", "--server URL"],
+    );
+}
+
+#[test]
+fn a_server_url_without_a_scheme_is_a_usage_error() {
+    let r = taskexec(&["status", "some-id", "--server", "127.0.0.1:8080"], &[]);
+    assert_usage_error(&r, "--server \"127.0.0.1:8080\"", &["http://"]);
+}

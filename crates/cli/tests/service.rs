@@ -988,7 +988,16 @@ fn the_cli_client_submits_waits_lists_and_cancels() {
 
     let (code, out, err) = with(&["submit", &hello, "--input", r#"{"name":"ada"}"#, "--wait"]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(out.starts_with("COMPLETED"), "{out}");
+    let mut lines = out.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with("task "),
+        "--wait names the task first: {out}"
+    );
+    assert!(
+        lines.next().unwrap_or_default().starts_with("COMPLETED"),
+        "{out}"
+    );
     assert!(
         out.contains(r#"output: {"greeting":"hello, ada"}"#),
         "{out}"
@@ -1039,7 +1048,9 @@ fn the_cli_client_submits_waits_lists_and_cancels() {
     let file = file.to_string_lossy().into_owned();
     let (code, out, err) = with(&["submit", "--task", &file]);
     assert_eq!(code, 0, "{err}");
-    let sid = out.split_whitespace().next().expect("an id").to_owned();
+    // The id alone on stdout, for `ID=$(taskexec submit ...)`.
+    let sid = out.trim_end().to_owned();
+    assert!(!sid.is_empty() && !sid.contains(' '), "{out}");
     s.wait_status(&sid, "RUNNING");
     let (code, out, err) = with(&["cancel", &sid]);
     assert_eq!(code, 0, "{err}");
