@@ -23,9 +23,10 @@ use tracing::info;
 /// under the same name with dashes turned to underscores).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on: HOST:PORT, the host an IP address or a name
+    /// (e.g. 127.0.0.1:8080, localhost:8080, [::1]:8080).
     #[arg(long, env = "TASKEXEC_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
     /// Database URL: sqlite://PATH (embedded, the default: sqlite://taskexec.db).
     #[arg(long, env = "TASKEXEC_DATABASE")]
     pub database: Option<String>,
@@ -127,8 +128,8 @@ impl Loose {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    /// Address to listen on.
-    listen: Option<SocketAddr>,
+    /// Address to listen on (HOST:PORT).
+    listen: Option<String>,
     /// Database URL.
     database: Option<String>,
     /// Workers: a number or "auto".
@@ -209,10 +210,10 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("a valid address"));
+    let listen = match args.listen.or(file.listen) {
+        Some(l) => listen_addr(&l)?,
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
     let database = args
         .database
         .or(file.database)
@@ -468,6 +469,30 @@ fn concurrency(
         max,
         ..ConcurrencyConfig::default()
     }))
+}
+
+/// `--listen HOST:PORT`, the host an IP address or a name resolved here
+/// (its first address).
+fn listen_addr(raw: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let expected = "expected HOST:PORT, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080";
+    if let Ok(a) = raw.parse() {
+        return Ok(a);
+    }
+    match raw.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => bail!("--listen {raw:?}: {expected}"),
+    }
+    let addrs = raw
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("--listen {raw:?}: cannot resolve the host ({e}); {expected}"))?;
+    let mut addrs: Vec<SocketAddr> = addrs.collect();
+    // Prefer IPv4, as the default 127.0.0.1 is.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs
+        .into_iter()
+        .next()
+        .with_context(|| format!("--listen {raw:?}: the host has no address; {expected}"))
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
@@ -859,6 +884,20 @@ mod tests {
         let args = parse(&["--config", config]);
         let e = format!("{:#}", settings(args).expect_err("unknown key"));
         assert!(e.contains("warm_pool"), "{e}");
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_says_what_it_expects() {
+        assert_eq!(
+            listen_addr("localhost:8080").expect("a host name"),
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        );
+        assert_eq!(
+            listen_addr("[::1]:9").expect("IPv6"),
+            "[::1]:9".parse::<SocketAddr>().expect("valid")
+        );
+        let e = listen_addr("localhost").expect_err("no port").to_string();
+        assert!(e.starts_with("--listen \"localhost\": expected HOST:PORT"), "{e}");
     }
 
     #[test]
