@@ -483,9 +483,9 @@ fn listen_addr(raw: &str) -> anyhow::Result<SocketAddr> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
         _ => bail!("--listen {raw:?}: {expected}"),
     }
-    let addrs = raw
-        .to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("--listen {raw:?}: cannot resolve the host ({e}); {expected}"))?;
+    let addrs = raw.to_socket_addrs().map_err(|e| {
+        anyhow::anyhow!("--listen {raw:?}: cannot resolve the host ({e}); {expected}")
+    })?;
     let mut addrs: Vec<SocketAddr> = addrs.collect();
     // Prefer IPv4, as the default 127.0.0.1 is.
     addrs.sort_by_key(|a| !a.is_ipv4());
@@ -897,7 +897,10 @@ mod tests {
             "[::1]:9".parse::<SocketAddr>().expect("valid")
         );
         let e = listen_addr("localhost").expect_err("no port").to_string();
-        assert!(e.starts_with("--listen \"localhost\": expected HOST:PORT"), "{e}");
+        assert!(
+            e.starts_with("--listen \"localhost\": expected HOST:PORT"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -108,6 +108,14 @@ impl SqliteStore {
             } else {
                 return Err(StoreError::BadUrl(url.to_owned()));
             };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return Err(StoreError::NoDirectory {
+                dir: dir.to_path_buf(),
+            });
+        }
         let options = SqliteConnectOptions::new()
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)

@@ -212,7 +212,15 @@ async fn a_missing_database_is_an_error() {
     let db = scratch!();
     let url = with_database(&db.url, &format!("{}_missing", db.name));
     let err = PgStore::open(&url).await.expect_err("no such database");
-    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    let missing = format!("{}_missing", db.name);
+    assert!(
+        matches!(&err, StoreError::NoDatabase { name } if *name == missing),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&format!("`createdb {missing}`")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
