@@ -501,19 +501,22 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(t.trim().to_string())
 }
 
-/// The store named by a database URL, and for PostgreSQL the store itself
-/// (its LISTEN/NOTIFY channel wakes idle workers).
-pub async fn open_store(url: &str) -> anyhow::Result<(Arc<dyn TaskStore>, Option<PgStore>)> {
+/// The store named by a database URL, and the store itself: for
+/// PostgreSQL, its LISTEN/NOTIFY channel wakes idle workers; SQLite's is
+/// checkpointed at a clean stop.
+pub async fn open_store(
+    url: &str,
+) -> anyhow::Result<(Arc<dyn TaskStore>, Option<PgStore>, Option<SqliteStore>)> {
     if url.starts_with("sqlite:") {
         let store = SqliteStore::open(url)
             .await
             .with_context(|| format!("--database {url}"))?;
-        Ok((Arc::new(store), None))
+        Ok((Arc::new(store.clone()), None, Some(store)))
     } else if PgStore::handles_url(url) {
         let store = PgStore::open(url)
             .await
             .with_context(|| format!("--database {}", redact(url)))?;
-        Ok((Arc::new(store.clone()), Some(store)))
+        Ok((Arc::new(store.clone()), Some(store), None))
     } else {
         bail!(
             "--database {:?}: expected sqlite://PATH or postgres://USER@HOST/DB",
@@ -637,7 +640,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         } else {
             None
         };
-        let (store, pg) = open_store(&s.database).await?;
+        let (store, pg, sqlite) = open_store(&s.database).await?;
         let service = Service::start(Arc::clone(&engine), store, s.service.clone())
             .await
             .context("starting the service")?;
@@ -693,6 +696,13 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         service.shutdown(s.shutdown_grace).await;
         // Fork servers and pre-built sandboxes go with the service.
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        // The database file alone complete after a clean stop (a copy of
+        // it needs no -wal file).
+        if let Some(sqlite) = sqlite {
+            if let Err(e) = sqlite.checkpoint().await {
+                tracing::warn!(error = %e, "checkpointing the database at shutdown");
+            }
+        }
         stop_http.notify_waiters();
         // Open event streams and long polls get a moment to end.
         if let Some(server) = server {

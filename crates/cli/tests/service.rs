@@ -1257,3 +1257,24 @@ fn an_invalid_warm_setting_stops_the_start_and_names_the_setting() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--warm-pool-idle \"soon\""), "{err}");
 }
+
+#[test]
+fn a_clean_stop_leaves_the_database_file_complete() {
+    let setup = Setup::new();
+    let mut s = setup.start();
+    let id = s.submit(&bash("echo hi"));
+    s.wait_final(&id);
+    let status = s.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", s.log());
+    // The database file alone, copied elsewhere without its -wal file,
+    // holds the task.
+    let copy = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(setup.dir().join("tasks.db"), copy.path().join("tasks.db"))
+        .expect("copy the database file");
+    let again = Setup::new().database_url(&format!(
+        "sqlite://{}",
+        copy.path().join("tasks.db").display()
+    ));
+    let s = again.start();
+    assert_eq!(s.task(&id)["status"], "COMPLETED");
+}

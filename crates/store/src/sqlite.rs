@@ -147,6 +147,18 @@ impl SqliteStore {
         })
     }
 
+    /// Folds the write-ahead log into the database file
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`), so that the file alone holds
+    /// every committed write: a copy of it needs no `-wal` file beside it.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.writer
+            .read(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .await
+    }
+
     /// Closes every connection, waiting for those in use to be returned
     /// and for the writes queued so far.
     pub async fn close(&self) {
