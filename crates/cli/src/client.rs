@@ -336,23 +336,18 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!(
-        "{:<38} {:<10} {:<8} {:>7}  SUBMITTED",
-        "ID",
-        "STATUS",
-        "RUNTIME",
-        "ATTEMPT"
-    );
+    let mut table = crate::table::Table::new(&["ID", "STATUS", "RUNTIME", "ATTEMPT", "SUBMITTED"]);
     for t in v["items"].as_array().cloned().unwrap_or_default() {
-        outln!(
-            "{:<38} {:<10} {:<8} {:>7}  {}",
-            t["id"].as_str().unwrap_or(""),
-            t["status"].as_str().unwrap_or(""),
-            t["runtime"].as_str().unwrap_or(""),
-            t["attempt"],
-            t["submittedAt"].as_str().unwrap_or("")
-        );
+        let text = |k: &str| t[k].as_str().unwrap_or("").to_string();
+        table.row(vec![
+            text("id"),
+            text("status"),
+            text("runtime"),
+            t["attempt"].to_string(),
+            text("submittedAt"),
+        ]);
     }
+    out!("{}", table.render());
     if let Some(c) = v["nextCursor"].as_str() {
         outln!("next page: --cursor {c}");
     }

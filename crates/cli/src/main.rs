@@ -23,6 +23,7 @@ mod client;
 mod run;
 mod serve;
 mod setup;
+mod table;
 
 use std::process::ExitCode;
 

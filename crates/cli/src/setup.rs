@@ -181,32 +181,33 @@ pub fn runtimes(g: &GlobalArgs, args: RuntimesArgs) -> anyhow::Result<ExitCode> 
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        outln!(
-            "{:<8} {:<10} {:<22} {:<8} INTERPRETER",
+        let mut table = crate::table::Table::new(&[
             "RUNTIME",
             "AVAILABLE",
             "VERSION",
-            "HANDLER"
-        );
+            "HANDLER",
+            "INTERPRETER",
+        ]);
         for r in &rows {
             let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
             if r["available"] == true {
-                outln!(
-                    "{:<8} {:<10} {:<22} {:<8} {}",
+                let handler = if r["handlerMode"] == true {
+                    "yes"
+                } else {
+                    "no"
+                };
+                table.row(vec![
                     s("name"),
-                    "yes",
+                    "yes".into(),
                     s("version"),
-                    if r["handlerMode"] == true {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    s("interpreter")
-                );
+                    handler.into(),
+                    s("interpreter"),
+                ]);
             } else {
-                outln!("{:<8} {:<10} {}", s("name"), "no", s("error"));
+                table.row(vec![s("name"), "no".into(), s("error")]);
             }
         }
+        out!("{}", table.render());
     }
     Ok(ExitCode::SUCCESS)
 }
