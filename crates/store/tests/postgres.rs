@@ -96,6 +96,10 @@ impl PgDb {
             eprintln!("TASKEXEC_SKIP_POSTGRES=1: PostgreSQL test skipped");
             return None;
         }
+        if let Err(e) = server_answers().await {
+            eprintln!("PostgreSQL test skipped ({e}); see postgresql_server_answers");
+            return None;
+        }
         let mut admin = admin().await;
         let name = scratch_name();
         admin
@@ -154,6 +158,41 @@ impl Drop for PgDb {
 impl conformance::Harness for PgDb {
     async fn open(&self) -> Box<dyn TaskStore> {
         Box::new(self.store().await)
+    }
+}
+
+/// Whether the server answers, probed once per test binary: without one,
+/// `postgresql_server_answers` fails with what to do, and every other test
+/// of the suite is skipped instead of failing one by one.
+async fn server_answers() -> Result<(), String> {
+    static PROBE: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
+    PROBE
+        .get_or_init(|| async {
+            let url = admin_url();
+            match PgConnection::connect(&url).await {
+                Ok(conn) => {
+                    conn.close().await.ok();
+                    Ok(())
+                }
+                Err(e) => Err(format!("no PostgreSQL server answers at {url}: {e}")),
+            }
+        })
+        .await
+        .clone()
+}
+
+#[tokio::test]
+async fn postgresql_server_answers() {
+    if skipped() {
+        eprintln!("TASKEXEC_SKIP_POSTGRES=1: the PostgreSQL store suite is skipped");
+        return;
+    }
+    if let Err(e) = server_answers().await {
+        panic!(
+            "{e}\nEvery other test of the PostgreSQL store suite was skipped. Start a server \
+             (`bash .ci/run` installs and starts one), point TASKEXEC_TEST_POSTGRES_URL at one, \
+             or set TASKEXEC_SKIP_POSTGRES=1 to skip the PostgreSQL tests (see the README's Tests)."
+        );
     }
 }
 
