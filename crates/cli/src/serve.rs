@@ -698,10 +698,10 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         // The database file alone complete after a clean stop (a copy of
         // it needs no -wal file).
-        if let Some(sqlite) = sqlite {
-            if let Err(e) = sqlite.checkpoint().await {
-                tracing::warn!(error = %e, "checkpointing the database at shutdown");
-            }
+        if let Some(sqlite) = sqlite
+            && let Err(e) = sqlite.checkpoint().await
+        {
+            tracing::warn!(error = %e, "checkpointing the database at shutdown");
         }
         stop_http.notify_waiters();
         // Open event streams and long polls get a moment to end.
