@@ -232,3 +232,18 @@ fn a_server_url_without_a_scheme_is_a_usage_error() {
     let r = taskexec(&["status", "some-id", "--server", "127.0.0.1:8080"], &[]);
     assert_usage_error(&r, "--server \"127.0.0.1:8080\"", &["http://"]);
 }
+
+#[test]
+fn a_worker_shows_and_takes_no_http_flags() {
+    let help = taskexec(&["worker", "--help"], &[]);
+    assert_eq!(help.code, 0, "{}", help.stderr);
+    for flag in ["--listen", "--auth-token", "--max-body", "--max-queued"] {
+        assert!(!help.stdout.contains(flag), "{flag} in: {}", help.stdout);
+    }
+    assert!(help.stdout.contains("--workers"), "{}", help.stdout);
+    let serve = taskexec(&["serve", "--help"], &[]);
+    assert!(serve.stdout.contains("--listen"), "{}", serve.stdout);
+
+    let r = taskexec(&["worker", "--listen", "127.0.0.1:9"], &[]);
+    assert_usage_error(&r, "--listen", &["serves no HTTP API", "taskexec serve"]);
+}
