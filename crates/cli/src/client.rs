@@ -309,11 +309,15 @@ pub fn cancel(args: IdArgs) -> anyhow::Result<ExitCode> {
     if args.server.json {
         outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        outln!(
-            "{} {}",
-            args.id,
-            v["status"].as_str().unwrap_or("cancel requested")
-        );
+        // A task not final yet is cancelled asynchronously: say so rather
+        // than print the status it still has.
+        let status = v["status"].as_str().unwrap_or("");
+        let is_final = status.parse::<TaskStatus>().is_ok_and(|s| s.is_final());
+        if is_final {
+            outln!("{} {status}", args.id);
+        } else {
+            outln!("{} cancel requested", args.id);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
