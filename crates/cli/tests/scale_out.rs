@@ -66,6 +66,10 @@ fn attempt_errors(rec: &Value) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    taskexec_skip_postgres,
+    ignore = "TASKEXEC_SKIP_POSTGRES=1: every test of the scale-out suite is skipped"
+)]
 fn postgresql_server_answers() {
     if cluster::skipped() {
         eprintln!("TASKEXEC_SKIP_POSTGRES=1: the scale-out suite is skipped");

@@ -182,6 +182,10 @@ async fn server_answers() -> Result<(), String> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    taskexec_skip_postgres,
+    ignore = "TASKEXEC_SKIP_POSTGRES=1: every test of the PostgreSQL store suite is skipped"
+)]
 async fn postgresql_server_answers() {
     if skipped() {
         eprintln!("TASKEXEC_SKIP_POSTGRES=1: the PostgreSQL store suite is skipped");
