@@ -10,7 +10,8 @@ const fs = require('fs');
 const inputPath = process.env.TASK_INPUT;
 const input = JSON.parse(fs.readFileSync(inputPath || 0, 'utf8'));
 
-const name = input.name ?? 'world';
+// Without --input the task's input is null: greet the world then.
+const name = input?.name ?? 'world';
 console.log(`greeting ${name}`);
 
 const result = JSON.stringify({ greeting: `hello, ${name}` });

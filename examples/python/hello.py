@@ -1,7 +1,7 @@
 """Script mode: greet the name in the task input.
 
 Reads the input JSON from the file named by $TASK_INPUT (or from stdin when
-that is not set) and writes {"greeting": "hello, <name>"} to the file named by
+that is not set) and writes {"greeting": "hello, <name>"} ("world" without a name) to the file named by
 $TASK_OUTPUT (or to stdout).
 """
 
@@ -16,6 +16,9 @@ if input_path:
 else:
     task_input = json.load(sys.stdin)
 
+# Without --input the task's input is null: greet the world then.
+if not isinstance(task_input, dict):
+    task_input = {}
 name = task_input.get("name", "world")
 print(f"greeting {name}")
 

@@ -86,17 +86,24 @@ struct Client {
 }
 
 impl Client {
-    fn new(s: &ServerArgs) -> Self {
+    fn new(s: &ServerArgs) -> anyhow::Result<Self> {
+        if !(s.server.starts_with("http://") || s.server.starts_with("https://")) {
+            bail!(
+                "--server {:?}: expected a URL starting with http:// or https://, e.g. http://{}",
+                s.server,
+                s.server
+            );
+        }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(330)))
             .build()
             .new_agent();
-        Self {
+        Ok(Self {
             agent,
             base: s.server.trim_end_matches('/').to_string(),
             token: s.token.clone(),
-        }
+        })
     }
 
     fn call(
@@ -127,7 +134,24 @@ impl Client {
                 r.send_json(b.cloned().unwrap_or(Value::Null))
             }
         }
-        .with_context(|| format!("{method} {url}"))?;
+        .map_err(|e| match e {
+            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => anyhow::anyhow!(
+                "no taskexec server at {}: start one with `taskexec serve`, or pass --server URL",
+                self.base
+            ),
+            ureq::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                anyhow::anyhow!(
+                    "no taskexec server at {}: start one with `taskexec serve`, or pass --server URL",
+                    self.base
+                )
+            }
+            e => anyhow::Error::new(e).context(format!("{method} {url}")),
+        })?;
         let status = response.status().as_u16();
         let mut response = response;
         let text = response.body_mut().read_to_string().unwrap_or_default();
@@ -186,7 +210,7 @@ fn print_record(rec: &Value, json: bool) -> anyhow::Result<ExitCode> {
 /// `taskexec submit`.
 pub fn submit(g: &crate::setup::GlobalArgs, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let task = crate::run::build_task(&args.task, &crate::setup::catalogue(g)?)?;
-    let client = Client::new(&args.server);
+    let client = Client::new(&args.server)?;
     let body = serde_json::to_value(&task)?;
     let headers: Vec<(&str, String)> = args
         .idempotency_key
@@ -199,10 +223,13 @@ pub fn submit(g: &crate::setup::GlobalArgs, args: SubmitArgs) -> anyhow::Result<
         .context("the server returned no id")?
         .to_string();
     if !args.wait {
+        // The id alone on stdout, so `ID=$(taskexec submit ...)` works; the
+        // status goes to stderr.
         if args.server.json {
             outln!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            outln!("{id} {}", v["status"].as_str().unwrap_or(""));
+            outln!("{id}");
+            eprintln!("{id} {}", v["status"].as_str().unwrap_or(""));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -220,6 +247,9 @@ pub fn submit(g: &crate::setup::GlobalArgs, args: SubmitArgs) -> anyhow::Result<
         if status.is_final() {
             if spinner {
                 eprint!("\r\x1b[2K");
+            }
+            if !args.server.json {
+                outln!("task {id}");
             }
             return print_record(&rec, args.server.json);
         }
@@ -239,14 +269,14 @@ pub fn submit(g: &crate::setup::GlobalArgs, args: SubmitArgs) -> anyhow::Result<
 
 /// `taskexec status`.
 pub fn status(args: IdArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.server);
+    let client = Client::new(&args.server)?;
     let rec = client.expect_ok("GET", &format!("/v1/tasks/{}", args.id), None, &[])?;
     print_record(&rec, args.server.json)
 }
 
 /// `taskexec logs`.
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.server);
+    let client = Client::new(&args.server)?;
     let path = format!("/v1/tasks/{}/logs", args.id);
     let mut v = client.expect_ok("GET", &path, None, &[])?;
     while args.follow
@@ -269,7 +299,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
 
 /// `taskexec cancel`.
 pub fn cancel(args: IdArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.server);
+    let client = Client::new(&args.server)?;
     let v = client.expect_ok(
         "POST",
         &format!("/v1/tasks/{}/cancel", args.id),
@@ -279,18 +309,22 @@ pub fn cancel(args: IdArgs) -> anyhow::Result<ExitCode> {
     if args.server.json {
         outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        outln!(
-            "{} {}",
-            args.id,
-            v["status"].as_str().unwrap_or("cancel requested")
-        );
+        // A task not final yet is cancelled asynchronously: say so rather
+        // than print the status it still has.
+        let status = v["status"].as_str().unwrap_or("");
+        let is_final = status.parse::<TaskStatus>().is_ok_and(|s| s.is_final());
+        if is_final {
+            outln!("{} {status}", args.id);
+        } else {
+            outln!("{} cancel requested", args.id);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `taskexec list`.
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.server);
+    let client = Client::new(&args.server)?;
     let mut q = format!("/v1/tasks?limit={}", args.limit);
     for (k, v) in [
         ("status", &args.status),
@@ -306,23 +340,18 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!(
-        "{:<38} {:<10} {:<8} {:>7}  SUBMITTED",
-        "ID",
-        "STATUS",
-        "RUNTIME",
-        "ATTEMPT"
-    );
+    let mut table = crate::table::Table::new(&["ID", "STATUS", "RUNTIME", "ATTEMPT", "SUBMITTED"]);
     for t in v["items"].as_array().cloned().unwrap_or_default() {
-        outln!(
-            "{:<38} {:<10} {:<8} {:>7}  {}",
-            t["id"].as_str().unwrap_or(""),
-            t["status"].as_str().unwrap_or(""),
-            t["runtime"].as_str().unwrap_or(""),
-            t["attempt"],
-            t["submittedAt"].as_str().unwrap_or("")
-        );
+        let text = |k: &str| t[k].as_str().unwrap_or("").to_string();
+        table.row(vec![
+            text("id"),
+            text("status"),
+            text("runtime"),
+            t["attempt"].to_string(),
+            text("submittedAt"),
+        ]);
     }
+    out!("{}", table.render());
     if let Some(c) = v["nextCursor"].as_str() {
         outln!("next page: --cursor {c}");
     }

@@ -23,6 +23,7 @@ mod client;
 mod run;
 mod serve;
 mod setup;
+mod table;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,15 @@ enum Command {
     /// Serve the HTTP API with an embedded store and local workers.
     Serve(Box<serve::ServeArgs>),
     /// Execute tasks from a shared database, without an HTTP API.
+    // `serve`'s settings less the HTTP ones, which a worker refuses
+    // (`serve::refuse_http_flags`); hidden from its help.
+    #[command(
+        mut_arg("listen", |a| a.hide(true)),
+        mut_arg("auth_token", |a| a.hide(true)),
+        mut_arg("auth_token_file", |a| a.hide(true)),
+        mut_arg("max_body", |a| a.hide(true)),
+        mut_arg("max_queued", |a| a.hide(true))
+    )]
     Worker(Box<serve::ServeArgs>),
     /// Submit a task to a server.
     Submit(Box<client::SubmitArgs>),

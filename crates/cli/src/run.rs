@@ -274,6 +274,11 @@ pub fn build_task(
 /// `taskexec run`.
 pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
     let task = build_task(&args.task, &crate::setup::catalogue(g)?)?;
+    // The owner of /proc/self is this process's effective uid.
+    let euid = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata("/proc/self").context("reading /proc/self")?,
+    );
+    require_root(euid)?;
     let warmth = if args.warm {
         crate::setup::Warmth::Warm
     } else {
@@ -315,6 +320,15 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
         TaskStatus::Rejected => 2,
         _ => 1,
     }))
+}
+
+/// A sandbox needs root: say so at once (exit 2), rather than failing the
+/// task's attempts one by one on permission errors.
+fn require_root(euid: u32) -> anyhow::Result<()> {
+    if euid != 0 {
+        bail!("taskexec run needs root (namespaces, cgroups): run it with sudo");
+    }
+    Ok(())
 }
 
 /// Prints a short human summary of a result (see [`print_out`]).
@@ -398,4 +412,19 @@ pub fn print_out(text: &str) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_as_a_user_says_to_use_sudo() {
+        let e = require_root(1000).expect_err("not root").to_string();
+        assert_eq!(
+            e,
+            "taskexec run needs root (namespaces, cgroups): run it with sudo"
+        );
+        require_root(0).expect("root");
+    }
 }

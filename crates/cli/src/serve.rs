@@ -23,9 +23,10 @@ use tracing::info;
 /// under the same name with dashes turned to underscores).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on: HOST:PORT, the host an IP address or a name
+    /// (e.g. 127.0.0.1:8080, localhost:8080, [::1]:8080).
     #[arg(long, env = "TASKEXEC_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
     /// Database URL: sqlite://PATH (embedded, the default: sqlite://taskexec.db).
     #[arg(long, env = "TASKEXEC_DATABASE")]
     pub database: Option<String>,
@@ -142,8 +143,8 @@ impl Loose {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    /// Address to listen on.
-    listen: Option<SocketAddr>,
+    /// Address to listen on (HOST:PORT).
+    listen: Option<String>,
     /// Database URL.
     database: Option<String>,
     /// Workers: a number or "auto".
@@ -234,10 +235,10 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("a valid address"));
+    let listen = match args.listen.or(file.listen) {
+        Some(l) => listen_addr(&l)?,
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
     let database = args
         .database
         .or(file.database)
@@ -532,25 +533,52 @@ fn concurrency(
     }))
 }
 
+/// `--listen HOST:PORT`, the host an IP address or a name resolved here
+/// (its first address).
+fn listen_addr(raw: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let expected = "expected HOST:PORT, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080";
+    if let Ok(a) = raw.parse() {
+        return Ok(a);
+    }
+    match raw.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => bail!("--listen {raw:?}: {expected}"),
+    }
+    let addrs = raw.to_socket_addrs().map_err(|e| {
+        anyhow::anyhow!("--listen {raw:?}: cannot resolve the host ({e}); {expected}")
+    })?;
+    let mut addrs: Vec<SocketAddr> = addrs.collect();
+    // Prefer IPv4, as the default 127.0.0.1 is.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs
+        .into_iter()
+        .next()
+        .with_context(|| format!("--listen {raw:?}: the host has no address; {expected}"))
+}
+
 fn read_token(path: &Path) -> anyhow::Result<String> {
     let t = std::fs::read_to_string(path)
         .with_context(|| format!("--auth-token-file: cannot read {}", path.display()))?;
     Ok(t.trim().to_string())
 }
 
-/// The store named by a database URL, and for PostgreSQL the store itself
-/// (its LISTEN/NOTIFY channel wakes idle workers).
-pub async fn open_store(url: &str) -> anyhow::Result<(Arc<dyn TaskStore>, Option<PgStore>)> {
+/// The store named by a database URL, and the store itself: for
+/// PostgreSQL, its LISTEN/NOTIFY channel wakes idle workers; SQLite's is
+/// checkpointed at a clean stop.
+pub async fn open_store(
+    url: &str,
+) -> anyhow::Result<(Arc<dyn TaskStore>, Option<PgStore>, Option<SqliteStore>)> {
     if url.starts_with("sqlite:") {
         let store = SqliteStore::open(url)
             .await
             .with_context(|| format!("--database {url}"))?;
-        Ok((Arc::new(store), None))
+        Ok((Arc::new(store.clone()), None, Some(store)))
     } else if PgStore::handles_url(url) {
         let store = PgStore::open(url)
             .await
             .with_context(|| format!("--database {}", redact(url)))?;
-        Ok((Arc::new(store.clone()), Some(store)))
+        Ok((Arc::new(store.clone()), Some(store), None))
     } else {
         bail!(
             "--database {:?}: expected sqlite://PATH or postgres://USER@HOST/DB",
@@ -600,9 +628,33 @@ fn spawn_wakeups(pg: PgStore, service: Arc<Service>) {
     });
 }
 
+/// A worker serves no HTTP: its HTTP settings are refused rather than
+/// silently ignored. (The HTTP server's timeouts and connection cap, once
+/// they exist, belong here too: --header-timeout, --body-timeout,
+/// --idle-timeout, --max-connections.)
+fn refuse_http_flags(args: &ServeArgs) -> anyhow::Result<()> {
+    let given = [
+        (args.listen.is_some(), "--listen"),
+        (args.auth_token.is_some(), "--auth-token"),
+        (args.auth_token_file.is_some(), "--auth-token-file"),
+        (args.max_body.is_some(), "--max-body"),
+        (args.max_queued.is_some(), "--max-queued"),
+    ];
+    if let Some((_, flag)) = given.iter().find(|(g, _)| *g) {
+        bail!(
+            "{flag}: `taskexec worker` serves no HTTP API, so it takes no HTTP settings; \
+             pass {flag} to `taskexec serve` (or unset its TASKEXEC_ variable)"
+        );
+    }
+    Ok(())
+}
+
 /// `taskexec serve` (with `http`) or `taskexec worker` (without: a node
 /// that only executes).
 pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow::Result<ExitCode> {
+    if !http {
+        refuse_http_flags(&args)?;
+    }
     let s = settings(args)?;
     let warmth = match s.warm.clone() {
         Some(config) => crate::setup::Warmth::Configured(config),
@@ -650,7 +702,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         } else {
             None
         };
-        let (store, pg) = open_store(&s.database).await?;
+        let (store, pg, sqlite) = open_store(&s.database).await?;
         let service = Service::start(Arc::clone(&engine), store, s.service.clone())
             .await
             .context("starting the service")?;
@@ -708,6 +760,13 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         service.shutdown(s.shutdown_grace).await;
         // Fork servers and pre-built sandboxes go with the service.
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        // The database file alone complete after a clean stop (a copy of
+        // it needs no -wal file).
+        if let Some(sqlite) = sqlite
+            && let Err(e) = sqlite.checkpoint().await
+        {
+            tracing::warn!(error = %e, "checkpointing the database at shutdown");
+        }
         stop_http.notify_waiters();
         // Open event streams and long polls get a moment to end.
         if let Some(server) = server {
@@ -899,6 +958,39 @@ mod tests {
         let args = parse(&["--config", config]);
         let e = format!("{:#}", settings(args).expect_err("unknown key"));
         assert!(e.contains("warm_pool"), "{e}");
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_says_what_it_expects() {
+        assert_eq!(
+            listen_addr("localhost:8080").expect("a host name"),
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        );
+        assert_eq!(
+            listen_addr("[::1]:9").expect("IPv6"),
+            "[::1]:9".parse::<SocketAddr>().expect("valid")
+        );
+        let e = listen_addr("localhost").expect_err("no port").to_string();
+        assert!(
+            e.starts_with("--listen \"localhost\": expected HOST:PORT"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_worker_refuses_http_settings() {
+        let e = refuse_http_flags(&parse(&["--listen", "127.0.0.1:9000"]))
+            .expect_err("--listen on a worker")
+            .to_string();
+        assert!(
+            e.starts_with("--listen: `taskexec worker` serves no HTTP API"),
+            "{e}"
+        );
+        let e = refuse_http_flags(&parse(&["--auth-token", "t"]))
+            .expect_err("--auth-token on a worker")
+            .to_string();
+        assert!(e.starts_with("--auth-token:"), "{e}");
+        refuse_http_flags(&parse(&["--workers", "2"])).expect("a worker's own setting");
     }
 
     #[test]

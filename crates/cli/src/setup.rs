@@ -2,6 +2,7 @@
 //! detection, runtime catalogue, sandbox). The environment is read here and
 //! nowhere else.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -96,8 +97,20 @@ pub fn init_logging(g: &GlobalArgs) {
         .with_writer(std::io::stderr);
     match g.log_format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(use_colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ))
+            .init(),
     }
+}
+
+/// Colour in log lines only on a terminal, and never when `NO_COLOR` is set
+/// to anything but the empty string (<https://no-color.org>).
+fn use_colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The runtime catalogue with the operator's overrides.
@@ -203,32 +216,48 @@ pub fn runtimes(g: &GlobalArgs, args: RuntimesArgs) -> anyhow::Result<ExitCode> 
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        outln!(
-            "{:<8} {:<10} {:<22} {:<8} INTERPRETER",
+        let mut table = crate::table::Table::new(&[
             "RUNTIME",
             "AVAILABLE",
             "VERSION",
-            "HANDLER"
-        );
+            "HANDLER",
+            "INTERPRETER",
+        ]);
         for r in &rows {
             let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
             if r["available"] == true {
-                outln!(
-                    "{:<8} {:<10} {:<22} {:<8} {}",
+                let handler = if r["handlerMode"] == true {
+                    "yes"
+                } else {
+                    "no"
+                };
+                table.row(vec![
                     s("name"),
-                    "yes",
+                    "yes".into(),
                     s("version"),
-                    if r["handlerMode"] == true {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    s("interpreter")
-                );
+                    handler.into(),
+                    s("interpreter"),
+                ]);
             } else {
-                outln!("{:<8} {:<10} {}", s("name"), "no", s("error"));
+                table.row(vec![s("name"), "no".into(), s("error")]);
             }
         }
+        out!("{}", table.render());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_colour_only_on_a_terminal_without_no_color() {
+        let set = std::ffi::OsStr::new("1");
+        let empty = std::ffi::OsStr::new("");
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(empty)));
+        assert!(!use_colour(true, Some(set)));
+        assert!(!use_colour(false, None));
+    }
 }

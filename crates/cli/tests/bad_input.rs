@@ -225,3 +225,35 @@ fn a_task_uid_range_that_is_malformed_or_overlaps_run_as_is_a_usage_error() {
     let r = run_hello(&["--task-uids", "0-100000"]);
     assert_usage_error(&r, "--task-uids", &["no id 0"]);
 }
+
+#[test]
+fn a_client_without_a_server_says_how_to_start_one() {
+    // Port 9 on loopback: nothing listens there.
+    let r = taskexec(&["list", "--server", "http://127.0.0.1:9"], &[]);
+    assert_usage_error(
+        &r,
+        "no taskexec server at http://127.0.0.1:9",
+        &["start one with `taskexec serve`", "--server URL"],
+    );
+}
+
+#[test]
+fn a_server_url_without_a_scheme_is_a_usage_error() {
+    let r = taskexec(&["status", "some-id", "--server", "127.0.0.1:8080"], &[]);
+    assert_usage_error(&r, "--server \"127.0.0.1:8080\"", &["http://"]);
+}
+
+#[test]
+fn a_worker_shows_and_takes_no_http_flags() {
+    let help = taskexec(&["worker", "--help"], &[]);
+    assert_eq!(help.code, 0, "{}", help.stderr);
+    for flag in ["--listen", "--auth-token", "--max-body", "--max-queued"] {
+        assert!(!help.stdout.contains(flag), "{flag} in: {}", help.stdout);
+    }
+    assert!(help.stdout.contains("--workers"), "{}", help.stdout);
+    let serve = taskexec(&["serve", "--help"], &[]);
+    assert!(serve.stdout.contains("--listen"), "{}", serve.stdout);
+
+    let r = taskexec(&["worker", "--listen", "127.0.0.1:9"], &[]);
+    assert_usage_error(&r, "--listen", &["serves no HTTP API", "taskexec serve"]);
+}

@@ -24,6 +24,26 @@ fn python_script_example_greets() {
 }
 
 #[test]
+fn examples_without_an_input_greet_the_world_or_say_what_they_need() {
+    for file in ["python/hello.py", "node/hello.js", "bash/hello.sh"] {
+        let path = example(file);
+        let r = taskexec(&["run", path.as_str(), "--json"], &[]);
+        r.expect(0, "COMPLETED", None);
+        assert_eq!(*r.output(), json!({"greeting": "hello, world"}), "{file}");
+    }
+    for file in ["python/handler.py", "node/handler.js"] {
+        let path = example(file);
+        let r = taskexec(&["run", path.as_str(), "--mode", "handler", "--json"], &[]);
+        r.expect(1, "FAILED", Some("RUNTIME_ERROR"));
+        assert!(
+            r.message().contains("(pass --input)"),
+            "{file}: {}",
+            r.message()
+        );
+    }
+}
+
+#[test]
 fn node_script_example_greets() {
     let r = run_example("node/hello.js", "input/name.json", &[]);
     r.expect(0, "COMPLETED", None);

@@ -66,6 +66,25 @@ fn attempt_errors(rec: &Value) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    taskexec_skip_postgres,
+    ignore = "TASKEXEC_SKIP_POSTGRES=1: every test of the scale-out suite is skipped"
+)]
+fn postgresql_server_answers() {
+    if cluster::skipped() {
+        eprintln!("TASKEXEC_SKIP_POSTGRES=1: the scale-out suite is skipped");
+        return;
+    }
+    if let Err(e) = cluster::server_answers() {
+        panic!(
+            "{e}\nEvery other test of the scale-out suite was skipped. Start a server and \
+             install psql (`bash .ci/run` does both), point TASKEXEC_TEST_POSTGRES_URL at one, \
+             or set TASKEXEC_SKIP_POSTGRES=1 to skip the PostgreSQL tests (see the README's Tests)."
+        );
+    }
+}
+
+#[test]
 fn many_nodes_share_the_work() {
     let _serial = serial();
     let Some(db) = PgDb::new() else { return };

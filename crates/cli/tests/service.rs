@@ -988,7 +988,16 @@ fn the_cli_client_submits_waits_lists_and_cancels() {
 
     let (code, out, err) = with(&["submit", &hello, "--input", r#"{"name":"ada"}"#, "--wait"]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(out.starts_with("COMPLETED"), "{out}");
+    let mut lines = out.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with("task "),
+        "--wait names the task first: {out}"
+    );
+    assert!(
+        lines.next().unwrap_or_default().starts_with("COMPLETED"),
+        "{out}"
+    );
     assert!(
         out.contains(r#"output: {"greeting":"hello, ada"}"#),
         "{out}"
@@ -1039,7 +1048,9 @@ fn the_cli_client_submits_waits_lists_and_cancels() {
     let file = file.to_string_lossy().into_owned();
     let (code, out, err) = with(&["submit", "--task", &file]);
     assert_eq!(code, 0, "{err}");
-    let sid = out.split_whitespace().next().expect("an id").to_owned();
+    // The id alone on stdout, for `ID=$(taskexec submit ...)`.
+    let sid = out.trim_end().to_owned();
+    assert!(!sid.is_empty() && !sid.contains(' '), "{out}");
     s.wait_status(&sid, "RUNNING");
     let (code, out, err) = with(&["cancel", &sid]);
     assert_eq!(code, 0, "{err}");
@@ -1245,4 +1256,25 @@ fn an_invalid_warm_setting_stops_the_start_and_names_the_setting() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--warm-pool-idle \"soon\""), "{err}");
+}
+
+#[test]
+fn a_clean_stop_leaves_the_database_file_complete() {
+    let setup = Setup::new();
+    let mut s = setup.start();
+    let id = s.submit(&bash("echo hi"));
+    s.wait_final(&id);
+    let status = s.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", s.log());
+    // The database file alone, copied elsewhere without its -wal file,
+    // holds the task.
+    let copy = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(setup.dir().join("tasks.db"), copy.path().join("tasks.db"))
+        .expect("copy the database file");
+    let again = Setup::new().database_url(&format!(
+        "sqlite://{}",
+        copy.path().join("tasks.db").display()
+    ));
+    let s = again.start();
+    assert_eq!(s.task(&id)["status"], "COMPLETED");
 }

@@ -101,24 +101,50 @@ impl FromStr for TaskStatus {
     }
 }
 
+/// Milliseconds rounded to the microsecond: what the clocks measure,
+/// without float noise such as `0.30045700000000003` in the JSON.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+/// Serializes milliseconds rounded to the microsecond ([`round_ms`]).
+fn ms_to_micros<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round_ms(*ms))
+}
+
+/// [`ms_to_micros`] for each value of a map.
+fn map_ms_to_micros<S: serde::Serializer>(
+    map: &BTreeMap<String, f64>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(map.iter().map(|(k, v)| (k, round_ms(*v))))
+}
+
 /// Wall-clock time spent in each phase, in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PhaseTimings {
     /// Waiting in the queue before preparation.
+    #[serde(serialize_with = "ms_to_micros")]
     pub queue_wait_ms: f64,
     /// Preparing the environment (sandbox, files).
+    #[serde(serialize_with = "ms_to_micros")]
     pub prepare_ms: f64,
     /// Compiling, for compiled runtimes.
+    #[serde(serialize_with = "ms_to_micros")]
     pub compile_ms: f64,
     /// Running the code.
+    #[serde(serialize_with = "ms_to_micros")]
     pub run_ms: f64,
     /// Reading and validating the output.
+    #[serde(serialize_with = "ms_to_micros")]
     pub output_validation_ms: f64,
     /// Tearing the environment down.
+    #[serde(serialize_with = "ms_to_micros")]
     pub cleanup_ms: f64,
     /// Fine-grained sandbox breakdown (e.g. `namespaces`, `mounts`,
     /// `cgroup`, `exec`, `capture`), in milliseconds.
+    #[serde(serialize_with = "map_ms_to_micros")]
     pub sandbox: BTreeMap<String, f64>,
 }
 
@@ -140,7 +166,7 @@ pub struct AttemptRecord {
     #[serde(with = "time::serde::rfc3339")]
     pub end_time: OffsetDateTime,
     /// Wall-clock duration, in milliseconds.
-    #[serde(default)]
+    #[serde(default, serialize_with = "ms_to_micros")]
     pub duration_ms: f64,
     /// Exit code of the task process, if it exited.
     #[serde(default)]
@@ -265,6 +291,7 @@ pub struct ExecutionMetadata {
     #[serde(with = "time::serde::rfc3339::option")]
     pub end_time: Option<OffsetDateTime>,
     /// Total wall-clock duration, in milliseconds.
+    #[serde(serialize_with = "ms_to_micros")]
     pub duration: f64,
     /// Description of the environment (e.g. `container/python-3.12`).
     pub execution_environment: String,
@@ -475,5 +502,26 @@ mod tests {
                 ..TaskResult::new("x", TaskStatus::Completed)
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod timing_json_tests {
+    use super::*;
+
+    #[test]
+    fn timings_serialize_rounded_to_the_microsecond() {
+        let mut phases = PhaseTimings {
+            run_ms: 0.300_457_000_000_000_03,
+            cleanup_ms: 1.279_878_999_999_999_8,
+            ..PhaseTimings::default()
+        };
+        phases
+            .sandbox
+            .insert("mounts".into(), 0.561_886_999_999_999_9);
+        let json = serde_json::to_string(&phases).expect("serialize");
+        assert!(json.contains(r#""runMs":0.3"#), "{json}");
+        assert!(json.contains(r#""cleanupMs":1.28,"#), "{json}");
+        assert!(json.contains(r#""mounts":0.562"#), "{json}");
     }
 }

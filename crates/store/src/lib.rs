@@ -105,6 +105,21 @@ pub enum StoreError {
     /// A listing cursor that no listing returned.
     #[error("invalid listing cursor {0:?}")]
     BadCursor(String),
+    /// The directory of a SQLite database file does not exist (the file
+    /// is created when missing, its directory is not).
+    #[error("the directory {} does not exist: create it with `mkdir -p {}`", .dir.display(), .dir.display())]
+    NoDirectory {
+        /// The missing directory.
+        dir: std::path::PathBuf,
+    },
+    /// The PostgreSQL database named by the URL does not exist.
+    #[error(
+        "the database {name:?} does not exist: create it with `createdb {name}` (as a user who may)"
+    )]
+    NoDatabase {
+        /// The database's name.
+        name: String,
+    },
     /// A database URL the store does not understand.
     #[error(
         "unsupported database URL {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://..."

@@ -162,12 +162,20 @@ impl PgStore {
             return Err(StoreError::BadUrl(url.to_owned()));
         }
         let connect: PgConnectOptions = url.parse()?;
+        let name = connect.get_database().unwrap_or_default().to_owned();
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
             .after_connect(|conn, _| Box::pin(async move { durable_commits(conn).await }))
             .connect_with(connect.application_name("taskexec"))
-            .await?;
+            .await
+            .map_err(|e| match &e {
+                // invalid_catalog_name: the database does not exist.
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000") => {
+                    StoreError::NoDatabase { name }
+                }
+                _ => StoreError::from(e),
+            })?;
         // The migrator serialises concurrent openers with a PostgreSQL
         // advisory lock (see the module docs). It does not release the lock
         // when a migration fails: closing the pool ends the session, and

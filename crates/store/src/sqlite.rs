@@ -142,6 +142,14 @@ impl SqliteStore {
             } else {
                 return Err(StoreError::BadUrl(url.to_owned()));
             };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return Err(StoreError::NoDirectory {
+                dir: dir.to_path_buf(),
+            });
+        }
         let options = SqliteConnectOptions::new()
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)
@@ -172,6 +180,18 @@ impl SqliteStore {
             _temp: temp.map(Arc::new),
             ack,
         })
+    }
+
+    /// Folds the write-ahead log into the database file
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`), so that the file alone holds
+    /// every committed write: a copy of it needs no `-wal` file beside it.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.writer
+            .read(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .await
     }
 
     /// Closes every connection, waiting for those in use to be returned

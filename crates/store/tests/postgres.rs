@@ -96,6 +96,10 @@ impl PgDb {
             eprintln!("TASKEXEC_SKIP_POSTGRES=1: PostgreSQL test skipped");
             return None;
         }
+        if let Err(e) = server_answers().await {
+            eprintln!("PostgreSQL test skipped ({e}); see postgresql_server_answers");
+            return None;
+        }
         let mut admin = admin().await;
         let name = scratch_name();
         admin
@@ -157,6 +161,45 @@ impl conformance::Harness for PgDb {
     }
 }
 
+/// Whether the server answers, probed once per test binary: without one,
+/// `postgresql_server_answers` fails with what to do, and every other test
+/// of the suite is skipped instead of failing one by one.
+async fn server_answers() -> Result<(), String> {
+    static PROBE: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
+    PROBE
+        .get_or_init(|| async {
+            let url = admin_url();
+            match PgConnection::connect(&url).await {
+                Ok(conn) => {
+                    conn.close().await.ok();
+                    Ok(())
+                }
+                Err(e) => Err(format!("no PostgreSQL server answers at {url}: {e}")),
+            }
+        })
+        .await
+        .clone()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    taskexec_skip_postgres,
+    ignore = "TASKEXEC_SKIP_POSTGRES=1: every test of the PostgreSQL store suite is skipped"
+)]
+async fn postgresql_server_answers() {
+    if skipped() {
+        eprintln!("TASKEXEC_SKIP_POSTGRES=1: the PostgreSQL store suite is skipped");
+        return;
+    }
+    if let Err(e) = server_answers().await {
+        panic!(
+            "{e}\nEvery other test of the PostgreSQL store suite was skipped. Start a server \
+             (`bash .ci/run` installs and starts one), point TASKEXEC_TEST_POSTGRES_URL at one, \
+             or set TASKEXEC_SKIP_POSTGRES=1 to skip the PostgreSQL tests (see the README's Tests)."
+        );
+    }
+}
+
 /// A scratch database, or `return` from the test when skipping.
 macro_rules! scratch {
     () => {
@@ -212,7 +255,15 @@ async fn a_missing_database_is_an_error() {
     let db = scratch!();
     let url = with_database(&db.url, &format!("{}_missing", db.name));
     let err = PgStore::open(&url).await.expect_err("no such database");
-    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    let missing = format!("{}_missing", db.name);
+    assert!(
+        matches!(&err, StoreError::NoDatabase { name } if *name == missing),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&format!("`createdb {missing}`")),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -270,3 +270,23 @@ fn busy_and_closed_are_unavailable() {
         ErrorClass::Other
     );
 }
+
+#[tokio::test]
+async fn a_database_in_a_missing_directory_names_it_and_the_fix() {
+    let dir = TempDir::new().expect("temp dir");
+    let missing = dir.path().join("not-here");
+    let url = format!("sqlite://{}/tasks.db", missing.display());
+    let err = SqliteStore::open(&url)
+        .await
+        .expect_err("no such directory");
+    assert!(
+        matches!(&err, StoreError::NoDirectory { dir } if *dir == missing),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("`mkdir -p {}`", missing.display())),
+        "{msg}"
+    );
+    assert!(!missing.exists(), "nothing created");
+}

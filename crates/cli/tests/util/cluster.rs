@@ -75,6 +75,25 @@ pub fn psql(sql: &str) -> Result<String, String> {
     }
 }
 
+/// Whether the PostgreSQL tests are to be skipped.
+pub fn skipped() -> bool {
+    std::env::var("TASKEXEC_SKIP_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+/// Whether `psql` reaches the server, probed once per test binary: without
+/// it, `postgresql_server_answers` fails with what to do, and every other
+/// test of the suite is skipped instead of failing one by one.
+pub fn server_answers() -> Result<(), String> {
+    static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            psql("SELECT 1")
+                .map(drop)
+                .map_err(|e| format!("no PostgreSQL server answers at {}: {e}", admin_url()))
+        })
+        .clone()
+}
+
 /// A scratch database, dropped (`WITH (FORCE)`) with the value.
 #[derive(Debug)]
 pub struct PgDb {
@@ -88,8 +107,12 @@ impl PgDb {
     /// A fresh, empty database; `None` (after a notice) when the PostgreSQL
     /// tests are skipped.
     pub fn new() -> Option<PgDb> {
-        if std::env::var("TASKEXEC_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
+        if skipped() {
             eprintln!("TASKEXEC_SKIP_POSTGRES=1: PostgreSQL test skipped");
+            return None;
+        }
+        if let Err(e) = server_answers() {
+            eprintln!("PostgreSQL test skipped ({e}); see postgresql_server_answers");
             return None;
         }
         static N: AtomicU64 = AtomicU64::new(0);
