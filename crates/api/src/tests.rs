@@ -1203,6 +1203,8 @@ async fn cancel_answers_agree_with_the_outcome() {
         }
         let result = rec.result.expect("a result");
         assert_eq!(result.status, rec.status, "{id}");
+    }
+}
 
 /// An input schema whose evaluation is exponential: refused at submission
 /// when its `$ref`s expand past the limit, cut by the validation budget

@@ -331,6 +331,8 @@ fn an_executor_sharing_its_v2_cgroup_moves_everyone_into_a_leaf() {
     for c in ["memory", "pids", "cpu"] {
         assert!(control.split_whitespace().any(|e| e == c), "{control:?}");
     }
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
 
 /// Two tasks running at once never share a uid, so a per-uid kernel limit
 /// one of them exhausts does not reach the other: here the process count
