@@ -58,7 +58,11 @@ enum Command {
         mut_arg("auth_token", |a| a.hide(true)),
         mut_arg("auth_token_file", |a| a.hide(true)),
         mut_arg("max_body", |a| a.hide(true)),
-        mut_arg("max_queued", |a| a.hide(true))
+        mut_arg("max_queued", |a| a.hide(true)),
+        mut_arg("header_timeout", |a| a.hide(true)),
+        mut_arg("body_timeout", |a| a.hide(true)),
+        mut_arg("idle_timeout", |a| a.hide(true)),
+        mut_arg("max_connections", |a| a.hide(true))
     )]
     Worker(Box<serve::ServeArgs>),
     /// Submit a task to a server.

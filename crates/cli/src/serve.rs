@@ -639,6 +639,10 @@ fn refuse_http_flags(args: &ServeArgs) -> anyhow::Result<()> {
         (args.auth_token_file.is_some(), "--auth-token-file"),
         (args.max_body.is_some(), "--max-body"),
         (args.max_queued.is_some(), "--max-queued"),
+        (args.header_timeout.is_some(), "--header-timeout"),
+        (args.body_timeout.is_some(), "--body-timeout"),
+        (args.idle_timeout.is_some(), "--idle-timeout"),
+        (args.max_connections.is_some(), "--max-connections"),
     ];
     if let Some((_, flag)) = given.iter().find(|(g, _)| *g) {
         bail!(

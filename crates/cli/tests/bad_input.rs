@@ -247,7 +247,17 @@ fn a_server_url_without_a_scheme_is_a_usage_error() {
 fn a_worker_shows_and_takes_no_http_flags() {
     let help = taskexec(&["worker", "--help"], &[]);
     assert_eq!(help.code, 0, "{}", help.stderr);
-    for flag in ["--listen", "--auth-token", "--max-body", "--max-queued"] {
+    let http_flags = [
+        "--listen",
+        "--auth-token",
+        "--max-body",
+        "--max-queued",
+        "--header-timeout",
+        "--body-timeout",
+        "--idle-timeout",
+        "--max-connections",
+    ];
+    for flag in http_flags {
         assert!(!help.stdout.contains(flag), "{flag} in: {}", help.stdout);
     }
     assert!(help.stdout.contains("--workers"), "{}", help.stdout);
@@ -256,4 +266,10 @@ fn a_worker_shows_and_takes_no_http_flags() {
 
     let r = taskexec(&["worker", "--listen", "127.0.0.1:9"], &[]);
     assert_usage_error(&r, "--listen", &["serves no HTTP API", "taskexec serve"]);
+    let r = taskexec(&["worker", "--max-connections", "10"], &[]);
+    assert_usage_error(
+        &r,
+        "--max-connections",
+        &["serves no HTTP API", "taskexec serve"],
+    );
 }

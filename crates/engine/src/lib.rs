@@ -197,12 +197,10 @@ pub struct Prepared {
     user: Option<(u32, u32)>,
 }
 
-/// The unprivileged account tasks run as unless `runAs` names another.
-const NOBODY: u32 = 65534;
-
 /// Resolves `securityContext.runAs`: a uid within the operator's `allowed`
-/// range (gid = uid), or the names "nobody" / "sandbox" (the default
-/// account). Root is always refused.
+/// range (gid = uid), or the names "nobody" / "sandbox", which ask for the
+/// default: a task uid of the task's own, leased for the run (`None`), never
+/// the host's shared `nobody`. Root is always refused.
 fn resolve_run_as(
     run_as: Option<&RunAs>,
     allowed: &std::ops::RangeInclusive<u32>,
@@ -210,7 +208,7 @@ fn resolve_run_as(
     const FIELD: &str = "executionConfig.securityContext.runAs";
     match run_as {
         None => Ok(None),
-        Some(RunAs::Name(n)) if n == "nobody" || n == "sandbox" => Ok(Some((NOBODY, NOBODY))),
+        Some(RunAs::Name(n)) if n == "nobody" || n == "sandbox" => Ok(None),
         Some(RunAs::Name(n)) => Err(FieldError::new(
             FIELD,
             format!(
@@ -1017,5 +1015,37 @@ pub fn add_phases(total: &mut PhaseTimings, p: &PhaseTimings) {
     total.prepare_ms += p.prepare_ms;
     for (k, v) in &p.sandbox {
         *total.sandbox.entry(k.clone()).or_insert(0.0) += v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOWED: std::ops::RangeInclusive<u32> = 60000..=65534;
+
+    #[test]
+    fn the_default_account_names_get_a_task_uid_of_their_own() {
+        for name in ["nobody", "sandbox"] {
+            let run_as = RunAs::Name(name.into());
+            assert_eq!(
+                resolve_run_as(Some(&run_as), &ALLOWED).expect("accepted"),
+                None,
+                "{name}: the leased uid, not the host's nobody"
+            );
+        }
+        assert_eq!(resolve_run_as(None, &ALLOWED).expect("accepted"), None);
+    }
+
+    #[test]
+    fn a_named_uid_is_checked_against_the_allowed_range() {
+        assert_eq!(
+            resolve_run_as(Some(&RunAs::Uid(60001)), &ALLOWED).expect("accepted"),
+            Some((60001, 60001))
+        );
+        for refused in [RunAs::Uid(0), RunAs::Uid(1000), RunAs::Name("root".into())] {
+            let e = resolve_run_as(Some(&refused), &ALLOWED).expect_err("refused");
+            assert_eq!(e.field, "executionConfig.securityContext.runAs", "{e:?}");
+        }
     }
 }

@@ -219,6 +219,16 @@ fn shield_from_oom() -> Option<String> {
         .map(|()| original.trim().to_string())
 }
 
+/// Gives the task process the `oom_score_adj` the supervisor had before
+/// [`shield_from_oom`] lowered it.
+fn restore_oom_score_adj(exec: &Exec) -> Result<(), nix::errno::Errno> {
+    match &exec.oom_score_adj {
+        Some(value) => set_oom_score_adj(value)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+        None => Ok(()),
+    }
+}
+
 fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
     let (spec, blobs): (LaunchSpec, Vec<Vec<u8>>) = read_frame(spec_in)
         .map_err(|e| SetupError::new("spec", e.to_string()))?
@@ -403,19 +413,27 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let task = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(err_r);
-            let (stage, errno) = match userns {
-                Some(((_, unshared_w), (mapped_r, _))) => {
-                    let owner = spec
-                        .userns
-                        .iter()
-                        .find(|r| r.inside == 0)
-                        .map_or(u32::MAX, |r| r.outside);
-                    match enter_userns(owner, unshared_w, mapped_r) {
-                        Ok(()) => task_exec(spec, exec),
-                        Err(errno) => ("user namespace", errno),
+            // The task gets its `oom_score_adj` back first, while this
+            // process is still root of the host's user namespace: once in
+            // a namespace of its own (a fork server), its /proc files
+            // belong to an id that namespace does not map.
+            let (stage, errno) = if let Err(errno) = restore_oom_score_adj(exec) {
+                ("oom_score_adj", errno)
+            } else {
+                match userns {
+                    Some(((_, unshared_w), (mapped_r, _))) => {
+                        let owner = spec
+                            .userns
+                            .iter()
+                            .find(|r| r.inside == 0)
+                            .map_or(u32::MAX, |r| r.outside);
+                        match enter_userns(owner, unshared_w, mapped_r) {
+                            Ok(()) => task_exec(spec, exec),
+                            Err(errno) => ("user namespace", errno),
+                        }
                     }
+                    None => task_exec(spec, exec),
                 }
-                None => task_exec(spec, exec),
             };
             let mut w = File::from(err_w);
             let _ = w.write_all(format!("{stage}: {errno}").as_bytes());
@@ -618,13 +636,6 @@ fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno
         step!(
             "cgroup namespace",
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        );
-    }
-    if let Some(value) = &exec.oom_score_adj {
-        step!(
-            "oom_score_adj",
-            set_oom_score_adj(value)
-                .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
         );
     }
     step!("setsid", nix::unistd::setsid().map(drop));

@@ -336,8 +336,10 @@ fn a_descriptor_whose_close_blocks_does_not_stall_the_limits() {
     let mut cpu = handler(&code, "null");
     cpu.limits.cpu_time = Some(Duration::from_secs(1));
     // Correctness bounds (the stall was the linger time, 60 s), not speed
-    // figures: the wall clock for the timeout, the task's CPU time for the
-    // CPU limit (on a busy machine 1 s of CPU takes longer than 1 s).
+    // figures: the wall clock for the timeout, well under the linger time
+    // (an emulated or busy machine needs seconds more than the 2 s), the
+    // task's CPU time for the CPU limit (on a busy machine 1 s of CPU takes
+    // longer than 1 s).
     let t = std::time::Instant::now();
     let out = w.run(&timed, None).expect("runs");
     let elapsed = t.elapsed();
@@ -347,7 +349,7 @@ fn a_descriptor_whose_close_blocks_does_not_stall_the_limits() {
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
     let out = w.run(&cpu, None).expect("runs");
     assert_eq!(
         out.termination,

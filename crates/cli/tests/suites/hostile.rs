@@ -191,10 +191,10 @@ fn memory_bomb_hits_the_memory_limit() {
 fn cpu_spin_hits_the_cpu_time_limit_before_the_wall_clock() {
     let r = py(
         "while True:\n    pass\n",
-        &["--cpu-time", "1s", "--timeout", "10s"],
+        &["--cpu-time", "1s", "--timeout", "60s"],
     );
+    // The reason names the CPU limit: the wall clock did not end it.
     r.expect_timeout("cpuTimeSeconds");
-    assert!(r.elapsed < Duration::from_secs(6), "{:?}", r.elapsed);
     let cpu = r.result["executionMetadata"]["cpuTimeMs"]
         .as_u64()
         .unwrap_or(0);
@@ -203,9 +203,11 @@ fn cpu_spin_hits_the_cpu_time_limit_before_the_wall_clock() {
 
 #[test]
 fn sleep_past_the_timeout_is_killed_at_the_wall_clock_limit() {
-    let r = py("import time\ntime.sleep(30)\n", &["--timeout", "1s"]);
+    let r = py("import time\ntime.sleep(1000)\n", &["--timeout", "1s"]);
     r.expect_timeout("timeoutSeconds");
-    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    // A bound on correctness, far from the task's own end, not a speed
+    // figure (an emulated kernel takes seconds to set up a sandbox).
+    assert!(r.elapsed < Duration::from_secs(60), "{:?}", r.elapsed);
 }
 
 #[test]
@@ -718,7 +720,9 @@ fn task_output_replaced_by_a_fifo_is_refused_without_blocking() {
         "{}",
         r.message()
     );
-    assert!(r.elapsed < Duration::from_secs(4), "{:?}", r.elapsed);
+    // Blocking on the FIFO would hang the executor for good: any bound
+    // proves it did not.
+    assert!(r.elapsed < Duration::from_secs(60), "{:?}", r.elapsed);
 }
 
 #[test]
@@ -780,7 +784,7 @@ time.sleep(1000)
     );
     r.expect_timeout("timeoutSeconds");
     assert!(
-        start.elapsed() < Duration::from_secs(5),
+        start.elapsed() < Duration::from_secs(60),
         "{:?}",
         start.elapsed()
     );
@@ -913,14 +917,14 @@ fn no_process_mount_or_cgroup_outlives_a_run() {
     let code = r#"
 import os, subprocess, time
 subprocess.Popen(["/usr/bin/python3", "-c", "import time; time.sleep(1000)", os.environ["MARKER"]], start_new_session=True)
-time.sleep(1.5)
+time.sleep(4)
 "#;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("main.py");
     std::fs::write(&file, program(code)).expect("write");
     let mounts_before = util::sandbox_mounts();
     let child = Command::new(env!("CARGO_BIN_EXE_taskexec"))
-        .args(["run", &file.to_string_lossy(), "--json", "--timeout", "10s"])
+        .args(["run", &file.to_string_lossy(), "--json", "--timeout", "60s"])
         .args(mode_args())
         .args(["--env", &format!("MARKER={marker}")])
         .stdin(Stdio::null())
@@ -931,7 +935,7 @@ time.sleep(1.5)
     let pid = child.id();
     // While the task runs, its cgroup and its marked process are visible
     // from the host: the checks below look in the right places.
-    let deadline = Instant::now() + Duration::from_secs(8);
+    let deadline = Instant::now() + Duration::from_secs(40);
     let (mut cgroups, mut procs) = (Vec::new(), Vec::new());
     // Every process the executor started, directly or not: the launcher,
     // the init and the task (cold); the fork server's launcher and init,
