@@ -8,8 +8,9 @@
 //!
 //! Two token buckets decide whether a start may go ahead: one for the node,
 //! one per key (runtime, mounts, support files and preload list). A start
-//! takes a token from both or from neither. A request whose start is
-//! refused runs cold; nothing is evicted for it. The buckets are pure: the
+//! takes a token from both or from neither; the replacement of a worn
+//! server (see [`crate::zygote::Recycle`]) takes one from the node's only.
+//! A request whose start is refused runs cold; nothing is evicted for it. The buckets are pure: the
 //! caller passes the time, so tests drive them without sleeping.
 
 use std::collections::HashMap;
@@ -164,6 +165,14 @@ impl StartLimiter {
         }
         bucket.take(now) && self.node.take(now)
     }
+
+    /// Takes a start of a worn server's replacement at `now` from the
+    /// node's bucket only, or says no: replacements of one key are already
+    /// spaced by its recycling policy, and a refused one leaves the worn
+    /// server serving.
+    pub(crate) fn try_replace(&mut self, now: Instant) -> bool {
+        self.node.take(now)
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +265,17 @@ mod tests {
         assert!(!l.try_start(5, t0));
         assert!(l.try_start(5, at(t0, 500)));
         assert!(l.try_start(5, at(t0, 1000)));
+    }
+
+    #[test]
+    fn replacements_take_from_the_node_bucket_only() {
+        let t0 = Instant::now();
+        let mut l = StartLimiter::new(limit(), t0);
+        assert!(l.try_start(1, t0) && l.try_start(1, t0));
+        assert!(l.try_replace(t0) && l.try_replace(t0));
+        assert!(!l.try_replace(t0), "the node's burst is spent");
+        assert!(!l.try_start(2, t0));
+        assert!(l.try_replace(at(t0, 500)));
     }
 
     #[test]

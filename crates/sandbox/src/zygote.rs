@@ -463,13 +463,15 @@ impl ForkServers {
         Duration::from_nanos(self.start_cpu_nanos.load(Ordering::Relaxed))
     }
 
-    /// Whether a start of `key` may go ahead now; counts a refusal.
-    fn may_start(&self, key: u64) -> bool {
-        let allowed = self
-            .limiter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .try_start(key, Instant::now());
+    /// Whether a start of `key` (`None`: a worn server's replacement) may
+    /// go ahead now; counts a refusal.
+    fn may_start(&self, key: Option<u64>) -> bool {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let allowed = match key {
+            Some(key) => limiter.try_start(key, Instant::now()),
+            None => limiter.try_replace(Instant::now()),
+        };
+        drop(limiter);
         if !allowed {
             self.starts_refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -617,7 +619,7 @@ impl ForkServers {
                 return Err(Fallback::StartBackoff);
             }
             // Before any eviction: a refused start stops no other server.
-            if !self.may_start(key) {
+            if !self.may_start(Some(key)) {
                 return Err(Fallback::StartRefused);
             }
             if map.len() + starting.len() >= MAX_SERVERS {
@@ -689,7 +691,7 @@ impl ForkServers {
         req: &RunRequest,
         old: &Arc<Server>,
     ) -> Result<Arc<Server>, Fallback> {
-        if !self.may_start(key) {
+        if !self.may_start(None) {
             // The worn server serves on until a start is allowed.
             old.replacing.store(false, Ordering::SeqCst);
             old.touch();
