@@ -48,6 +48,11 @@
 //! that asks for a specific uid runs cold instead. Those uids are host uids
 //! of the server's block, so no two tasks running on the node share a uid
 //! (nor a per-uid kernel limit), whichever server or cold sandbox runs them.
+//!
+//! Server starts are rationed ([`crate::start_limit`]): a start that the
+//! node's or the key's token bucket refuses runs its request cold and stops
+//! no other server. The CPU time of every start (its server cgroup's, until
+//! ready or failed) is summed for the metrics.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
