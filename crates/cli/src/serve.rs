@@ -15,7 +15,7 @@ use clap::Args;
 use serde::Deserialize;
 use taskexec_engine::limiter::ConcurrencyConfig;
 use taskexec_engine::service::{Service, ServiceConfig};
-use taskexec_sandbox::WarmConfig;
+use taskexec_sandbox::{StartLimit, WarmConfig};
 use taskexec_store::{Capacity, PgStore, SqliteStore, TaskStore};
 use tracing::info;
 
@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// a pre-started interpreter (true/false, default true).
     #[arg(long, env = "TASKEXEC_FORK_SERVERS")]
     pub fork_servers: Option<bool>,
+    /// Fork-server starts per second this node may make, sustained, after
+    /// a burst of 16 (default 2, e.g. 0.5; at most 1000). A task whose
+    /// server may not start yet runs in a sandbox instead.
+    #[arg(long, env = "TASKEXEC_FORK_SERVER_START_RATE")]
+    pub fork_server_start_rate: Option<f64>,
     /// Time a request's head may take from its first byte, e.g. 10s (the
     /// default).
     #[arg(long, env = "TASKEXEC_HEADER_TIMEOUT")]
@@ -187,6 +192,8 @@ struct FileConfig {
     warm_pool_idle: Option<Loose>,
     /// Fork servers on or off.
     fork_servers: Option<bool>,
+    /// Fork-server starts per second, sustained.
+    fork_server_start_rate: Option<f64>,
     /// Header timeout.
     header_timeout: Option<Loose>,
     /// Body timeout.
@@ -390,6 +397,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
     let warm = warm(WarmInput {
         enabled: args.warm.or(file.warm),
         fork_servers: args.fork_servers.or(file.fork_servers),
+        start_rate: args.fork_server_start_rate.or(file.fork_server_start_rate),
         pool_min: args.warm_pool_min.or(file.warm_pool_min),
         pool_max: args.warm_pool_max.or(file.warm_pool_max),
         pool_total: args.warm_pool_total.or(file.warm_pool_total),
@@ -414,6 +422,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
 struct WarmInput {
     enabled: Option<bool>,
     fork_servers: Option<bool>,
+    start_rate: Option<f64>,
     pool_min: Option<usize>,
     pool_max: Option<usize>,
     pool_total: Option<usize>,
@@ -435,6 +444,7 @@ fn warm(w: WarmInput) -> anyhow::Result<Option<WarmConfig>> {
             (w.pool_total.is_some(), "--warm-pool-total"),
             (w.pool_idle.is_some(), "--warm-pool-idle"),
             (w.fork_servers == Some(true), "--fork-servers true"),
+            (w.start_rate.is_some(), "--fork-server-start-rate"),
         ];
         if let Some((_, name)) = given.iter().find(|(g, _)| *g) {
             bail!("{name} needs --warm true (the warm runner is off)");
@@ -444,6 +454,13 @@ fn warm(w: WarmInput) -> anyhow::Result<Option<WarmConfig>> {
     let mut config = crate::setup::default_warm_config();
     if let Some(f) = w.fork_servers {
         config.fork_servers = f;
+    }
+    if let Some(rate) = w.start_rate {
+        config.start_limit = StartLimit::with_node_rate(rate).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--fork-server-start-rate {rate}: expected starts per second above 0 and at most 1000, e.g. 2 (the default) or 0.5"
+            )
+        })?;
     }
     let pool = &mut config.pool;
     let default = |given: bool| if given { "" } else { " (the default)" };
@@ -671,6 +688,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
             pool_total = w.pool.max_total,
             pool_idle = ?w.pool.idle_after,
             fork_servers = w.fork_servers,
+            fork_server_start_rate = 1.0 / w.start_limit.node_interval.as_secs_f64(),
             "warm runner on"
         ),
         None => info!("warm runner off: every task runs in a sandbox built for it"),
@@ -813,6 +831,7 @@ mod tests {
             pool_max: Some(2),
             pool_total: Some(3),
             pool_idle: Some("5m".into()),
+            start_rate: None,
         })
         .expect("valid")
         .expect("on");
@@ -922,6 +941,50 @@ mod tests {
         assert!(e.contains("--fork-servers true needs --warm true"), "{e}");
     }
 
+    #[test]
+    fn the_fork_server_start_rate_is_set_and_checked() {
+        let w = warm(WarmInput::default()).expect("valid").expect("on");
+        assert_eq!(w.start_limit, StartLimit::default());
+        let w = warm(WarmInput {
+            start_rate: Some(0.5),
+            ..WarmInput::default()
+        })
+        .expect("valid")
+        .expect("on");
+        assert_eq!(w.start_limit.node_interval, Duration::from_secs(2));
+        assert_eq!(w.start_limit.node_burst, StartLimit::default().node_burst);
+        for bad in [0.0, -2.0, 5000.0] {
+            let e = format!(
+                "{:#}",
+                warm(WarmInput {
+                    start_rate: Some(bad),
+                    ..WarmInput::default()
+                })
+                .expect_err("out of range")
+            );
+            assert!(
+                e.contains("--fork-server-start-rate") && e.contains("above 0 and at most 1000"),
+                "{e}"
+            );
+        }
+        let e = format!(
+            "{:#}",
+            warm(WarmInput {
+                enabled: Some(false),
+                start_rate: Some(1.0),
+                ..WarmInput::default()
+            })
+            .expect_err("warm off")
+        );
+        assert!(
+            e.contains("--fork-server-start-rate needs --warm true"),
+            "{e}"
+        );
+        let args = parse(&["--fork-server-start-rate", "4"]);
+        let w = settings(args).expect("valid").warm.expect("on");
+        assert_eq!(w.start_limit.node_interval, Duration::from_millis(250));
+    }
+
     /// `taskexec serve`'s flags alone.
     #[derive(Debug, clap::Parser)]
     struct Serve {
@@ -942,7 +1005,7 @@ mod tests {
         let path = dir.path().join("serve.toml");
         std::fs::write(
             &path,
-            "warm_pool_min = 1\nwarm_pool_max = 3\nwarm_pool_idle = \"2m\"\nfork_servers = false\n",
+            "warm_pool_min = 1\nwarm_pool_max = 3\nwarm_pool_idle = \"2m\"\nfork_servers = false\nfork_server_start_rate = 1\n",
         )
         .expect("write the config");
         let config = path.to_str().expect("a UTF-8 path");
@@ -953,6 +1016,7 @@ mod tests {
             (1, 2, Duration::from_secs(120))
         );
         assert!(!w.fork_servers);
+        assert_eq!(w.start_limit.node_interval, Duration::from_secs(1));
 
         std::fs::write(&path, "warm = false\n").expect("write the config");
         let args = parse(&["--config", config]);

@@ -1080,6 +1080,16 @@ fn metric(page: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The sum of a metric's series over all its labels, if it has any.
+fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            rest.split_once("} ")?.1.trim().parse::<f64>().ok()
+        })
+        .reduce(|a, b| a + b)
+}
+
 /// Polls /metrics until `done` holds for the page; returns it.
 #[track_caller]
 fn wait_metrics(s: &Server, what: &str, done: impl Fn(&str) -> bool) -> String {
@@ -1135,8 +1145,8 @@ fn the_warm_runner_reports_its_state_and_is_gone_after_sigterm() {
         "{page}"
     );
     assert_eq!(
-        metric(&page, "taskexec_fork_server_fallbacks_total").unwrap_or(0.0),
-        0.0,
+        metric_sum(&page, "taskexec_fork_server_fallbacks_total"),
+        Some(0.0),
         "{page}"
     );
 
@@ -1185,6 +1195,26 @@ fn preloaded_modules_reach_the_handler_through_the_api() {
         0.0,
         "{page}"
     );
+    assert_eq!(
+        metric(
+            &page,
+            "taskexec_fork_server_starts_total{outcome=\"started\"}"
+        ),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "taskexec_fork_server_starts_total{outcome=\"refused\"}"
+        ),
+        Some(0.0),
+        "{page}"
+    );
+    assert!(
+        metric(&page, "taskexec_fork_server_start_cpu_seconds_total").is_some_and(|v| v > 0.0),
+        "the starts' CPU: {page}"
+    );
 
     handler["definition"]["preload"] = json!(["taskexec_no_such_module"]);
     handler["retryPolicy"] = json!({"maxRetries": 0});
@@ -1214,6 +1244,76 @@ fn preloaded_modules_reach_the_handler_through_the_api() {
         r.json["error"]["field"], "definition.preload[0]",
         "{}",
         r.text
+    );
+}
+
+/// A client cycling `definition.preload` lists faster than the node may
+/// start fork servers: past the burst its tasks run cold and complete, the
+/// started count stops and the refused count grows.
+#[test]
+fn preload_lists_cycled_past_the_start_rate_run_cold_and_are_counted() {
+    let s = Setup::new()
+        .flag("--fork-server-start-rate", "0.001")
+        .start();
+    let mut handler = python(
+        "import sys\nSEEN = 'colorsys' in sys.modules\n\n\ndef main(input):\n    return {'colorsys': SEEN}\n",
+    );
+    handler["definition"]["mode"] = json!("handler");
+    let modules = [
+        "wave",
+        "base64",
+        "string",
+        "textwrap",
+        "fractions",
+        "shlex",
+        "glob",
+        "bisect",
+        "json",
+        "csv",
+        "heapq",
+        "decimal",
+        "statistics",
+        "difflib",
+        "fnmatch",
+        "calendar",
+        "uuid",
+        "zlib",
+    ];
+    for m in modules {
+        handler["definition"]["preload"] = json!(["colorsys", m]);
+        let r = s.post("/v1/tasks?wait=60s", &handler);
+        assert_eq!(r.json["status"], "COMPLETED", "{m}: {}", r.text);
+        assert_eq!(
+            r.json["result"]["output"],
+            json!({"colorsys": true}),
+            "{m}: {}",
+            r.text
+        );
+    }
+    // The default burst is 16 starts; at 0.001/s none comes back meanwhile.
+    let page = wait_metrics(&s, "two refused starts", |p| {
+        metric(p, "taskexec_fork_server_starts_total{outcome=\"refused\"}") == Some(2.0)
+    });
+    assert_eq!(
+        metric(
+            &page,
+            "taskexec_fork_server_starts_total{outcome=\"started\"}"
+        ),
+        Some(16.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "taskexec_fork_server_fallbacks_total{reason=\"start_refused\"}"
+        ),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "taskexec_fork_server_runs_total"),
+        Some(16.0),
+        "{page}"
     );
 }
 

@@ -1529,8 +1529,20 @@ fn record_warm_stats(s: &WarmStats) {
     gauge!("taskexec_fork_servers").set(s.fork_servers as f64);
     gauge!("taskexec_fork_server_spares").set(s.fork_server_spares as f64);
     counter!("taskexec_fork_server_runs_total").absolute(s.fork_server_runs);
-    counter!("taskexec_fork_server_fallbacks_total").absolute(s.fork_server_fallbacks);
+    for (reason, n) in s.fallback_reasons.labelled() {
+        counter!("taskexec_fork_server_fallbacks_total", "reason" => reason).absolute(n);
+    }
     counter!("taskexec_fork_server_start_failures_total").absolute(s.fork_server_start_failures);
+    for (outcome, n) in [
+        ("started", s.fork_server_starts),
+        ("refused", s.fork_server_starts_refused),
+        ("failed", s.fork_server_start_failures),
+    ] {
+        counter!("taskexec_fork_server_starts_total", "outcome" => outcome).absolute(n);
+    }
+    // A gauge that only grows: the metrics library's counters are integers.
+    gauge!("taskexec_fork_server_start_cpu_seconds_total")
+        .set(s.fork_server_start_cpu.as_secs_f64());
     counter!("taskexec_fork_servers_recycled_total").absolute(s.fork_servers_recycled);
 }
 

@@ -22,6 +22,7 @@ mod rlimits;
 pub mod seccomp;
 mod spawn;
 pub mod spec;
+mod start_limit;
 pub mod uids;
 pub mod warm;
 mod zygote;
@@ -33,4 +34,4 @@ pub use spawn::{
 };
 pub use spec::{ExitStatus, RoMount, SandboxFile, signal_name};
 pub use uids::{TaskUids, UidRangeError};
-pub use warm::{Recycle, WarmConfig, WarmSandbox, WarmStats};
+pub use warm::{FallbackReasons, Recycle, StartLimit, WarmConfig, WarmSandbox, WarmStats};

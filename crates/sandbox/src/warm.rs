@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::pool::{LauncherPool, PoolConfig, PoolStats};
 use crate::spawn::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError};
+pub use crate::start_limit::StartLimit;
 pub use crate::zygote::Recycle;
 use crate::zygote::{Fallback, ForkServers};
 
@@ -19,6 +21,8 @@ pub struct WarmConfig {
     pub fork_servers: bool,
     /// When a fork server is replaced by a fresh one.
     pub recycle: Recycle,
+    /// How many fork servers may start, and how fast.
+    pub start_limit: StartLimit,
 }
 
 /// Counters and gauges of a [`WarmSandbox`], for metrics and tests.
@@ -34,8 +38,16 @@ pub struct WarmStats {
     pub fork_server_runs: u64,
     /// Tasks a fork server should have run that ran in a sandbox instead:
     /// the server failed (to start, or before the hand-over) or all its
-    /// uids were busy.
+    /// uids were busy. The sum of [`WarmStats::fallback_reasons`].
     pub fork_server_fallbacks: u64,
+    /// [`WarmStats::fork_server_fallbacks`] by reason.
+    pub fallback_reasons: FallbackReasons,
+    /// Fork servers started (first starts and replacements).
+    pub fork_server_starts: u64,
+    /// Fork-server starts the start limiter refused ([`StartLimit`]).
+    pub fork_server_starts_refused: u64,
+    /// CPU time fork servers spent starting, until ready or failed.
+    pub fork_server_start_cpu: Duration,
     /// Fork servers that failed to start (a module of
     /// `definition.preload` that does not import, an interpreter that
     /// cannot start): their kind of request then runs cold for a while.
@@ -43,6 +55,35 @@ pub struct WarmStats {
     /// Fork servers replaced by fresh ones for their age or runs
     /// ([`Recycle`]).
     pub fork_servers_recycled: u64,
+}
+
+/// Why handler tasks ran cold instead of in a fork server, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FallbackReasons {
+    /// Every uid of the server was taken, or every server slot was busy.
+    pub busy: u64,
+    /// The server failed to start, or failed before the hand-over.
+    pub server_failed: u64,
+    /// The server of the task's kind failed to start a short while ago.
+    pub start_backoff: u64,
+    /// A server start was needed and the start limiter refused it.
+    pub start_refused: u64,
+}
+
+impl FallbackReasons {
+    /// Each reason with its metric label.
+    pub fn labelled(&self) -> [(&'static str, u64); 4] {
+        [
+            ("busy", self.busy),
+            ("server_failed", self.server_failed),
+            ("start_backoff", self.start_backoff),
+            ("start_refused", self.start_refused),
+        ]
+    }
+
+    fn total(&self) -> u64 {
+        self.labelled().iter().map(|(_, n)| n).sum()
+    }
 }
 
 /// Runs each request the fastest safe way available: a fork-server child,
@@ -54,8 +95,8 @@ pub struct WarmSandbox {
     fork_servers: Option<ForkServers>,
     /// See [`WarmStats::fork_server_runs`].
     fork_runs: AtomicU64,
-    /// See [`WarmStats::fork_server_fallbacks`].
-    fork_fallbacks: AtomicU64,
+    /// See [`WarmStats::fallback_reasons`], in its order.
+    fork_fallbacks: [AtomicU64; 4],
 }
 
 impl WarmSandbox {
@@ -64,12 +105,12 @@ impl WarmSandbox {
         let sandbox = Arc::new(sandbox);
         Self {
             pool: LauncherPool::new(Arc::clone(&sandbox), config.pool),
-            fork_servers: config
-                .fork_servers
-                .then(|| ForkServers::new(Arc::clone(&sandbox), config.recycle)),
+            fork_servers: config.fork_servers.then(|| {
+                ForkServers::new(Arc::clone(&sandbox), config.recycle, config.start_limit)
+            }),
             sandbox,
             fork_runs: AtomicU64::new(0),
-            fork_fallbacks: AtomicU64::new(0),
+            fork_fallbacks: Default::default(),
         }
     }
 
@@ -91,18 +132,24 @@ impl WarmSandbox {
                     return result;
                 }
                 Err(Fallback::NotEligible) => {}
-                Err(Fallback::Busy | Fallback::StartBackoff) => {
-                    self.fork_fallbacks.fetch_add(1, Ordering::Relaxed);
-                }
+                Err(Fallback::Busy) => self.fell_back(0),
                 Err(Fallback::ServerFailed(e)) => {
                     // The task was not handed over: it runs cold, and the
                     // next request starts a fresh server.
-                    self.fork_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    self.fell_back(1);
                     tracing_free_warn(&e);
                 }
+                Err(Fallback::StartBackoff) => self.fell_back(2),
+                Err(Fallback::StartRefused) => self.fell_back(3),
             }
         }
         self.pool.run(req, cancel)
+    }
+
+    /// Counts a fallback of the reason at `index` of
+    /// [`FallbackReasons::labelled`].
+    fn fell_back(&self, index: usize) {
+        self.fork_fallbacks[index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Number of fork servers running.
@@ -119,6 +166,14 @@ impl WarmSandbox {
     /// (tens of milliseconds, at most its start timeout): call it off an
     /// async executor's threads.
     pub fn stats(&self) -> WarmStats {
+        let reason = |i: usize| self.fork_fallbacks[i].load(Ordering::Relaxed);
+        let fallback_reasons = FallbackReasons {
+            busy: reason(0),
+            server_failed: reason(1),
+            start_backoff: reason(2),
+            start_refused: reason(3),
+        };
+        let servers = self.fork_servers.as_ref();
         WarmStats {
             pool: self.pool.stats(),
             fork_servers: self.fork_server_count(),
@@ -127,7 +182,11 @@ impl WarmSandbox {
                 .as_ref()
                 .map_or(0, ForkServers::spare_count),
             fork_server_runs: self.fork_runs.load(Ordering::Relaxed),
-            fork_server_fallbacks: self.fork_fallbacks.load(Ordering::Relaxed),
+            fork_server_fallbacks: fallback_reasons.total(),
+            fallback_reasons,
+            fork_server_starts: servers.map_or(0, ForkServers::starts),
+            fork_server_starts_refused: servers.map_or(0, ForkServers::starts_refused),
+            fork_server_start_cpu: servers.map_or(Duration::ZERO, ForkServers::start_cpu),
             fork_server_start_failures: self
                 .fork_servers
                 .as_ref()

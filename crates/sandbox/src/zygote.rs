@@ -48,6 +48,11 @@
 //! that asks for a specific uid runs cold instead. Those uids are host uids
 //! of the server's block, so no two tasks running on the node share a uid
 //! (nor a per-uid kernel limit), whichever server or cold sandbox runs them.
+//!
+//! Server starts are rationed ([`crate::start_limit`]): a start that the
+//! node's or the key's token bucket refuses runs its request cold and stops
+//! no other server. The CPU time of every start (its server cgroup's, until
+//! ready or failed) is summed for the metrics.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -77,6 +82,7 @@ use crate::spawn::{
     cgroup_name, drain, etc_files, io, metas, nix_io, ns_delta, pidfd_open, poll_tags,
 };
 use crate::spec::{ExitStatus, IdRange, LaunchSpec, Report, RlimitSpec, SandboxFile};
+use crate::start_limit::{StartLimit, StartLimiter};
 
 /// The uids children of one fork server run as, one per concurrent child,
 /// inside the server's user namespace (the host sees the server's block).
@@ -127,6 +133,15 @@ pub(crate) struct ForkServers {
     recycled: std::sync::atomic::AtomicU64,
     /// Keys whose first server is starting, without the servers' lock.
     starting: Mutex<HashMap<u64, Arc<Pending>>>,
+    /// Which server starts may go ahead now ([`crate::start_limit`]).
+    limiter: Mutex<StartLimiter>,
+    /// Servers started so far (first starts and replacements).
+    starts: std::sync::atomic::AtomicU64,
+    /// Starts the limiter refused so far.
+    starts_refused: std::sync::atomic::AtomicU64,
+    /// CPU time of servers' starts so far, started or failed, in
+    /// nanoseconds.
+    start_cpu_nanos: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A server start in progress, for the requests of its key that wait.
@@ -337,6 +352,9 @@ pub(crate) enum Fallback {
     /// The server of this kind of request failed to start a short while
     /// ago ([`START_BACKOFF`]); not tried again yet.
     StartBackoff,
+    /// The request needs a server start and the start limiter
+    /// ([`crate::start_limit`]) refused it.
+    StartRefused,
 }
 
 fn key_of(kind: &str, req: &RunRequest) -> u64 {
@@ -396,7 +414,7 @@ fn wait_readable(
 const REAP_DELAY: Duration = Duration::from_millis(10);
 
 impl ForkServers {
-    pub(crate) fn new(sandbox: Arc<Sandbox>, recycle: Recycle) -> Self {
+    pub(crate) fn new(sandbox: Arc<Sandbox>, recycle: Recycle, limit: StartLimit) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Spare>();
         // Dropping a spare kills what is left of it, waits until it is
         // gone and removes its cgroup (see `Drop for Spare`). Finished runs
@@ -428,7 +446,56 @@ impl ForkServers {
             recycle,
             recycled: std::sync::atomic::AtomicU64::new(0),
             starting: Mutex::new(HashMap::new()),
+            limiter: Mutex::new(StartLimiter::new(limit, Instant::now())),
+            starts: std::sync::atomic::AtomicU64::new(0),
+            starts_refused: std::sync::atomic::AtomicU64::new(0),
+            start_cpu_nanos: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    /// Servers started so far.
+    pub(crate) fn starts(&self) -> u64 {
+        self.starts.load(Ordering::Relaxed)
+    }
+
+    /// Server starts the limiter refused so far.
+    pub(crate) fn starts_refused(&self) -> u64 {
+        self.starts_refused.load(Ordering::Relaxed)
+    }
+
+    /// CPU time spent on server starts so far.
+    pub(crate) fn start_cpu(&self) -> Duration {
+        Duration::from_nanos(self.start_cpu_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Whether a start of `key` (`None`: a worn server's replacement) may
+    /// go ahead now; counts a refusal.
+    fn may_start(&self, key: Option<u64>) -> bool {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let allowed = match key {
+            Some(key) => limiter.try_start(key, Instant::now()),
+            None => limiter.try_replace(Instant::now()),
+        };
+        drop(limiter);
+        if !allowed {
+            self.starts_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        allowed
+    }
+
+    /// Starts a server of `key`, counting the start and its CPU time.
+    fn start(&self, key: u64, kind: &str, req: &RunRequest) -> Result<Arc<Server>, SandboxError> {
+        let started = start_server(
+            Arc::clone(&self.sandbox),
+            key,
+            kind,
+            req,
+            Arc::clone(&self.start_cpu_nanos),
+        );
+        if started.is_ok() {
+            self.starts.fetch_add(1, Ordering::Relaxed);
+        }
+        started
     }
 
     /// Servers replaced so far for their age or runs.
@@ -556,6 +623,10 @@ impl ForkServers {
             if self.recently_failed(key) {
                 return Err(Fallback::StartBackoff);
             }
+            // Before any eviction: a refused start stops no other server.
+            if !self.may_start(Some(key)) {
+                return Err(Fallback::StartRefused);
+            }
             if map.len() + starting.len() >= MAX_SERVERS {
                 // Room for one more: stop the least recently used idle server.
                 let idle = map
@@ -575,7 +646,7 @@ impl ForkServers {
             starting.insert(key, Arc::clone(&pending));
             drop(starting);
             drop(map);
-            let started = start_server(Arc::clone(&self.sandbox), key, kind, req);
+            let started = self.start(key, kind, req);
             let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
             self.starting
                 .lock()
@@ -625,7 +696,14 @@ impl ForkServers {
         req: &RunRequest,
         old: &Arc<Server>,
     ) -> Result<Arc<Server>, Fallback> {
-        let started = start_server(Arc::clone(&self.sandbox), key, kind, req);
+        if !self.may_start(None) {
+            // The worn server serves on until a start is allowed.
+            old.replacing.store(false, Ordering::SeqCst);
+            old.touch();
+            old.runs.fetch_add(1, Ordering::SeqCst);
+            return Ok(Arc::clone(old));
+        }
+        let started = self.start(key, kind, req);
         let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         let new = match started {
             Ok(new) => new,
@@ -721,13 +799,14 @@ fn start_server(
     key: u64,
     kind: &str,
     req: &RunRequest,
+    start_cpu_nanos: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Arc<Server>, SandboxError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let (kind, req) = (kind.to_string(), req.clone());
     let handle = std::thread::Builder::new()
         .name("fork-server".into())
         .spawn(move || {
-            let server = match Server::start(&sandbox, key, &kind, &req) {
+            let server = match Server::start(&sandbox, key, &kind, &req, &start_cpu_nanos) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -833,12 +912,14 @@ impl Server {
         }
     }
 
-    /// Starts a server for requests like `req`.
+    /// Starts a server for requests like `req`, and adds the CPU time its
+    /// processes spent until it was ready (or failed) to `start_cpu_nanos`.
     fn start(
         sandbox: &Sandbox,
         key: u64,
         kind: &str,
         req: &RunRequest,
+        start_cpu_nanos: &std::sync::atomic::AtomicU64,
     ) -> Result<Self, SandboxError> {
         let source = server_source(kind).ok_or_else(|| SandboxError::Setup {
             stage: "fork server".into(),
@@ -1060,7 +1141,21 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .attach(pid as i32)?;
         w.write_all(b"g").map_err(io("starting the fork server"))?;
-        server.await_ready()?;
+        let ready = server.await_ready();
+        // The launcher joined the server's cgroup before it built anything
+        // and the server forks no spare before it is ready: the cgroup's
+        // CPU time is the start's (a failed start's launcher is killed by
+        // now, so its time is all there too).
+        let cpu = server
+            .cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cpu_time();
+        if let Ok(cpu) = cpu {
+            let nanos = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
+            start_cpu_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+        ready?;
         Ok(server)
     }
 

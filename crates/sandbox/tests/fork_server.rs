@@ -643,6 +643,77 @@ fn a_ninth_preload_list_stops_the_least_recently_used_server() {
     assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
 }
 
+/// A task cycling through preload lists faster than servers may start:
+/// past the node's burst its tasks run cold (and succeed), no server is
+/// started or evicted for them, and the refusals are counted.
+#[test]
+fn preload_lists_cycled_past_the_start_burst_run_cold_without_evicting() {
+    let _s = serial();
+    let w = WarmSandbox::new(
+        sandbox(),
+        WarmConfig {
+            fork_servers: true,
+            start_limit: StartLimit {
+                node_burst: 3,
+                node_interval: Duration::from_secs(3600),
+                ..StartLimit::default()
+            },
+            ..WarmConfig::default()
+        },
+    );
+    let others = [
+        "wave",
+        "base64",
+        "string",
+        "textwrap",
+        "fractions",
+        "shlex",
+        "glob",
+    ];
+    for (i, m) in others.iter().enumerate() {
+        let out = w.run(&preloading(&["colorsys", m]), None).expect("runs");
+        assert_eq!(
+            out.termination,
+            Termination::Exited(ExitStatus::Code(0)),
+            "{m}"
+        );
+        assert_eq!(
+            json_output(&out)["colorsys"],
+            true,
+            "preloaded, warm or cold: {m}"
+        );
+        let stats = w.stats();
+        assert_eq!(
+            stats.fork_server_starts,
+            (i as u64 + 1).min(3),
+            "after {m}: {stats:?}"
+        );
+    }
+    let stats = w.stats();
+    assert_eq!(
+        (stats.fork_server_runs, stats.fork_server_fallbacks),
+        (3, 4),
+        "{stats:?}"
+    );
+    assert_eq!(stats.fork_server_starts_refused, 4, "{stats:?}");
+    assert_eq!(stats.fallback_reasons.start_refused, 4, "{stats:?}");
+    assert_eq!(w.fork_server_count(), 3, "nothing evicted: {stats:?}");
+    assert!(
+        stats.fork_server_start_cpu > Duration::ZERO,
+        "the starts' CPU is counted: {stats:?}"
+    );
+    // The servers that did start keep serving their lists warm.
+    let out = w
+        .run(&preloading(&["colorsys", "wave"]), None)
+        .expect("runs");
+    assert_eq!(json_output(&out)["colorsys"], true);
+    let after = w.stats();
+    assert_eq!(after.fork_server_runs, 4, "{after:?}");
+    assert_eq!(after.fork_server_starts, 3, "{after:?}");
+    drop(w);
+    assert!(leftover_cgroups().is_empty(), "{:?}", leftover_cgroups());
+}
+
 #[test]
 fn a_module_that_does_not_import_runs_its_tasks_cold_without_a_server_start_each() {
     let _s = serial();
