@@ -62,6 +62,24 @@ pub struct ServiceConfig {
     /// slots may be in use at once, from sandbox start latency and memory
     /// pressure. `None`: every slot, as admission allows.
     pub concurrency: Option<ConcurrencyConfig>,
+    /// Poison tasks: a task whose attempts were lost with their node this
+    /// many times (the node died or was cut off, its lease expired and
+    /// another node took the task over) ends FAILED, quarantined, instead
+    /// of being retried onto the next node. At least 1.
+    pub quarantine_after: u32,
+}
+
+/// Attempts lost with their node after which a task is quarantined
+/// ([`ServiceConfig::quarantine_after`]).
+pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
+
+/// The error of a task quarantined after `lost` attempts were lost with
+/// their node.
+pub fn quarantined_error(lost: u32) -> TaskError {
+    TaskError::new(
+        ErrorType::Internal,
+        format!("quarantined: {lost} attempts were lost with their node"),
+    )
 }
 
 impl ServiceConfig {
@@ -70,7 +88,7 @@ impl ServiceConfig {
     /// cgroups, namespace teardown — and a second task per core fills that;
     /// the adaptive limit, which starts at one per core, decides how many
     /// are used), 10,000 queued tasks, batches of 1,000, 30 s leases,
-    /// 500 ms fallback poll.
+    /// 500 ms fallback poll, quarantine after 3 lost attempts.
     pub fn new(node: impl Into<String>, capacity: Capacity) -> Self {
         let cores = (capacity.cpu_millis / 1000).max(1) as usize;
         Self {
@@ -84,6 +102,7 @@ impl ServiceConfig {
             batch_writes: true,
             write_linger: Duration::from_millis(20),
             concurrency: Some(ConcurrencyConfig::default()),
+            quarantine_after: DEFAULT_QUARANTINE_AFTER,
         }
     }
 }
@@ -1087,7 +1106,7 @@ impl Service {
         let errors: Vec<TaskError> = attempts.iter().filter_map(|a| a.error.clone()).collect();
         // A cancel requested while the attempt was interrupted (e.g. through
         // another node while this one was down) ends the task: never retry it.
-        let decision = match self.engine.prepare(&c.record.task) {
+        let mut decision = match self.engine.prepare(&c.record.task) {
             Ok(p) => self
                 .engine
                 .decide(&p, &error, attempt, &errors, c.record.cancel_requested),
@@ -1096,6 +1115,18 @@ impl Service {
                 error: e,
             },
         };
+        // A poison task (it takes its node down on every attempt) is not
+        // handed to one more node.
+        if c.lost_attempts >= self.config.quarantine_after
+            && matches!(decision, Decision::Retry { .. })
+        {
+            warn!(task_id = %id, attempt, lost = c.lost_attempts, "quarantining a task whose attempts were lost with their node");
+            counter!("taskexec_tasks_quarantined_total").increment(1);
+            decision = Decision::Final {
+                status: TaskStatus::Failed,
+                error: quarantined_error(c.lost_attempts),
+            };
+        }
         self.conclude(
             &id, &mut lc, attempt, &c.record, attempts, decision, None, batch,
         )

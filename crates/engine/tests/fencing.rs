@@ -246,3 +246,141 @@ async fn a_node_cut_off_from_its_store_stops_its_tasks_before_their_leases_expir
     assert_eq!(lost.error_type, ErrorType::Internal);
     assert_eq!(runner.calls.load(Ordering::SeqCst), 2);
 }
+
+/// A task `id` that may be retried five times after an INTERNAL error,
+/// stored (not claimed) as received an hour ago.
+async fn stored_task(store: &dyn TaskStore, id: &str) -> OffsetDateTime {
+    let task: TaskInstance = serde_json::from_value(json!({
+        "id": id,
+        "definition": {"name": "t", "code": "print(1)"},
+        "executionConfig": {"runtime": "python", "resourceRequirements": {"cpu": "1", "memory": "64Mi"}},
+        "retryPolicy": {"maxRetries": 5, "retryInterval": 10, "backoffMultiplier": 1.0, "retryableErrors": ["INTERNAL"]},
+    }))
+    .expect("valid task");
+    let base = OffsetDateTime::now_utc() - Duration::from_secs(3600);
+    let new = NewTask {
+        task,
+        runtime: "python".to_owned(),
+        cpu_millis: 1000,
+        memory_bytes: 64 << 20,
+        received: TransitionRecord {
+            from: None,
+            to: TaskStatus::Received,
+            at: base,
+            attempt: 0,
+            reason: "received".to_owned(),
+        },
+    };
+    store.submit(vec![new], 100).await.expect("submit");
+    base
+}
+
+/// Attempts 1..=`lost` of task `id` (stored at `base`) run on nodes
+/// `ghost-1`, `ghost-2`, … that die with them: each attempt's lease
+/// expires, `rescuer` takes it over and requeues it (recording nothing);
+/// the last one is left expired for the node under test to take over.
+async fn lose_attempts(store: &dyn TaskStore, id: &str, base: OffsetDateTime, lost: u32) {
+    let lease = Duration::from_secs(1);
+    for n in 1..=lost {
+        let t = base + Duration::from_secs(u64::from(n) * 60);
+        let claimed = store
+            .claim(
+                &format!("ghost-{n}"),
+                Capacity {
+                    cpu_millis: 1000,
+                    memory_bytes: 1 << 30,
+                },
+                1,
+                t,
+                lease,
+            )
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        if n == lost {
+            break;
+        }
+        let taken = store
+            .take_over_expired("rescuer", t + Duration::from_secs(10), lease)
+            .await
+            .expect("take over");
+        assert_eq!(taken.len(), 1);
+        store
+            .apply_as(
+                "rescuer",
+                vec![Write::Requeue {
+                    id: id.to_owned(),
+                    attempt: n,
+                    run_after: t + Duration::from_secs(20),
+                }],
+            )
+            .await
+            .expect("requeue");
+    }
+}
+
+/// A task whose every attempt takes its node down (the lease expires, the
+/// next node takes it over, dies too…) is quarantined after three lost
+/// attempts: it ends FAILED with a reason naming it, and never runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_lost_with_its_node_three_times_is_quarantined() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = sqlite(&dir).await;
+    let base = stored_task(&*store, "poison").await;
+    lose_attempts(&*store, "poison", base, 3).await;
+    let runner = Scripted::new([Step::Exit(0, "1")]);
+    let s = node(&runner, Arc::clone(&store), Duration::from_millis(600)).await;
+    let rec = s
+        .wait_final("poison", Duration::from_secs(20))
+        .await
+        .expect("wait")
+        .expect("task");
+    assert_eq!(rec.status, TaskStatus::Failed, "{:?}", rec.result);
+    let error = rec.result.and_then(|r| r.error).expect("an error");
+    assert_eq!(
+        error.message,
+        "quarantined: 3 attempts were lost with their node"
+    );
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 0, "never run again");
+}
+
+/// Below the quarantine threshold a lost attempt is retried, and the
+/// attempt is recorded as lost by the node that ran it (`ghost-2`), not
+/// by the node that took it over first and lost it in turn before it
+/// could record it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_attempt_names_its_node_and_is_retried_below_the_threshold() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = sqlite(&dir).await;
+    let base = stored_task(&*store, "t").await;
+    lose_attempts(&*store, "t", base, 2).await;
+    // An outage: a node takes attempt 2 over and never gets to record it.
+    let taken = store
+        .take_over_expired(
+            "cut-off",
+            base + Duration::from_secs(600),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("take over");
+    assert_eq!(taken.len(), 1);
+    let runner = Scripted::new([Step::Exit(0, "1")]);
+    let s = node(&runner, Arc::clone(&store), Duration::from_millis(600)).await;
+    let rec = s
+        .wait_final("t", Duration::from_secs(20))
+        .await
+        .expect("wait")
+        .expect("task");
+    assert_eq!(rec.status, TaskStatus::Completed, "{:?}", rec.result);
+    let messages: Vec<String> = rec
+        .attempts
+        .iter()
+        .map(|a| {
+            a.error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(messages, ["node ghost-2 lost", ""], "{:?}", rec.attempts);
+}

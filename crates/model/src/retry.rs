@@ -414,6 +414,32 @@ mod tests {
         assert_eq!(v.base_delay(u32::MAX), Duration::from_secs(60));
     }
 
+    /// A thousand tasks failing at one instant (an outage) with the default
+    /// policy come back spread over the whole backoff window, not at once.
+    #[test]
+    fn a_thousand_retries_at_one_instant_spread_over_the_window() {
+        let v = valid(RetryPolicy::default());
+        let window = v.base_delay(2);
+        // A seeded xorshift stands in for the service's random source.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut buckets = [0u32; 10];
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let r = (x >> 11) as f64 / (1u64 << 53) as f64;
+            let d = v.delay(2, r);
+            assert!(d <= window, "{d:?} past {window:?}");
+            let i = (d.as_secs_f64() / window.as_secs_f64() * 10.0) as usize;
+            buckets[i.min(9)] += 1;
+        }
+        // Uniform: 100 per tenth of the window, give or take.
+        assert!(
+            buckets.iter().all(|n| (60..=140).contains(n)),
+            "{buckets:?}"
+        );
+    }
+
     #[test]
     fn jitter_modes() {
         let mut v = valid(RetryPolicy::default());

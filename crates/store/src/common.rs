@@ -179,12 +179,15 @@ impl TaskRow {
         })
     }
 
-    /// The row as a task claimed for `attempt`, with its `history`.
+    /// The row as a task claimed for `attempt`, with its `history` (and,
+    /// from a take-over, the node that ran the attempt and the task's
+    /// count of lost attempts).
     pub(crate) fn into_claimed(
         self,
         attempt: u32,
         history: Vec<TransitionRecord>,
         previous_node: Option<String>,
+        lost_attempts: u32,
     ) -> Result<ClaimedTask, StoreError> {
         let (queued_since, cpu_millis, memory_bytes) = (
             from_ms(self.queued_since),
@@ -198,6 +201,7 @@ impl TaskRow {
             cpu_millis,
             memory_bytes,
             previous_node,
+            lost_attempts,
         })
     }
 }

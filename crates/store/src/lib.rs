@@ -374,9 +374,17 @@ pub struct ClaimedTask {
     pub cpu_millis: u32,
     /// Memory request.
     pub memory_bytes: u64,
-    /// The node that held the task before a take-over (`take_over_expired`
-    /// only; `None` for a claim from the queue and for `claimed_by`).
+    /// The node that held the interrupted attempt: the node that claimed
+    /// it, as stored with the attempt number that fences its writes, not
+    /// whichever node held the lease last (a node that took the task over
+    /// and lost it before it could record the attempt ran nothing).
+    /// `take_over_expired` only; `None` for a claim from the queue and for
+    /// `claimed_by`.
     pub previous_node: Option<String>,
+    /// Attempts of this task lost with their node so far, the interrupted
+    /// one included: each attempt whose lease expired counts once, however
+    /// many nodes took it over (`take_over_expired` only; 0 otherwise).
+    pub lost_attempts: u32,
 }
 
 /// A change to a stored task. `attempt` fences: a write for an attempt other
@@ -532,7 +540,10 @@ pub trait TaskStore: Send + Sync + Debug {
     /// `updated_at` do not change. Returned in submission order, each at
     /// the attempt that was interrupted (`attempt == record.attempt`), with
     /// `record.node` the new node, for the caller to recover (requeue or
-    /// fail) as after a crash.
+    /// fail) as after a crash. `previous_node` names the node that ran the
+    /// interrupted attempt (its claimer, even when another node had taken
+    /// the task over since and lost it in turn), and `lost_attempts` counts
+    /// the task's attempts lost this way, each once.
     ///
     /// The former node's late writes for that attempt still pass the
     /// attempt fence, but its renewals no longer extend the lease.

@@ -695,7 +695,7 @@ impl TaskStore for PgStore {
             .filter_map(|i| candidates.get(*i).map(|c| c.0.as_str()))
             .collect();
         let rows = sqlx::query(concat!(
-            "UPDATE tasks SET queued = false, attempt = attempt + 1, node = $1, \
+            "UPDATE tasks SET queued = false, attempt = attempt + 1, node = $1, attempt_node = $1, \
              lease_until = $2, updated_at = $3 WHERE id = ANY($4) RETURNING ",
             task_columns!(),
             ", ",
@@ -718,7 +718,7 @@ impl TaskStore for PgStore {
             let attempt = row.attempt;
             row.attempt = attempt.saturating_sub(1);
             let rank = order.get(row.id.as_str()).copied().unwrap_or(usize::MAX);
-            out.push((rank, row.into_claimed(attempt, history, None)?));
+            out.push((rank, row.into_claimed(attempt, history, None, 0)?));
         }
         out.sort_by_key(|(rank, _)| *rank);
         Ok(out.into_iter().map(|(_, c)| c).collect())
@@ -833,7 +833,7 @@ impl TaskStore for PgStore {
             .map(|row| {
                 let (row, history) = read_row(row)?;
                 let attempt = row.attempt;
-                row.into_claimed(attempt, history, None)
+                row.into_claimed(attempt, history, None, 0)
             })
             .collect()
     }
@@ -853,8 +853,13 @@ impl TaskStore for PgStore {
              WHERE node IS NOT NULL AND NOT queued AND lease_until < $3 AND ",
             not_final!(),
             " FOR UPDATE SKIP LOCKED) \
-             UPDATE tasks SET node = $1, lease_until = $2 FROM expired \
-             WHERE tasks.id = expired.expired_id RETURNING expired.previous_node, seq, ",
+             UPDATE tasks SET node = $1, lease_until = $2, \
+             lost_attempts = tasks.lost_attempts \
+             + CASE WHEN tasks.lost_through < tasks.attempt THEN 1 ELSE 0 END, \
+             lost_through = tasks.attempt FROM expired \
+             WHERE tasks.id = expired.expired_id RETURNING \
+             COALESCE(tasks.attempt_node, expired.previous_node) AS attempt_holder, \
+             tasks.lost_attempts AS lost_count, seq, ",
             task_columns!(),
             ", ",
             history_column!()
@@ -867,10 +872,11 @@ impl TaskStore for PgStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let seq: i64 = row.try_get("seq")?;
-            let previous: Option<String> = row.try_get("previous_node")?;
+            let holder: Option<String> = row.try_get("attempt_holder")?;
+            let lost = int_u32(row.try_get("lost_count")?);
             let (row, history) = read_row(row)?;
             let attempt = row.attempt;
-            out.push((seq, row.into_claimed(attempt, history, previous)?));
+            out.push((seq, row.into_claimed(attempt, history, holder, lost)?));
         }
         out.sort_by_key(|(seq, _)| *seq);
         Ok(out.into_iter().map(|(_, c)| c).collect())

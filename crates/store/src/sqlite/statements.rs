@@ -312,15 +312,15 @@ pub(super) fn claim(tx: &Transaction<'_>, claim: &Claim) -> Result<Vec<ClaimedTa
             continue;
         };
         tx.prepare_cached(
-            "UPDATE tasks SET queued = 0, attempt = attempt + 1, node = ?, lease_until = ?, \
-             updated_at = ? WHERE id = ?",
+            "UPDATE tasks SET queued = 0, attempt = attempt + 1, node = ?1, attempt_node = ?1, \
+             lease_until = ?2, updated_at = ?3 WHERE id = ?4",
         )?
         .execute(params![claim.node, lease_until, now_ms, row.id])?;
         row.node = Some(claim.node.clone());
         row.queued = false;
         row.updated_at = now_ms;
         let attempt = row.attempt.saturating_add(1);
-        out.push(row.into_claimed(attempt, history, None)?);
+        out.push(row.into_claimed(attempt, history, None, 0)?);
     }
     Ok(out)
 }
@@ -471,11 +471,20 @@ pub(super) fn take_over_expired(
     )?;
     let mut out = Vec::with_capacity(rows.len());
     for (mut row, history) in rows {
-        tx.prepare_cached("UPDATE tasks SET node = ?, lease_until = ? WHERE id = ?")?
-            .execute(params![node, lease_until, row.id])?;
+        // The attempt is counted as lost once, by its first take-over; its
+        // holder is the node that claimed it, whoever held the lease since.
+        let (holder, lost): (Option<String>, i64) = tx
+            .prepare_cached(
+                "UPDATE tasks SET node = ?, lease_until = ?, \
+                 lost_attempts = lost_attempts + (lost_through < attempt), \
+                 lost_through = attempt WHERE id = ? RETURNING attempt_node, lost_attempts",
+            )?
+            .query_row(params![node, lease_until, row.id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         let previous = row.node.replace(node.to_owned());
         let attempt = row.attempt;
-        out.push(row.into_claimed(attempt, history, previous)?);
+        out.push(row.into_claimed(attempt, history, holder.or(previous), int_u32(lost))?);
     }
     Ok(out)
 }
@@ -498,7 +507,7 @@ pub(super) fn claimed_by(conn: &Connection, node: &str) -> Result<Vec<ClaimedTas
     .into_iter()
     .map(|(row, history)| {
         let attempt = row.attempt;
-        row.into_claimed(attempt, history, None)
+        row.into_claimed(attempt, history, None, 0)
     })
     .collect()
 }

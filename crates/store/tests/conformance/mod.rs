@@ -67,6 +67,8 @@ macro_rules! conformance_suite {
             take_over_skips_live_leases,
             take_over_skips_queued_and_final,
             take_over_concurrently_never_shares,
+            take_over_names_the_node_that_ran_the_attempt,
+            lost_attempts_count_each_attempt_once,
             a_former_holder_writes_nothing,
             a_retried_batch_records_its_transitions_once,
             renew_and_ping,
@@ -101,6 +103,21 @@ pub const PLENTY: Capacity = Capacity {
 
 /// The lease of test claims.
 pub const LEASE: Duration = Duration::from_secs(30);
+
+/// The migrations of `backend` (`sqlite` or `postgres`) that the store
+/// embeds: the `.sql` files of its directory. Version numbers may have
+/// gaps; the migrator applies each once, in version order.
+pub fn migration_count(backend: &str) -> i64 {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    let files = std::fs::read_dir(&dir).expect("the migrations directory");
+    let n = files
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        .count();
+    i64::try_from(n).expect("a few migrations")
+}
 
 /// `T0 + secs` seconds.
 pub fn at(secs: i64) -> OffsetDateTime {
@@ -1478,6 +1495,7 @@ pub async fn take_over_expired_once(h: &dyn Harness) {
         .cloned()
         .map(|c| taskexec_store::ClaimedTask {
             previous_node: None,
+            lost_attempts: 0,
             ..c
         })
         .collect();
@@ -2110,4 +2128,88 @@ pub async fn cancel_and_completion_races_have_one_winner(h: &dyn Harness) {
         }
     }
     assert_eq!(won + lost, TASKS);
+}
+
+/// Two take-overs in a row of one attempt (the first taker lost its lease
+/// before it could record the attempt, after an outage) name the node that
+/// ran the attempt, not the node that took it over first; a later attempt
+/// names its own holder.
+pub async fn take_over_names_the_node_that_ran_the_attempt(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 1, at(1)).await), vec!["a"]);
+    let got = take_over(&*store, "n2", at(40)).await;
+    assert_eq!(ids(&got), vec!["a"]);
+    assert_eq!(got[0].previous_node.as_deref(), Some("n1"));
+    assert_eq!(got[0].record.node.as_deref(), Some("n2"));
+    // n2 never records the attempt (the store was unreachable for it) and
+    // its take-over lease runs out: n3 takes the same attempt over.
+    let got = take_over(&*store, "n3", at(80)).await;
+    assert_eq!(ids(&got), vec!["a"]);
+    assert_eq!(got[0].attempt, 1);
+    assert_eq!(
+        got[0].previous_node.as_deref(),
+        Some("n1"),
+        "attempt 1 ran on n1, not on n2 which only took it over"
+    );
+    // n3 requeues; n2 claims and runs attempt 2, and dies with it.
+    store
+        .apply_as("n3", vec![requeue("a", 1, at(81))])
+        .await
+        .expect("requeue");
+    assert_eq!(ids(&claim(&*store, "n2", 1, at(82)).await), vec!["a"]);
+    let got = take_over(&*store, "n4", at(120)).await;
+    assert_eq!(got[0].attempt, 2);
+    assert_eq!(got[0].previous_node.as_deref(), Some("n2"));
+    let got = take_over(&*store, "n1", at(160)).await;
+    assert_eq!(got[0].attempt, 2);
+    assert_eq!(got[0].previous_node.as_deref(), Some("n2"));
+}
+
+/// Each attempt whose lease expired counts once in `lost_attempts`,
+/// however many nodes take it over; the count survives requeues.
+pub async fn lost_attempts_count_each_attempt_once(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 2, at(1)).await), vec!["a", "b"]);
+    let got = take_over(&*store, "n2", at(40)).await;
+    assert_eq!(
+        got.iter().map(|c| c.lost_attempts).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+    // The same attempt taken over again: still one lost attempt.
+    let got = take_over(&*store, "n3", at(80)).await;
+    assert_eq!(
+        got.iter().map(|c| c.lost_attempts).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+    // a is retried twice more and lost each time; b finishes normally.
+    for (n, t) in [(2u32, 100i64), (3, 200)] {
+        store
+            .apply_as("n3", vec![requeue("a", n - 1, at(t))])
+            .await
+            .expect("requeue");
+        // n3 stops taking things over for a moment: the requeue released
+        // a, which it then claims again from the queue.
+        let c = claim(&*store, "n1", 1, at(t + 1)).await;
+        assert_eq!(ids(&c), vec!["a"]);
+        assert_eq!(c[0].attempt, n);
+        assert_eq!(c[0].lost_attempts, 0, "only a take-over reports the count");
+        let got = take_over(&*store, "n2", at(t + 50)).await;
+        let a: Vec<_> = got.iter().filter(|c| c.record.task.id == "a").collect();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].attempt, n);
+        assert_eq!(a[0].lost_attempts, n, "attempt {n}");
+        // b (held by n3, then n2) is taken over again: still counted once.
+        if let Some(b) = got.iter().find(|c| c.record.task.id == "b") {
+            assert_eq!(b.lost_attempts, 1);
+            assert_eq!(b.previous_node.as_deref(), Some("n1"));
+        }
+        // n3 gets a back for the next round.
+        let back = take_over(&*store, "n3", at(t + 90)).await;
+        assert!(
+            back.iter()
+                .any(|c| c.record.task.id == "a" && c.lost_attempts == n)
+        );
+    }
 }
