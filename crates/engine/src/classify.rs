@@ -39,6 +39,19 @@ fn exhausted(resource: &str, message: String, limit: Value) -> TaskError {
         .with_details(json!({"resource": resource, "limit": limit}))
 }
 
+/// RESOURCE_EXHAUSTION of `outputBytes` by `what` (a stream or the output
+/// file), named in the details under `key`.
+fn output_error(what: &str, key: &str, name: &str, limits: &Limits) -> TaskError {
+    TaskError::new(
+        ErrorType::ResourceExhaustion,
+        format!(
+            "{what} reached its {} cap (limits.outputBytes)",
+            format_bytes(limits.output_bytes)
+        ),
+    )
+    .with_details(json!({"resource": "output", "limit": limits.output_bytes, key: name}))
+}
+
 /// Classifies one run. `read_back[0]` is the output file, `read_back[1]`
 /// the handler's error report.
 pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
@@ -64,6 +77,14 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
             );
         }
         Termination::CpuTimeExceeded => return Verdict::Failed(cpu_time_error(limits)),
+        Termination::OutputCapped(stream) => {
+            return Verdict::Failed(output_error(
+                stream.as_str(),
+                "stream",
+                stream.as_str(),
+                limits,
+            ));
+        }
         Termination::Exited(status) => status,
     };
     let stats = &outcome.stats;
@@ -119,13 +140,11 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
         ),
         Some(ReadBackResult::Read {
             truncated: true, ..
-        }) => Verdict::Failed(exhausted(
-            "output",
-            format!(
-                "the output file is larger than the limit of {} (outputBytes)",
-                format_bytes(limits.output_bytes)
-            ),
-            json!(limits.output_bytes),
+        }) => Verdict::Failed(output_error(
+            "the output file",
+            "file",
+            "$TASK_OUTPUT",
+            limits,
         )),
         Some(ReadBackResult::Read {
             data,
@@ -178,7 +197,10 @@ pub fn limits_hit(outcome: &RunOutcome, limits: &Limits) -> LimitsHit {
             stats.memory_max_hits > 0 || stats.oom_kills > 0,
         ),
         (LimitHit::Disk, outcome.disk_full || signal == Some(SIGXFSZ)),
-        (LimitHit::Output, output_cut),
+        (
+            LimitHit::Output,
+            output_cut || matches!(outcome.termination, Termination::OutputCapped(_)),
+        ),
         (
             LimitHit::Cpu,
             outcome.termination == Termination::CpuTimeExceeded
@@ -248,6 +270,7 @@ fn runtime_error(outcome: &RunOutcome, status: ExitStatus) -> TaskError {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use taskexec_sandbox::OutputStream;
     use taskexec_sandbox::cgroup::CgroupStats;
 
     fn limits() -> Limits {
@@ -339,6 +362,32 @@ mod tests {
             vec![LimitHit::Cpu]
         );
         assert!(hits(&outcome(Termination::Cancelled)).is_empty());
+        assert_eq!(
+            hits(&outcome(Termination::OutputCapped(OutputStream::Stderr))),
+            vec![LimitHit::Output]
+        );
+    }
+
+    #[test]
+    fn a_stream_stopped_at_its_cap_is_output_exhaustion_naming_it() {
+        let mut l = limits();
+        l.output_bytes = 1 << 20;
+        for stream in [OutputStream::Stdout, OutputStream::Stderr] {
+            let Verdict::Failed(e) = classify(&outcome(Termination::OutputCapped(stream)), &l)
+            else {
+                panic!("must fail")
+            };
+            assert_eq!(e.error_type, ErrorType::ResourceExhaustion);
+            let name = stream.as_str();
+            assert_eq!(
+                e.message,
+                format!("{name} reached its 1Mi cap (limits.outputBytes)")
+            );
+            assert_eq!(
+                e.details,
+                Some(json!({"resource": "output", "limit": 1 << 20, "stream": name}))
+            );
+        }
     }
 
     #[test]

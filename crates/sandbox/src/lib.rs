@@ -27,6 +27,7 @@ pub mod uids;
 pub mod warm;
 mod zygote;
 
+pub use capture::OutputStream;
 pub use launcher::{LAUNCHER_ARG, run_if_launcher};
 pub use spawn::{
     CancelToken, LauncherCommand, ReadBackResult, RunOutcome, RunRequest, Sandbox, SandboxConfig,

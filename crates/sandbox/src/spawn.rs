@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::capture::Capped;
+use crate::capture::{Capped, OutputStream, drain_capped, over_cap};
 use crate::cgroup::{CgroupDriver, CgroupError, CgroupLimits, CgroupStats, TaskCgroup};
 use crate::frame::write_frame;
 use crate::launcher::{LAUNCHER_ARG, TASK_FOLLOWS, mono_ns};
@@ -171,6 +171,8 @@ pub enum Termination {
     CpuTimeExceeded,
     /// Killed on request.
     Cancelled,
+    /// Killed when this stream went past `outputBytes`.
+    OutputCapped(OutputStream),
 }
 
 /// Everything observed about one run.
@@ -401,11 +403,24 @@ pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 
 /// Reads what is available from a nonblocking fd; false at EOF.
 pub(crate) fn drain(fd: &OwnedFd, mut sink: impl FnMut(&[u8])) -> bool {
+    drain_while(fd, |d| {
+        sink(d);
+        true
+    })
+}
+
+/// Reads what is available from a nonblocking fd until `sink` returns
+/// false; false at EOF.
+pub(crate) fn drain_while(fd: &OwnedFd, mut sink: impl FnMut(&[u8]) -> bool) -> bool {
     let mut buf = [0u8; 65536];
     loop {
         match nix::unistd::read(fd, &mut buf) {
             Ok(0) => return false,
-            Ok(n) => sink(&buf[..n]),
+            Ok(n) => {
+                if !sink(&buf[..n]) {
+                    return true;
+                }
+            }
             Err(nix::errno::Errno::EAGAIN) => return true,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return false,
@@ -718,6 +733,8 @@ pub(crate) fn watch(
         if killed.is_none() {
             let reason = if cancel.is_some_and(CancelToken::is_cancelled) {
                 Some(Termination::Cancelled)
+            } else if let Some(stream) = over_cap(&stdout, &stderr) {
+                Some(Termination::OutputCapped(stream))
             } else if now >= deadline {
                 Some(Termination::TimedOut)
             } else if let Some(limit) = limits.cpu_time {
@@ -767,14 +784,19 @@ pub(crate) fn watch(
                         .map_err(io("waiting for the launcher"))?;
                     launcher.exited = true;
                 }
-                1 => out_open = drain(&out_r, |d| stdout.push(d)),
-                2 => err_open = drain(&err_r, |d| stderr.push(d)),
+                1 => out_open = drain_capped(&out_r, &mut stdout),
+                2 => err_open = drain_capped(&err_r, &mut stderr),
                 3 => rep_open = drain(&report_r, |d| report_bytes.extend_from_slice(d)),
                 _ => {}
             }
         }
     }
     let exited_mono = mono_ns();
+    // A stream that went past its cap as the task ended: the same verdict
+    // as when it is caught running (whatever is left is killed at cleanup).
+    if killed.is_none() {
+        killed = over_cap(&stdout, &stderr).map(Termination::OutputCapped);
+    }
 
     // Make sense of the reports.
     *heard = !report_bytes.is_empty();

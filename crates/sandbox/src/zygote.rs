@@ -71,7 +71,7 @@ use nix::sys::socket::{
 };
 use serde::Serialize;
 
-use crate::capture::Capped;
+use crate::capture::{Capped, drain_capped, over_cap};
 use crate::cgroup::{CgroupLimits, TaskCgroup};
 use crate::closer::{Deferred, dispose};
 use crate::frame::{read_frame, write_frame};
@@ -1475,6 +1475,8 @@ impl Server {
             if killed.is_none() && status_open {
                 let reason = if cancel.is_some_and(CancelToken::is_cancelled) {
                     Some(Termination::Cancelled)
+                } else if let Some(stream) = over_cap(&stdout, &stderr) {
+                    Some(Termination::OutputCapped(stream))
                 } else if now >= deadline {
                     Some(Termination::TimedOut)
                 } else if let Some(limit) = limits.cpu_time {
@@ -1509,8 +1511,8 @@ impl Server {
             for tag in ready {
                 match tag {
                     0 => status_open = drain(status_r, |d| status_bytes.extend_from_slice(d)),
-                    1 => out_open = drain(out_r, |d| stdout.push(d)),
-                    2 => err_open = drain(err_r, |d| stderr.push(d)),
+                    1 => out_open = drain_capped(out_r, &mut stdout),
+                    2 => err_open = drain_capped(err_r, &mut stderr),
                     // Once the task runs, its code holds the other end:
                     // we only peek there (below), and never receive.
                     3 if started_mono.is_some() => match peek_last_words(task, &last_words) {
@@ -1567,6 +1569,15 @@ impl Server {
             }
         }
         let exited_mono = exited_mono.unwrap_or_else(mono_ns);
+        // A stream that went past its cap as the task ended: the same
+        // verdict as when it is caught running.
+        if killed.is_none() {
+            killed = over_cap(&stdout, &stderr).map(Termination::OutputCapped);
+            if killed.is_some() {
+                *started = true;
+                cgroup.kill_all()?;
+            }
+        }
         if killed.is_none() && task_bytes.first() == Some(&b'E') {
             return Err(SandboxError::Setup {
                 stage: "fork server child".into(),

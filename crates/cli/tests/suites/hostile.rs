@@ -210,17 +210,84 @@ fn sleep_past_the_timeout_is_killed_at_the_wall_clock_limit() {
     assert!(r.elapsed < Duration::from_secs(60), "{:?}", r.elapsed);
 }
 
-#[test]
-fn endless_stdout_is_capped_and_timed_out() {
+/// Python that prints a first line, then numbered lines of 1 KiB to
+/// `stream` forever.
+fn endless(stream: &str) -> String {
+    format!(
+        "import sys\nout = sys.{stream}\nout.write('first line\\n')\nn = 0\n\
+         while True:\n    n += 1\n    out.write(('%09d' % n) + 'x' * 1014 + '\\n')\n"
+    )
+}
+
+/// A task printing forever to `stream` under a long timeout is stopped when
+/// the stream reaches its cap, not at the timeout: RESOURCE_EXHAUSTION
+/// naming the stream, `output` in limitsHit, and the stream kept as its
+/// first bytes, a marker of what was left out, and its last 64 KiB.
+fn endless_stream_is_stopped_at_its_cap(stream: &str) {
     let r = py(
-        "import sys\nline = 'x' * 1023 + '\\n'\nwhile True:\n    sys.stdout.write(line)\n",
-        &["--output-bytes", "64Ki", "--timeout", "2s"],
+        &endless(stream),
+        &["--output-bytes", "256Ki", "--timeout", "600s"],
     );
-    r.expect_timeout("timeoutSeconds");
-    assert_eq!(r.result["stdoutTruncated"], true);
-    let stdout = r.result["stdout"].as_str().unwrap_or("");
-    assert_eq!(stdout.len(), 65536);
-    assert!(stdout.bytes().all(|b| b == b'x' || b == b'\n'));
+    r.expect_exhausted("output");
+    assert_eq!(
+        r.message(),
+        format!("{stream} reached its 256Ki cap (limits.outputBytes)")
+    );
+    assert_eq!(r.details()["stream"], stream, "{}", r.stdout);
+    assert_eq!(r.details()["limit"], 256 << 10);
+    let hit = &r.result["executionMetadata"]["limitsHit"];
+    assert!(
+        hit.as_array().is_some_and(|a| a.contains(&json!("output"))),
+        "{hit}"
+    );
+    assert_eq!(r.result[format!("{stream}Truncated")], true);
+    let kept = r.result[stream].as_str().unwrap_or("");
+    assert!(kept.len() <= 256 << 10, "within the cap: {}", kept.len());
+    assert!(kept.starts_with("first line\n000000001x"), "the head");
+    let (head, rest) = kept.split_once("\n[... ").expect("a marker");
+    let (omitted, tail) = rest.split_once(" bytes omitted ...]\n").expect("a marker");
+    let omitted: u64 = omitted.parse().expect("a count");
+    assert!(omitted > 0, "{omitted}");
+    assert_eq!(tail.len(), 64 << 10, "the last 64 KiB");
+    assert!(tail.ends_with('\n') || tail.ends_with('x'), "{tail:.40}");
+    // Numbered lines: the tail comes after the head, with the omitted
+    // bytes between them.
+    let number = |line: &str| line.get(..9).and_then(|n| n.parse::<u64>().ok());
+    let last_in_head = head.lines().filter_map(number).last().expect("head lines");
+    let first_in_tail = tail.lines().skip(1).find_map(number).expect("tail lines");
+    assert!(first_in_tail > last_in_head, "{last_in_head} < {first_in_tail}");
+}
+
+#[test]
+fn endless_stdout_is_stopped_at_its_cap() {
+    endless_stream_is_stopped_at_its_cap("stdout");
+}
+
+#[test]
+fn endless_stderr_is_stopped_at_its_cap() {
+    endless_stream_is_stopped_at_its_cap("stderr");
+}
+
+#[test]
+fn output_of_exactly_the_cap_is_kept_whole() {
+    let code = "import sys\n\
+                sys.stdout.write('a' * 65535 + '\\n')\n\
+                sys.stdout.flush()\n\
+                sys.stderr.write('e' * 65535 + '\\n')\n\
+                sys.stderr.flush()\n";
+    let r = py(code, &["--output-bytes", "64Ki", "--timeout", "60s"]);
+    r.expect(0, "COMPLETED", None);
+    for (stream, c) in [("stdout", 'a'), ("stderr", 'e')] {
+        let kept = r.result[stream].as_str().unwrap_or("");
+        assert_eq!(kept.len(), 65536, "{stream}");
+        assert_eq!(kept, format!("{}\n", c.to_string().repeat(65535)), "{stream}");
+        assert_eq!(r.result[format!("{stream}Truncated")], false);
+    }
+    let hit = &r.result["executionMetadata"]["limitsHit"];
+    assert!(
+        hit.as_array().is_some_and(|a| !a.contains(&json!("output"))),
+        "{hit}"
+    );
 }
 
 #[test]
