@@ -166,7 +166,7 @@ async fn a_timeout_is_retried_only_when_the_policy_lists_it() {
         .await;
     assert_eq!(
         (r.status, r.output.clone()),
-        (TaskStatus::Completed, json!(2))
+        (TaskStatus::Completed, json!(2).into())
     );
 
     let runner = Scripted::new([Step::TimesOut, Step::Exit(0, "2")]);
