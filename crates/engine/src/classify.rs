@@ -453,6 +453,41 @@ mod tests {
     }
 
     #[test]
+    fn output_is_kept_as_compact_text() {
+        let out = parse_output(b" [ 0 ,\n 0 , {\"a b\" : null} ]\n").expect("valid");
+        assert_eq!(out.get(), r#"[0,0,{"a b":null}]"#);
+        assert!(parse_output(b" \n").expect("blank").is_null());
+        let e = parse_output(b"[0, 0").expect_err("not JSON");
+        assert!(e.to_string().contains("EOF"), "{e}");
+        assert!(parse_output(b"[0] [1]").is_err());
+    }
+
+    #[test]
+    fn an_error_report_too_large_to_parse_is_omitted() {
+        let mut o = outcome(Termination::Exited(ExitStatus::Code(1)));
+        let mut report = br#"{"type":"E","message":"m","stack":"s","junk":["#.to_vec();
+        report.extend(b"0,".repeat(MAX_ERROR_REPORT_BYTES));
+        report.extend(b"0]}");
+        o.read_back[1] = ReadBackResult::Read {
+            data: report,
+            truncated: false,
+        };
+        let Verdict::Failed(e) = classify(&o, &limits()) else {
+            panic!("must fail")
+        };
+        assert_eq!(e.message, "the task exited with code 1");
+        let d = e.details.expect("details");
+        assert!(d.get("exception").is_none());
+        assert!(
+            d["exceptionOmitted"]
+                .as_str()
+                .expect("note")
+                .contains("64Ki"),
+            "{d}"
+        );
+    }
+
+    #[test]
     fn tail_cuts_at_char_boundaries() {
         assert_eq!(tail("héllo".as_bytes(), 4), "llo");
         assert_eq!(tail(b"abc", 10), "abc");

@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, info, warn};
 
 pub use classify::{Verdict, classify};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use schema::{PoolConfig, SchemaCache, SchemaLimits, ValidationPool, Violation};
+pub use schema::{PoolConfig, SchemaCache, SchemaLimits, ValidationPool, Violation, Violations};
 
 use crate::prepare::CompileCache;
 
@@ -1022,8 +1022,7 @@ async fn check_output(
             return Err(TaskError::new(
                 ErrorType::ResourceExhaustion,
                 format!(
-                    "the output is {} of JSON, over this executor's limit of {} on a stored result (--max-result-bytes)",
-                    format_bytes(size),
+                    "the output is {size} bytes of JSON, over this executor's limit of {} on a stored result (--max-result-bytes)",
                     format_bytes(max_result_bytes)
                 ),
             )
@@ -1071,13 +1070,10 @@ fn drop_off_thread(value: Value) {
     drop(tokio::task::spawn_blocking(move || drop(value)));
 }
 
-/// Violations reported in an error at most.
-const MAX_VIOLATIONS: usize = 100;
-
-/// The first [`MAX_VIOLATIONS`] violations (the count is in the message).
-fn capped(mut v: Vec<Violation>) -> Vec<Violation> {
-    v.truncate(MAX_VIOLATIONS);
-    v
+/// The violations reported in an error: the first
+/// [`schema::MAX_VIOLATIONS`] (the count is in the message).
+fn capped(v: schema::Violations) -> Vec<Violation> {
+    v.first
 }
 
 fn relative(dir: &str) -> &str {
