@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// that a task behaves the same both ways.
     #[arg(long)]
     pub warm: bool,
+    /// Largest output kept as the result, in bytes of compact JSON, e.g.
+    /// 16Mi (the default); a larger one fails the task.
+    #[arg(long, value_name = "BYTES")]
+    pub max_result_bytes: Option<String>,
 }
 
 /// The flags that describe a task (shared by `run` and `submit`).
@@ -273,6 +277,7 @@ pub fn build_task(
 
 /// `taskexec run`.
 pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let max_result_bytes = crate::setup::max_result_bytes(args.max_result_bytes.as_deref())?;
     let task = build_task(&args.task, &crate::setup::catalogue(g)?)?;
     // The owner of /proc/self is this process's effective uid.
     let euid = std::os::unix::fs::MetadataExt::uid(
@@ -284,7 +289,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: RunArgs) -> anyhow::Result<ExitC
     } else {
         crate::setup::Warmth::Cold
     };
-    let engine = crate::setup::engine(g, warmth)?;
+    let engine = crate::setup::engine(g, warmth, max_result_bytes)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(4)

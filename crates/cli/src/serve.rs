@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Largest request body accepted, e.g. 8Mi.
     #[arg(long, env = "TASKEXEC_MAX_BODY")]
     pub max_body: Option<String>,
+    /// Largest task output stored as a result, in bytes of compact JSON,
+    /// e.g. 16Mi (the default); a larger one fails the task's attempt.
+    #[arg(long, env = "TASKEXEC_MAX_RESULT_BYTES", value_name = "BYTES")]
+    pub max_result_bytes: Option<String>,
     /// Adapt the number of tasks started at once to the host's sandbox
     /// start latency and memory pressure, within --workers (true/false).
     #[arg(long, env = "TASKEXEC_ADAPTIVE_CONCURRENCY")]
@@ -172,6 +176,8 @@ struct FileConfig {
     batch_writes: Option<bool>,
     /// Body limit.
     max_body: Option<Loose>,
+    /// Stored result limit.
+    max_result_bytes: Option<Loose>,
     /// Adaptive concurrency on or off.
     adaptive_concurrency: Option<bool>,
     /// Lowest adaptive concurrency limit.
@@ -227,6 +233,8 @@ struct Settings {
     auth_token: Option<String>,
     shutdown_grace: Duration,
     max_body: usize,
+    /// The largest output stored as a result.
+    max_result_bytes: u64,
     /// The HTTP server's timeouts and connection limit.
     http: taskexec_api::server::ServerConfig,
     /// The warm runner's settings (`None`: off, every task runs cold).
@@ -341,6 +349,11 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--max-body {v:?}: {e}"))? as usize,
         None => 8 << 20,
     };
+    let max_result_bytes = crate::setup::max_result_bytes(
+        args.max_result_bytes
+            .or(file.max_result_bytes.map(Loose::into_text))
+            .as_deref(),
+    )?;
     let mut http = match args.max_connections.or(file.max_connections) {
         Some(n) if !(2..=1_000_000).contains(&n) => {
             bail!("--max-connections {n}: expected a number from 2 to 1000000")
@@ -412,6 +425,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         auth_token,
         shutdown_grace,
         max_body,
+        max_result_bytes,
         http,
         warm,
     })
@@ -693,7 +707,7 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
         ),
         None => info!("warm runner off: every task runs in a sandbox built for it"),
     }
-    let engine = Arc::new(crate::setup::engine(g, warmth)?);
+    let engine = Arc::new(crate::setup::engine(g, warmth, s.max_result_bytes)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

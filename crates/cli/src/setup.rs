@@ -155,9 +155,34 @@ pub fn default_warm_config() -> WarmConfig {
     }
 }
 
-/// The engine over a real sandbox.
-pub fn engine(g: &GlobalArgs, warmth: Warmth) -> anyhow::Result<Engine> {
-    let engine_config = EngineConfig::default();
+/// The smallest `--max-result-bytes`.
+const MIN_RESULT_BYTES: u64 = 1 << 10;
+/// The largest `--max-result-bytes` (SQLite stores at most 10^9 bytes in
+/// one value, and a result holds more than its output).
+const MAX_RESULT_BYTES: u64 = 512 << 20;
+
+/// `--max-result-bytes` as given (flag, variable or file), or the default
+/// ([`taskexec_engine::DEFAULT_MAX_RESULT_BYTES`]).
+pub fn max_result_bytes(raw: Option<&str>) -> anyhow::Result<u64> {
+    let Some(raw) = raw else {
+        return Ok(taskexec_engine::DEFAULT_MAX_RESULT_BYTES);
+    };
+    let expected = "expected a byte quantity from 1Ki to 512Mi, e.g. 16Mi or 4194304";
+    let bytes = taskexec_model::parse_bytes(raw)
+        .map_err(|e| anyhow::anyhow!("--max-result-bytes {raw:?}: {e}; {expected}"))?;
+    if !(MIN_RESULT_BYTES..=MAX_RESULT_BYTES).contains(&bytes) {
+        anyhow::bail!("--max-result-bytes {raw:?}: out of range; {expected}");
+    }
+    Ok(bytes)
+}
+
+/// The engine over a real sandbox; an output over `max_result_bytes` fails
+/// its attempt instead of being stored ([`EngineConfig::max_result_bytes`]).
+pub fn engine(g: &GlobalArgs, warmth: Warmth, max_result_bytes: u64) -> anyhow::Result<Engine> {
+    let engine_config = EngineConfig {
+        max_result_bytes,
+        ..EngineConfig::default()
+    };
     let task_uids = task_uids(g.task_uids.as_deref(), &engine_config.run_as)?;
     let cgroups = cgroup::detect(g.cgroup_parent.as_deref()).context("cgroups")?;
     let stale = cgroups.remove_stale();

@@ -273,3 +273,34 @@ fn a_worker_shows_and_takes_no_http_flags() {
         &["serves no HTTP API", "taskexec serve"],
     );
 }
+
+#[test]
+fn bad_max_result_bytes_are_usage_errors_naming_the_flag() {
+    for (value, needle) in [
+        ("lots", "lots"),
+        ("0", "out of range"),
+        ("2Gi", "out of range"),
+    ] {
+        let r = run_hello(&["--max-result-bytes", value]);
+        assert_usage_error(
+            &r,
+            "--max-result-bytes",
+            &[needle, "expected a byte quantity from 1Ki to 512Mi"],
+        );
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    for cmd in ["serve", "worker"] {
+        let r = taskexec(&[cmd, "--database", &db, "--max-result-bytes", "1"], &[]);
+        assert_usage_error(
+            &r,
+            "--max-result-bytes \"1\"",
+            &["out of range", "expected a byte quantity from 1Ki to 512Mi"],
+        );
+    }
+    let r = taskexec(
+        &["serve", "--database", &db, "--listen", "127.0.0.1:9"],
+        &[("TASKEXEC_MAX_RESULT_BYTES", "sixteen")],
+    );
+    assert_usage_error(&r, "--max-result-bytes", &["sixteen"]);
+}

@@ -551,3 +551,49 @@ fn a_closed_output_pipe_is_not_a_panic_for_listing_commands() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// An output larger than `--max-result-bytes` fails the task, naming the
+/// cap; a huge array of small values checked against a schema is refused
+/// by its count; without a schema it completes as compact JSON.
+#[test]
+fn large_outputs_are_capped_counted_and_kept_compact() {
+    let code = "def main(input):\n    return [0] * 100000\n";
+    let handler = ["--mode", "handler", "--max-retries", "0"];
+    let r = run_code(
+        code,
+        "python",
+        &[&handler[..], &["--max-result-bytes", "64Ki"]].concat(),
+        &[],
+    );
+    r.expect(1, "FAILED", Some("RESOURCE_EXHAUSTION"));
+    assert!(
+        r.message().contains("--max-result-bytes"),
+        "{}",
+        r.message()
+    );
+    assert_eq!(r.details()["limit"], 65536);
+    assert_eq!(r.details()["bytes"], 200_001);
+    assert_eq!(r.result["output"], Value::Null);
+
+    let r = run_code(
+        code,
+        "python",
+        &[&handler[..], &["--output-schema", r#"{"type":"array"}"#]].concat(),
+        &[],
+    );
+    r.expect(1, "FAILED", Some("RESOURCE_EXHAUSTION"));
+    assert_eq!(r.details()["resource"], "output");
+    assert_eq!(r.details()["values"], 100_001);
+    assert_eq!(r.details()["limit"], 65_536);
+
+    // The handler writes "[0, 0, ...]"; the result holds "[0,0,...]".
+    let r = run_code(code, "python", &handler, &[]);
+    r.expect(0, "COMPLETED", None);
+    assert_eq!(r.output().as_array().map(Vec::len), Some(100_000));
+    // Printed as stored, compact, even inside the pretty-printed result.
+    assert!(
+        r.stdout.contains(r#""output": [0,0,0,"#),
+        "{}",
+        &r.stdout[..300]
+    );
+}

@@ -3,7 +3,9 @@
 //! in a fixed order of precedence.
 
 use serde_json::{Value, json};
-use taskexec_model::{ErrorType, LimitHit, Limits, LimitsHit, TaskError, format_bytes};
+use taskexec_model::{
+    ErrorType, LimitHit, Limits, LimitsHit, TaskError, TaskOutput, compact, format_bytes,
+};
 use taskexec_sandbox::{ExitStatus, ReadBackResult, RunOutcome, Termination, signal_name};
 
 /// Bytes of stderr kept in error details and attempt records.
@@ -14,8 +16,8 @@ pub const STDERR_TAIL: usize = 4096;
 pub enum Verdict {
     /// The task ran and produced `output` (still to be schema-checked).
     Completed {
-        /// The parsed output (null when the task wrote none).
-        output: Value,
+        /// The output as compact JSON text (null when the task wrote none).
+        output: TaskOutput,
     },
     /// The attempt failed.
     Failed(TaskError),
@@ -52,8 +54,29 @@ fn output_error(what: &str, key: &str, name: &str, limits: &Limits) -> TaskError
     .with_details(json!({"resource": "output", "limit": limits.output_bytes, key: name}))
 }
 
+/// The largest handler error report parsed into `details.exception`: a
+/// report is a type, a message and a stack; a larger one is not parsed
+/// (its tree could cost many times its size) and the error says so.
+pub const MAX_ERROR_REPORT_BYTES: usize = 64 * 1024;
+
+/// The output file's bytes as an output: validated as one JSON document
+/// without building a tree of it (`IgnoredAny` skips values, nesting
+/// bounded as for any parse), then kept as compact text. CPU work
+/// proportional to the size: call it off the async executor's threads.
+pub fn parse_output(data: &[u8]) -> Result<TaskOutput, serde_json::Error> {
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return Ok(TaskOutput::null());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(data)?;
+    let text = String::from_utf8(compact(data)).map_err(|_| {
+        <serde_json::Error as serde::de::Error>::custom("the output is not valid UTF-8")
+    })?;
+    TaskOutput::from_json(text)
+}
+
 /// Classifies one run. `read_back[0]` is the output file, `read_back[1]`
-/// the handler's error report.
+/// the handler's error report. Parses the output (see [`parse_output`]):
+/// call it off the async executor's threads.
 pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
     let status = match outcome.termination {
         Termination::Cancelled => {
@@ -129,7 +152,7 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
     }
     match outcome.read_back.first() {
         None | Some(ReadBackResult::Missing) => Verdict::Completed {
-            output: Value::Null,
+            output: TaskOutput::null(),
         },
         Some(ReadBackResult::Refused { reason }) => Verdict::Failed(
             TaskError::new(
@@ -149,13 +172,7 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
         Some(ReadBackResult::Read {
             data,
             truncated: false,
-        }) => {
-            if data.iter().all(u8::is_ascii_whitespace) {
-                return Verdict::Completed {
-                    output: Value::Null,
-                };
-            }
-            match serde_json::from_slice(data) {
+        }) => match parse_output(data) {
                 Ok(output) => Verdict::Completed { output },
                 Err(e) => Verdict::Failed(
                     TaskError::new(
@@ -164,8 +181,7 @@ pub fn classify(outcome: &RunOutcome, limits: &Limits) -> Verdict {
                     )
                     .with_details(json!({"file": "$TASK_OUTPUT", "head": tail(&data[..data.len().min(256)], 256)})),
                 ),
-            }
-        }
+            },
     }
 }
 
@@ -234,7 +250,12 @@ const SIGXFSZ: i32 = 25;
 /// the handler's own error report (type, message, stack) when there is one,
 /// and the tail of stderr.
 fn runtime_error(outcome: &RunOutcome, status: ExitStatus) -> TaskError {
+    let mut report_omitted = false;
     let report: Option<Value> = match outcome.read_back.get(1) {
+        Some(ReadBackResult::Read { data, .. }) if data.len() > MAX_ERROR_REPORT_BYTES => {
+            report_omitted = true;
+            None
+        }
         Some(ReadBackResult::Read { data, .. }) => serde_json::from_slice(data).ok(),
         _ => None,
     };
@@ -257,6 +278,12 @@ fn runtime_error(outcome: &RunOutcome, status: ExitStatus) -> TaskError {
         "signal": signal,
         "stderrTail": tail(&outcome.stderr, STDERR_TAIL),
     });
+    if report_omitted {
+        details["exceptionOmitted"] = json!(format!(
+            "the handler's error report is larger than {} and was not read",
+            format_bytes(MAX_ERROR_REPORT_BYTES as u64)
+        ));
+    }
     if let Some(r) = report {
         details["exception"] = r.clone();
         if let Some(stack) = r.get("stack") {
@@ -313,7 +340,7 @@ mod tests {
         assert_eq!(
             classify(&o, &limits()),
             Verdict::Completed {
-                output: json!({"a": 1})
+                output: json!({"a": 1}).into()
             }
         );
     }
@@ -324,7 +351,7 @@ mod tests {
         assert_eq!(
             classify(&o, &limits()),
             Verdict::Completed {
-                output: Value::Null
+                output: TaskOutput::null()
             }
         );
     }
@@ -472,6 +499,41 @@ mod tests {
                 .starts_with("Traceback")
         );
         assert_eq!(d["exitCode"], 1);
+    }
+
+    #[test]
+    fn output_is_kept_as_compact_text() {
+        let out = parse_output(b" [ 0 ,\n 0 , {\"a b\" : null} ]\n").expect("valid");
+        assert_eq!(out.get(), r#"[0,0,{"a b":null}]"#);
+        assert!(parse_output(b" \n").expect("blank").is_null());
+        let e = parse_output(b"[0, 0").expect_err("not JSON");
+        assert!(e.to_string().contains("EOF"), "{e}");
+        assert!(parse_output(b"[0] [1]").is_err());
+    }
+
+    #[test]
+    fn an_error_report_too_large_to_parse_is_omitted() {
+        let mut o = outcome(Termination::Exited(ExitStatus::Code(1)));
+        let mut report = br#"{"type":"E","message":"m","stack":"s","junk":["#.to_vec();
+        report.extend(b"0,".repeat(MAX_ERROR_REPORT_BYTES));
+        report.extend(b"0]}");
+        o.read_back[1] = ReadBackResult::Read {
+            data: report,
+            truncated: false,
+        };
+        let Verdict::Failed(e) = classify(&o, &limits()) else {
+            panic!("must fail")
+        };
+        assert_eq!(e.message, "the task exited with code 1");
+        let d = e.details.expect("details");
+        assert!(d.get("exception").is_none());
+        assert!(
+            d["exceptionOmitted"]
+                .as_str()
+                .expect("note")
+                .contains("64Ki"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use taskexec_model::{
     AttemptRecord, ErrorType, FieldError, Lifecycle, Limits, LimitsConfig, LimitsHit, Method,
-    PhaseTimings, RetryLimits, RunAs, TaskError, TaskInstance, TaskResult, TaskStatus,
-    ValidRetryPolicy,
+    PhaseTimings, RetryLimits, RunAs, TaskError, TaskInstance, TaskOutput, TaskResult, TaskStatus,
+    ValidRetryPolicy, format_bytes,
 };
 use taskexec_runtimes::{Catalogue, Plan, ResolvedRuntime, RuntimeError};
 use taskexec_sandbox::{
@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, info, warn};
 
 pub use classify::{Verdict, classify};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use schema::{PoolConfig, SchemaCache, SchemaLimits, ValidationPool, Violation};
+pub use schema::{PoolConfig, SchemaCache, SchemaLimits, ValidationPool, Violation, Violations};
 
 use crate::prepare::CompileCache;
 
@@ -100,7 +100,19 @@ pub struct EngineConfig {
     pub schema_limits: SchemaLimits,
     /// The threads, queue and time budget of schema validation.
     pub validation: PoolConfig,
+    /// The largest output stored as a task's result, in bytes of compact
+    /// JSON: a larger one fails the attempt (RESOURCE_EXHAUSTION) instead
+    /// of being stored.
+    pub max_result_bytes: u64,
 }
+
+/// The default of [`EngineConfig::max_result_bytes`]: 16 MiB.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 16 << 20;
+
+/// Bytes of the executor's memory a value of a parsed output costs at most
+/// (a `serde_json::Value` is 32 bytes, an array's spare capacity or an
+/// object's entry and key as much again), for admission.
+pub const TREE_VALUE_BYTES: u64 = 64;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -110,6 +122,7 @@ impl Default for EngineConfig {
             run_as: 60000..=65534,
             schema_limits: SchemaLimits::default(),
             validation: PoolConfig::default(),
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -256,11 +269,31 @@ impl Prepared {
     /// The memory the task holds at its peak, for admission: its limit, or
     /// its compile step's (Java's javac, 512 MiB by default) when that is
     /// larger — the steps run one after the other, each under its own
-    /// limit. Counted even when the compiled classes will come from the
-    /// cache: admission cannot know that ahead.
+    /// limit — plus what the executor may spend on its output
+    /// ([`Self::output_memory_bytes`]). Counted even when the compiled
+    /// classes will come from the cache: admission cannot know that ahead.
     pub fn admitted_memory_bytes(&self) -> u64 {
         let compile = self.plan.compile.as_ref().map_or(0, |c| c.memory_bytes);
-        self.limits.memory_bytes.max(compile)
+        self.limits
+            .memory_bytes
+            .max(compile)
+            .saturating_add(self.output_memory_bytes())
+    }
+
+    /// The executor's own memory for the task's output at most, outside the
+    /// task's cgroup: stdout, stderr, the output file and the error file
+    /// read back (`outputBytes` each), stdout and stderr decoded into the
+    /// result (twice more), the output as compact text (once more); and,
+    /// with an `outputSchema`, the tree the schema is checked on, at most
+    /// [`taskexec_model::max_tree_values`] values of [`TREE_VALUE_BYTES`].
+    pub fn output_memory_bytes(&self) -> u64 {
+        let bytes = self.limits.output_bytes;
+        let tree = if self.output_schema.is_some() {
+            taskexec_model::max_tree_values(bytes).saturating_mul(TREE_VALUE_BYTES)
+        } else {
+            0
+        };
+        bytes.saturating_mul(7).saturating_add(tree)
     }
 }
 
@@ -722,16 +755,27 @@ impl Engine {
         let verdict = match verdict {
             Verdict::Completed { output } => {
                 let t_val = Instant::now();
-                let v = match &p.output_schema {
-                    Some(schema) => {
-                        match self.validation.validate(Arc::clone(schema), output).await {
-                            Ok((output, violations)) if violations.is_empty() => {
+                let checked = check_output(
+                    output,
+                    p.limits.output_bytes,
+                    self.config.max_result_bytes,
+                    p.output_schema.is_some(),
+                )
+                .await;
+                let v = match (checked, &p.output_schema) {
+                    (Err(e), _) => Verdict::Failed(e),
+                    (Ok((output, Some(tree))), Some(schema)) => {
+                        match self.validation.validate(Arc::clone(schema), tree).await {
+                            Ok((tree, violations)) if violations.is_empty() => {
+                                drop_off_thread(tree);
                                 Verdict::Completed { output }
                             }
                             // The output is not repeated in the error: it
                             // can be as large as outputBytes, and the error
                             // is stored with the attempt and the result.
-                            Ok((_, violations)) => Verdict::Failed(
+                            Ok((tree, violations)) => {
+                                drop_off_thread(tree);
+                                Verdict::Failed(
                                 TaskError::new(
                                     ErrorType::OutputValidation,
                                     format!(
@@ -740,7 +784,8 @@ impl Engine {
                                     ),
                                 )
                                 .with_details(json!({"violations": capped(violations)})),
-                            ),
+                            )
+                            }
                             Err(e) => Verdict::Failed(
                                 TaskError::new(
                                     ErrorType::OutputValidation,
@@ -752,7 +797,7 @@ impl Engine {
                             ),
                         }
                     }
-                    None => Verdict::Completed { output },
+                    (Ok((output, _)), _) => Verdict::Completed { output },
                 };
                 phases.output_validation_ms = ms(t_val.elapsed());
                 v
@@ -905,7 +950,8 @@ impl Engine {
                 phases.prepare_ms += ms(outcome.setup_time);
                 phases.run_ms = ms(outcome.run_time);
                 phases.cleanup_ms = sandbox_ms("teardown") + sandbox_ms("cleanup");
-                (classify(&outcome, &p.limits), Some(outcome), phases)
+                let (verdict, outcome) = classify_off_thread(outcome, p.limits).await;
+                (verdict, outcome, phases)
             }
             Err(e) => (Verdict::Failed(setup_error(&e)), None, phases),
         }
@@ -927,13 +973,105 @@ impl Engine {
     }
 }
 
-/// Violations reported in an error at most.
-const MAX_VIOLATIONS: usize = 100;
+/// [`classify`] on a blocking thread (it parses the output, CPU work
+/// proportional to its size). The output file's bytes are dropped from the
+/// returned outcome once classified (the verdict holds the output; its
+/// `truncated` flag stays for [`classify::limits_hit`]).
+async fn classify_off_thread(
+    mut outcome: RunOutcome,
+    limits: Limits,
+) -> (Verdict, Option<RunOutcome>) {
+    let job = tokio::task::spawn_blocking(move || {
+        let verdict = classify(&outcome, &limits);
+        if let Some(taskexec_sandbox::ReadBackResult::Read { data, .. }) =
+            outcome.read_back.first_mut()
+        {
+            *data = Vec::new();
+        }
+        (verdict, outcome)
+    });
+    match job.await {
+        Ok((verdict, outcome)) => (verdict, Some(outcome)),
+        Err(e) => (
+            Verdict::Failed(TaskError::new(
+                ErrorType::Internal,
+                format!("classifying the attempt failed: {e}"),
+            )),
+            None,
+        ),
+    }
+}
 
-/// The first [`MAX_VIOLATIONS`] violations (the count is in the message).
-fn capped(mut v: Vec<Violation>) -> Vec<Violation> {
-    v.truncate(MAX_VIOLATIONS);
-    v
+/// The checks of a task's output before it is kept, on a blocking thread:
+/// not over `max_result_bytes` (the stored result's cap); and, when a
+/// schema is to check it (`tree`), no more values than a tree may hold
+/// for the task's `outputBytes` ([`taskexec_model::max_tree_values`],
+/// counted without building the tree), then the tree. Failures are
+/// RESOURCE_EXHAUSTION of the output.
+async fn check_output(
+    output: TaskOutput,
+    output_bytes: u64,
+    max_result_bytes: u64,
+    tree: bool,
+) -> Result<(TaskOutput, Option<Value>), TaskError> {
+    let job = tokio::task::spawn_blocking(move || {
+        let size = output.len() as u64;
+        if size > max_result_bytes {
+            return Err(TaskError::new(
+                ErrorType::ResourceExhaustion,
+                format!(
+                    "the output is {size} bytes of JSON, over this executor's limit of {} on a stored result (--max-result-bytes)",
+                    format_bytes(max_result_bytes)
+                ),
+            )
+            .with_details(json!({"resource": "output", "limit": max_result_bytes, "bytes": size, "setting": "max-result-bytes"})));
+        }
+        if !tree {
+            return Ok((output, None));
+        }
+        let values = taskexec_model::count_values(output.get().as_bytes());
+        let max = taskexec_model::max_tree_values(output_bytes);
+        if values > max {
+            return Err(TaskError::new(
+                ErrorType::ResourceExhaustion,
+                format!(
+                    "the output holds {values} JSON values, more than the {max} that can be checked against definition.outputSchema with outputBytes {} (one value per {} bytes of outputBytes, at least {}); raise outputBytes or drop the schema",
+                    format_bytes(output_bytes),
+                    taskexec_model::output::OUTPUT_BYTES_PER_TREE_VALUE,
+                    taskexec_model::output::MIN_TREE_VALUES,
+                ),
+            )
+            .with_details(json!({"resource": "output", "limit": max, "values": values})));
+        }
+        let value = output.to_value().map_err(|e| {
+            TaskError::new(
+                ErrorType::Internal,
+                format!("the output could not be parsed again: {e}"),
+            )
+        })?;
+        Ok((output, Some(value)))
+    });
+    job.await.unwrap_or_else(|e| {
+        Err(TaskError::new(
+            ErrorType::Internal,
+            format!("checking the output failed: {e}"),
+        ))
+    })
+}
+
+/// Drops a parsed output on a blocking thread (freeing a large tree is
+/// work proportional to its size).
+fn drop_off_thread(value: Value) {
+    if !matches!(value, Value::Array(_) | Value::Object(_)) {
+        return;
+    }
+    drop(tokio::task::spawn_blocking(move || drop(value)));
+}
+
+/// The violations reported in an error: the first
+/// [`schema::MAX_VIOLATIONS`] (the count is in the message).
+fn capped(v: schema::Violations) -> Vec<Violation> {
+    v.first
 }
 
 fn relative(dir: &str) -> &str {

@@ -537,7 +537,7 @@ impl Service {
                 Some((
                     "memory",
                     format!(
-                        "{} for its compile step (the runtime's `compile.memory`)",
+                        "{} with its compile step (the runtime's `compile.memory`) and the executor's memory for its output (from outputBytes)",
                         taskexec_model::format_bytes(memory)
                     ),
                     taskexec_model::format_bytes(cap.memory_bytes),
@@ -1373,7 +1373,15 @@ impl Service {
                 }];
                 let mut attempts = c.record.attempts.clone();
                 attempts.push(out.record.clone());
-                match out.verdict.clone() {
+                // Moved out, not copied: the output can be as large as the
+                // result cap (the rest of the attempt's output never reads it).
+                let verdict = std::mem::replace(
+                    &mut out.verdict,
+                    Verdict::Completed {
+                        output: taskexec_model::TaskOutput::null(),
+                    },
+                );
+                match verdict {
                     Verdict::Completed { output } => {
                         self.transition(
                             &id,

@@ -166,7 +166,7 @@ async fn a_timeout_is_retried_only_when_the_policy_lists_it() {
         .await;
     assert_eq!(
         (r.status, r.output.clone()),
-        (TaskStatus::Completed, json!(2))
+        (TaskStatus::Completed, json!(2).into())
     );
 
     let runner = Scripted::new([Step::TimesOut, Step::Exit(0, "2")]);
@@ -311,4 +311,114 @@ async fn cancel_racing_completion_yields_exactly_one_final_state() {
         seen.insert(r.status.as_str());
     }
     assert!(!seen.is_empty());
+}
+
+/// `[0,0,0,…]` of `n` values, as text that lives as long as the test.
+fn zeros(n: usize) -> &'static str {
+    let mut text = String::from("[");
+    text.push_str(&"0, ".repeat(n - 1));
+    text.push_str("0]");
+    Box::leak(text.into_boxed_str())
+}
+
+fn with_limits(mut t: TaskInstance, extra: serde_json::Value) -> TaskInstance {
+    let mut v = serde_json::to_value(&t).expect("ser");
+    for (k, val) in extra.as_object().expect("object") {
+        v["executionConfig"]["resourceRequirements"][k] = val.clone();
+    }
+    t = serde_json::from_value(v).expect("valid task");
+    t
+}
+
+/// A huge array of small values checked against a schema is refused by
+/// its count, before a tree of it is built: with a tree the schema
+/// (`maxItems`) would have failed it as OUTPUT_VALIDATION instead.
+#[tokio::test]
+async fn a_huge_array_of_small_values_is_refused_before_a_tree_is_built() {
+    let n = 200_000; // 1Mi of outputBytes allows 65,536 values in a tree
+    let runner = Scripted::new([Step::Exit(0, zeros(n))]);
+    let e = engine(Arc::clone(&runner), Arc::new(ManualClock::new(0.5)));
+    let mut t = task(json!({"maxRetries": 0}));
+    t.definition.output_schema = Some(json!({"type": "array", "maxItems": 1}));
+    let r = e.execute(t, &Cancellation::new().expect("cancel")).await;
+    assert_eq!(r.status, TaskStatus::Failed);
+    let err = r.error.expect("error");
+    assert_eq!(err.error_type, ErrorType::ResourceExhaustion, "{err:?}");
+    let d = err.details.expect("details");
+    assert_eq!(d["resource"], "output");
+    assert_eq!(d["values"], n as u64 + 1);
+    assert_eq!(d["limit"], 65_536);
+    assert!(err.message.contains("outputBytes"), "{}", err.message);
+    assert!(r.output.is_null());
+}
+
+/// Without a schema the same output needs no tree: it completes, kept as
+/// compact text.
+#[tokio::test]
+async fn a_huge_array_without_a_schema_completes_as_compact_text() {
+    let n = 200_000;
+    let runner = Scripted::new([Step::Exit(0, zeros(n))]);
+    let e = engine(Arc::clone(&runner), Arc::new(ManualClock::new(0.5)));
+    let r = e
+        .execute(task(json!({})), &Cancellation::new().expect("cancel"))
+        .await;
+    assert_eq!(r.status, TaskStatus::Completed, "{:?}", r.error);
+    assert_eq!(r.output.len(), 2 * n + 1);
+    assert!(r.output.get().starts_with("[0,0,0,"));
+    let stored = serde_json::to_string(&r).expect("ser");
+    assert!(stored.len() < 2 * n + 4096, "{}", stored.len());
+}
+
+/// An output over the engine's result cap fails the attempt, naming the
+/// cap, instead of being kept.
+#[tokio::test]
+async fn an_output_over_max_result_bytes_fails_naming_the_cap() {
+    let runner = Scripted::new([Step::Exit(0, zeros(1000))]);
+    let e = Engine::new(
+        EngineConfig {
+            max_result_bytes: 1024,
+            ..EngineConfig::default()
+        },
+        Catalogue::builtin(),
+        runner,
+        Arc::new(ManualClock::new(0.5)),
+    );
+    let r = e
+        .execute(
+            task(json!({"maxRetries": 0})),
+            &Cancellation::new().expect("cancel"),
+        )
+        .await;
+    assert_eq!(r.status, TaskStatus::Failed);
+    let err = r.error.expect("error");
+    assert_eq!(err.error_type, ErrorType::ResourceExhaustion);
+    assert!(
+        err.message.contains("--max-result-bytes"),
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("1Ki"), "{}", err.message);
+    let d = err.details.expect("details");
+    assert_eq!(d["resource"], "output");
+    assert_eq!(d["limit"], 1024);
+    assert_eq!(d["bytes"], 2001);
+    assert!(r.output.is_null());
+    // Within the cap, the same output completes.
+    let runner = Scripted::new([Step::Exit(0, zeros(1000))]);
+    let e = Engine::new(
+        EngineConfig {
+            max_result_bytes: 2001,
+            ..EngineConfig::default()
+        },
+        Catalogue::builtin(),
+        runner,
+        Arc::new(ManualClock::new(0.5)),
+    );
+    let r = e
+        .execute(
+            with_limits(task(json!({})), json!({"outputBytes": "4Ki"})),
+            &Cancellation::new().expect("cancel"),
+        )
+        .await;
+    assert_eq!(r.status, TaskStatus::Completed, "{:?}", r.error);
 }

@@ -546,3 +546,33 @@ async fn start_transitions_linger_until_a_short_task_ends() {
     }
     s.cancel(&id).await.expect("cancel");
 }
+
+/// Admission holds, besides a task's memory limit, what the executor may
+/// spend on its output (seven times outputBytes, with no schema): two
+/// tasks whose limits fit the node together but whose outputs do not run
+/// one at a time, and one whose output alone could not fit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executor_memory_for_large_outputs_is_admitted_against_the_node() {
+    let f = Fixture::new([Step::Sleep(50), Step::Sleep(50)]);
+    // 64Mi + 7 x 32Mi = 288Mi each: one fits in 400Mi, two do not.
+    let s = f
+        .service_with(4000, 4, |c| c.capacity.memory_bytes = 400 << 20)
+        .await;
+    let big = || {
+        task(json!({"executionConfig": {"runtime": "python",
+            "resourceRequirements": {"cpu": "1", "memory": "64Mi", "outputBytes": "32Mi"}}}))
+    };
+    let ids = s.submit(vec![big(), big()]).await.expect("submit");
+    for id in &ids {
+        assert_eq!(wait(&s, id.id()).await.status, TaskStatus::Completed);
+    }
+    assert_eq!(f.runner.max_running.load(Ordering::SeqCst), 1);
+    let huge = task(json!({"executionConfig": {"runtime": "python",
+        "resourceRequirements": {"cpu": "1", "memory": "64Mi", "outputBytes": "64Mi"}}}));
+    let message = assert_never_fits(
+        s.submit(vec![huge]).await,
+        0,
+        "executionConfig.resourceRequirements.memory",
+    );
+    assert!(message.contains("memory for its output"), "{message}");
+}

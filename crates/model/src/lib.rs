@@ -12,6 +12,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod limits;
 pub mod method;
+pub mod output;
 pub mod protocol;
 pub mod quantity;
 pub mod result;
@@ -22,6 +23,7 @@ pub use error::{ErrorType, FieldError, Handling, TaskError, UnknownErrorType};
 pub use lifecycle::{IllegalTransition, Lifecycle, TransitionRecord, can_transition};
 pub use limits::{Limits, LimitsConfig};
 pub use method::{MethodAvailability, select_method};
+pub use output::{TaskOutput, compact, count_values, max_tree_values};
 pub use quantity::{
     QuantityError, QuantityValue, format_bytes, format_cpu_millis, format_duration, parse_bytes,
     parse_cpu_millis, parse_duration,

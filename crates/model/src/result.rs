@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use crate::error::TaskError;
 use crate::lifecycle::TransitionRecord;
+use crate::output::TaskOutput;
 use crate::task::Method;
 
 /// The state of a task. Serialized in SCREAMING_SNAKE_CASE (`"RECEIVED"`,
@@ -319,8 +320,8 @@ pub struct TaskResult {
     pub task_id: String,
     /// Final (or current) status.
     pub status: TaskStatus,
-    /// The task's output (`null` unless completed).
-    pub output: serde_json::Value,
+    /// The task's output (`null` unless completed), as compact JSON text.
+    pub output: TaskOutput,
     /// The error, unless completed.
     pub error: Option<TaskError>,
     /// Captured stdout of the last attempt.
@@ -395,7 +396,7 @@ mod tests {
         let result = TaskResult {
             task_id: "t1".into(),
             status: TaskStatus::Failed,
-            output: serde_json::Value::Null,
+            output: TaskOutput::null(),
             error: Some(TaskError::new(ErrorType::Timeout, "timed out after 1s")),
             stdout: "hi\n".into(),
             stderr: String::new(),
@@ -498,7 +499,7 @@ mod tests {
         assert_eq!(
             r,
             TaskResult {
-                output: json!(3),
+                output: json!(3).into(),
                 ..TaskResult::new("x", TaskStatus::Completed)
             }
         );

@@ -375,7 +375,7 @@ pub fn cancel_won_transition(record: &TransitionRecord) -> TransitionRecord {
 pub(crate) fn cancel_won(result: &TaskResult) -> TaskResult {
     let mut out = result.clone();
     out.status = TaskStatus::Cancelled;
-    out.output = serde_json::Value::Null;
+    out.output = taskexec_model::TaskOutput::null();
     out.error = Some(TaskError::new(
         ErrorType::Cancelled,
         "the task was cancelled",

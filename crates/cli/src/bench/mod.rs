@@ -247,8 +247,16 @@ impl Run<'_> {
         preload: Option<(&Program, &ResolvedRuntime)>,
     ) -> anyhow::Result<Vec<Group>> {
         self.progress.label("starting the engines");
-        let cold = crate::setup::engine(self.g, crate::setup::Warmth::Cold)?;
-        let warm = crate::setup::engine(self.g, crate::setup::Warmth::Warm)?;
+        let cold = crate::setup::engine(
+            self.g,
+            crate::setup::Warmth::Cold,
+            taskexec_engine::DEFAULT_MAX_RESULT_BYTES,
+        )?;
+        let warm = crate::setup::engine(
+            self.g,
+            crate::setup::Warmth::Warm,
+            taskexec_engine::DEFAULT_MAX_RESULT_BYTES,
+        )?;
         let tokio = local::async_runtime()?;
         let mut groups = Vec::new();
         for (p, rt) in programs {
@@ -604,7 +612,11 @@ fn external_baselines(
             args.baseline_tasks
         );
     }
-    let warm = crate::setup::engine(g, crate::setup::Warmth::Warm)?;
+    let warm = crate::setup::engine(
+        g,
+        crate::setup::Warmth::Warm,
+        taskexec_engine::DEFAULT_MAX_RESULT_BYTES,
+    )?;
     let tokio = local::async_runtime()?;
     let task: TaskInstance =
         serde_json::from_value(program.task_json(resources)).context("the trivial task")?;

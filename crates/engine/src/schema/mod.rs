@@ -104,14 +104,76 @@ impl SchemaCache {
 }
 
 /// Every violation of `instance` against `validator`.
-pub fn violations(validator: &Validator, instance: &Value) -> Vec<Violation> {
-    validator
-        .iter_errors(instance)
-        .map(|e| Violation {
-            path: e.instance_path().to_string(),
-            message: e.to_string(),
-        })
-        .collect()
+pub fn violations(validator: &Validator, instance: &Value) -> Violations {
+    let mut found = Violations::default();
+    for e in validator.iter_errors(instance) {
+        found.total += 1;
+        if found.first.len() < MAX_VIOLATIONS {
+            found.first.push(Violation {
+                path: bounded(e.instance_path()),
+                message: bounded(&e),
+            });
+        }
+    }
+    found
+}
+
+/// Violations kept in full at most (the rest are only counted).
+pub const MAX_VIOLATIONS: usize = 100;
+
+/// Bytes of a violation's message or path kept at most: a message such as
+/// `[0,0,…] is not of type "object"` quotes the whole instance, which can
+/// be as large as the output, and the message is stored with the attempt,
+/// the result and a retry's summary.
+pub const MAX_VIOLATION_TEXT: usize = 512;
+
+/// The violations of one validation: the first [`MAX_VIOLATIONS`], and how
+/// many in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Violations {
+    /// The first violations found, in the validator's order.
+    pub first: Vec<Violation>,
+    /// How many were found.
+    pub total: usize,
+}
+
+impl Violations {
+    /// Whether the instance is valid.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// How many violations were found (more than [`Violations::first`]
+    /// holds when over [`MAX_VIOLATIONS`]).
+    pub fn len(&self) -> usize {
+        self.total
+    }
+}
+
+/// `value` displayed, cut at [`MAX_VIOLATION_TEXT`] bytes (formatting stops
+/// there: a message quoting a large instance is never built whole).
+fn bounded(value: &dyn std::fmt::Display) -> String {
+    struct Capped(String);
+    impl std::fmt::Write for Capped {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = MAX_VIOLATION_TEXT - self.0.len();
+            if s.len() <= room {
+                self.0.push_str(s);
+                return Ok(());
+            }
+            let mut end = room;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.0.push_str(&s[..end]);
+            Err(std::fmt::Error)
+        }
+    }
+    let mut out = Capped(String::new());
+    if std::fmt::Write::write_fmt(&mut out, format_args!("{value}")).is_err() {
+        out.0.push_str("… (cut)");
+    }
+    out.0
 }
 
 #[cfg(test)]
@@ -133,9 +195,36 @@ mod tests {
             }))
             .expect("valid schema");
         let errs = violations(&v, &json!({"name": "a", "tags": [[1, "x"], [2]]}));
-        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        let paths: Vec<&str> = errs.first.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, vec!["/name", "/tags/0/1"], "{errs:?}");
         assert!(violations(&v, &json!({"name": "ab", "tags": []})).is_empty());
+    }
+
+    /// A message quoting a large instance is cut, not stored whole; past
+    /// the first hundred, violations are only counted.
+    #[test]
+    fn violations_are_bounded_in_number_and_size() {
+        let cache = SchemaCache::default();
+        let object = cache
+            .compile(&json!({"type": "object"}))
+            .expect("valid schema");
+        let big = Value::Array(vec![json!(0); 100_000]);
+        let errs = violations(&object, &big);
+        assert_eq!(errs.len(), 1);
+        let message = &errs.first[0].message;
+        assert!(
+            message.len() <= MAX_VIOLATION_TEXT + 16,
+            "{}",
+            message.len()
+        );
+        assert!(message.starts_with("[0,0,") && message.ends_with("… (cut)"));
+
+        let strings = cache
+            .compile(&json!({"items": {"type": "string"}}))
+            .expect("valid schema");
+        let errs = violations(&strings, &big);
+        assert_eq!((errs.len(), errs.first.len()), (100_000, MAX_VIOLATIONS));
+        assert_eq!(errs.first[99].path, "/99");
     }
 
     #[test]
@@ -151,7 +240,7 @@ mod tests {
         assert!(violations(&v, &json!({"to": "ada@example.com"})).is_empty());
         let errs = violations(&v, &json!({"to": "not an address"}));
         assert_eq!(errs.len(), 1);
-        assert_eq!(errs[0].path, "/to");
+        assert_eq!(errs.first[0].path, "/to");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use jsonschema::Validator;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{Violation, violations};
+use super::{Violations, violations};
 
 /// Settings of the validation pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub enum PoolError {
 }
 
 /// What a validation hands back: the instance, and its violations.
-pub type Checked = (Value, Vec<Violation>);
+pub type Checked = (Value, Violations);
 
 type Job = Box<dyn FnOnce() + Send>;
 

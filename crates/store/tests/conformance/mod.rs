@@ -229,7 +229,7 @@ pub fn attempt_done(id: &str, attempt: u32, status: TaskStatus, end: OffsetDateT
 pub fn result(id: &str, status: TaskStatus, end: OffsetDateTime) -> TaskResult {
     let mut r = TaskResult::new(id, status);
     if status == Completed {
-        r.output = json!({"answer": 42});
+        r.output = json!({"answer": 42}).into();
     } else {
         r.error = Some(TaskError::new(ErrorType::RuntimeError, "exit 1"));
     }
