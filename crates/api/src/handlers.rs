@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::error::{ApiError, ErrorResponse};
+use crate::error::{ApiError, ErrorKind, ErrorResponse};
 use crate::extract::{ApiJson, ApiQuery, TaskId};
 use crate::schema;
 
@@ -159,6 +159,26 @@ fn submit_error(e: SubmitError, batch: bool) -> ApiError {
             ApiError::rejected(&error, &prefix)
         }
         SubmitError::QueueFull { retry_after } => ApiError::queue_full(retry_after),
+        SubmitError::Store(StoreError::IdempotencyConflict {
+            index,
+            key,
+            existing,
+        }) => {
+            let field = if batch {
+                format!("tasks[{index}].idempotencyKey")
+            } else {
+                "Idempotency-Key".to_owned()
+            };
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::InputValidation,
+                format!(
+                    "the idempotency key {key:?} was already used for a different request \
+                     (task {existing}): use a new key for a different task"
+                ),
+            )
+            .with_field(field)
+        }
         SubmitError::Store(e) if is_unique_violation(&e) => {
             if batch {
                 ApiError::conflict("a task of the batch reuses the id of an existing task")
@@ -242,7 +262,7 @@ async fn current_status(service: &Service, id: &str) -> Result<TaskStatus, ApiEr
         (status = 409, description = "A task with this id exists", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "The body is not declared as JSON (Content-Type)", body = ErrorResponse),
-        (status = 422, description = "The task does not validate", body = ErrorResponse),
+        (status = 422, description = "The task does not validate, or its idempotency key was used for a different request", body = ErrorResponse),
         (status = 429, description = "The queue is full", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),
@@ -277,12 +297,15 @@ pub(crate) async fn submit_task(
     // With `wait`, the wait is registered before the task is stored, so
     // that a task that ends at once on this node cannot be missed and the
     // store is not read before it ends.
+    // The digest of the request is of the task as sent (before an id is
+    // assigned).
+    let request_hash = taskexec_store::request_hash(&task);
     let watch = wait.map(|_| {
         Service::assign_id(&mut task);
         service.watch_final(&task.id)
     });
     let submitted = service
-        .submit(vec![task])
+        .submit_hashed("", vec![(Some(request_hash), task)])
         .await
         .map_err(|e| submit_error(e, false))?;
     let Some(first) = submitted.into_iter().next() else {
@@ -337,7 +360,7 @@ pub(crate) async fn submit_task(
         (status = 409, description = "A task id exists", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "The body is not declared as JSON (Content-Type)", body = ErrorResponse),
-        (status = 422, description = "A task does not validate", body = ErrorResponse),
+        (status = 422, description = "A task does not validate, or reuses an idempotency key with a different request", body = ErrorResponse),
         (status = 429, description = "The queue is full", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),

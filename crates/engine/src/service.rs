@@ -478,14 +478,31 @@ impl Service {
         &self.config
     }
 
-    /// Validates and enqueues tasks, all or nothing.
+    /// Validates and enqueues tasks, all or nothing, each with the digest of
+    /// the task as given ([`taskexec_store::request_hash`]), in the shared
+    /// idempotency key space.
     pub async fn submit(&self, tasks: Vec<TaskInstance>) -> Result<Vec<Submitted>, SubmitError> {
+        let tasks = tasks
+            .into_iter()
+            .map(|t| (Some(taskexec_store::request_hash(&t)), t))
+            .collect();
+        self.submit_hashed("", tasks).await
+    }
+
+    /// [`Self::submit`] with the request digest of each task computed by the
+    /// caller (before it assigned an id), its idempotency keys in key space
+    /// `scope` (one per API credential; "" the shared one).
+    pub async fn submit_hashed(
+        &self,
+        scope: &str,
+        tasks: Vec<(Option<String>, TaskInstance)>,
+    ) -> Result<Vec<Submitted>, SubmitError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::Unavailable);
         }
         let mut new = Vec::with_capacity(tasks.len());
         let mut preparations = Vec::with_capacity(tasks.len());
-        for (index, mut task) in tasks.into_iter().enumerate() {
+        for (index, (request_hash, mut task)) in tasks.into_iter().enumerate() {
             Self::assign_id(&mut task);
             let prepared = match self.engine.prepare(&task) {
                 Ok(p) => self
@@ -544,6 +561,8 @@ impl Service {
                 memory_bytes: memory,
                 received: record(None, TaskStatus::Received, 0, "received"),
                 task,
+                idempotency_scope: scope.to_owned(),
+                request_hash,
             });
             preparations.push(prepared);
         }
