@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use taskexec_engine::service::{Service, SubmitError, TaskEvent};
 use taskexec_model::{TaskInstance, TaskStatus, TransitionRecord};
-use taskexec_store::{CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskRecord};
+use taskexec_store::{
+    CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskProgress, TaskRecord,
+};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -572,7 +574,12 @@ pub(crate) async fn stream_task_events(
     // Subscribe first: an event sent while the history is read is not lost
     // (it is skipped later if the history already had it).
     let events = state.service.subscribe();
-    let rec = record_of(&state, &id).await?;
+    let rec = state
+        .service
+        .progress(&id)
+        .await
+        .map_err(|e| store_error("reading a task failed", &e))?
+        .ok_or_else(|| ApiError::no_task(&id))?;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let service = std::sync::Arc::clone(&state.service);
     tokio::spawn(follow(service, id, rec, events, tx));
@@ -604,7 +611,7 @@ fn transition_event(id: &str, r: &TransitionRecord) -> Event {
 /// Sends the stored history not yet sent; true if the task is final.
 async fn send_history(
     id: &str,
-    rec: &TaskRecord,
+    rec: &TaskProgress,
     seen: &mut HashSet<TransitionKey>,
     tx: &mpsc::Sender<Event>,
 ) -> Result<bool, ()> {
@@ -621,7 +628,7 @@ async fn send_history(
 async fn follow(
     service: std::sync::Arc<Service>,
     id: String,
-    rec: TaskRecord,
+    rec: TaskProgress,
     mut events: broadcast::Receiver<TaskEvent>,
     tx: mpsc::Sender<Event>,
 ) {
@@ -631,7 +638,8 @@ async fn follow(
         Ok(true) | Err(()) => return,
     }
     // Events come from this node's workers; a task running on another node
-    // (several nodes on one database) is followed by re-reading the store.
+    // (several nodes on one database) is followed by re-reading its
+    // progress (not its input or output) from the store.
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -639,7 +647,7 @@ async fn follow(
             () = tx.closed() => return,
             r = events.recv() => r,
             _ = poll.tick() => {
-                match service.get(&id).await {
+                match service.progress(&id).await {
                     Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
                         Ok(false) => continue,
                         Ok(true) | Err(()) => return,
@@ -667,7 +675,7 @@ async fn follow(
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // Events were dropped: catch up from the store.
                 tracing::debug!(task_id = %id, missed, "event stream lagged; re-reading the history");
-                match service.get(&id).await {
+                match service.progress(&id).await {
                     Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
                         Ok(false) => {}
                         Ok(true) | Err(()) => return,

@@ -23,7 +23,7 @@ use taskexec_model::{
 use taskexec_sandbox::WarmStats;
 use taskexec_store::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ErrorClass, ListPage, ListQuery, NewTask,
-    StoreError, Submitted, TaskRecord, TaskStore, Write,
+    StoreError, Submitted, TaskProgress, TaskRecord, TaskStore, Write,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
@@ -645,6 +645,11 @@ impl Service {
         self.store.get(id).await
     }
 
+    /// One task's progress (its lifecycle without input or output).
+    pub async fn progress(&self, id: &str) -> Result<Option<TaskProgress>, StoreError> {
+        self.store.progress(id).await
+    }
+
     /// A page of tasks.
     pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
         self.store.list(q).await
@@ -698,11 +703,13 @@ impl Service {
                     let id = watch.id.clone();
                     watch = self.finals.watch(&id);
                 }
-                let Some(rec) = self.store.get(&watch.id).await? else {
+                // The progress while not final (cheap whatever the task's
+                // size), the whole record once.
+                let Some(progress) = self.store.progress(&watch.id).await? else {
                     return Ok(None);
                 };
-                if rec.status.is_final() {
-                    return Ok(Some(rec));
+                if progress.status.is_final() {
+                    return self.store.get(&watch.id).await;
                 }
             }
             read = true;
