@@ -12,14 +12,16 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use taskexec_engine::service::{Service, SubmitError, TaskEvent};
 use taskexec_model::{TaskInstance, TaskStatus, TransitionRecord};
-use taskexec_store::{CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskRecord};
+use taskexec_store::{
+    CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskProgress, TaskRecord,
+};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::error::{ApiError, ErrorResponse};
+use crate::error::{ApiError, ErrorKind, ErrorResponse};
 use crate::extract::{ApiJson, ApiQuery, TaskId};
 use crate::schema;
 
@@ -159,6 +161,26 @@ fn submit_error(e: SubmitError, batch: bool) -> ApiError {
             ApiError::rejected(&error, &prefix)
         }
         SubmitError::QueueFull { retry_after } => ApiError::queue_full(retry_after),
+        SubmitError::Store(StoreError::IdempotencyConflict {
+            index,
+            key,
+            existing,
+        }) => {
+            let field = if batch {
+                format!("tasks[{index}].idempotencyKey")
+            } else {
+                "Idempotency-Key".to_owned()
+            };
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::InputValidation,
+                format!(
+                    "the idempotency key {key:?} was already used for a different request \
+                     (task {existing}): use a new key for a different task"
+                ),
+            )
+            .with_field(field)
+        }
         SubmitError::Store(e) if is_unique_violation(&e) => {
             if batch {
                 ApiError::conflict("a task of the batch reuses the id of an existing task")
@@ -242,7 +264,7 @@ async fn current_status(service: &Service, id: &str) -> Result<TaskStatus, ApiEr
         (status = 409, description = "A task with this id exists", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "The body is not declared as JSON (Content-Type)", body = ErrorResponse),
-        (status = 422, description = "The task does not validate", body = ErrorResponse),
+        (status = 422, description = "The task does not validate, or its idempotency key was used for a different request", body = ErrorResponse),
         (status = 429, description = "The queue is full", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),
@@ -277,12 +299,15 @@ pub(crate) async fn submit_task(
     // With `wait`, the wait is registered before the task is stored, so
     // that a task that ends at once on this node cannot be missed and the
     // store is not read before it ends.
+    // The digest of the request is of the task as sent (before an id is
+    // assigned).
+    let request_hash = taskexec_store::request_hash(&task);
     let watch = wait.map(|_| {
         Service::assign_id(&mut task);
         service.watch_final(&task.id)
     });
     let submitted = service
-        .submit(vec![task])
+        .submit_hashed("", vec![(Some(request_hash), task)])
         .await
         .map_err(|e| submit_error(e, false))?;
     let Some(first) = submitted.into_iter().next() else {
@@ -337,7 +362,7 @@ pub(crate) async fn submit_task(
         (status = 409, description = "A task id exists", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "The body is not declared as JSON (Content-Type)", body = ErrorResponse),
-        (status = 422, description = "A task does not validate", body = ErrorResponse),
+        (status = 422, description = "A task does not validate, or reuses an idempotency key with a different request", body = ErrorResponse),
         (status = 429, description = "The queue is full", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),
@@ -549,7 +574,12 @@ pub(crate) async fn stream_task_events(
     // Subscribe first: an event sent while the history is read is not lost
     // (it is skipped later if the history already had it).
     let events = state.service.subscribe();
-    let rec = record_of(&state, &id).await?;
+    let rec = state
+        .service
+        .progress(&id)
+        .await
+        .map_err(|e| store_error("reading a task failed", &e))?
+        .ok_or_else(|| ApiError::no_task(&id))?;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let service = std::sync::Arc::clone(&state.service);
     tokio::spawn(follow(service, id, rec, events, tx));
@@ -581,7 +611,7 @@ fn transition_event(id: &str, r: &TransitionRecord) -> Event {
 /// Sends the stored history not yet sent; true if the task is final.
 async fn send_history(
     id: &str,
-    rec: &TaskRecord,
+    rec: &TaskProgress,
     seen: &mut HashSet<TransitionKey>,
     tx: &mpsc::Sender<Event>,
 ) -> Result<bool, ()> {
@@ -598,7 +628,7 @@ async fn send_history(
 async fn follow(
     service: std::sync::Arc<Service>,
     id: String,
-    rec: TaskRecord,
+    rec: TaskProgress,
     mut events: broadcast::Receiver<TaskEvent>,
     tx: mpsc::Sender<Event>,
 ) {
@@ -608,7 +638,8 @@ async fn follow(
         Ok(true) | Err(()) => return,
     }
     // Events come from this node's workers; a task running on another node
-    // (several nodes on one database) is followed by re-reading the store.
+    // (several nodes on one database) is followed by re-reading its
+    // progress (not its input or output) from the store.
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -616,7 +647,7 @@ async fn follow(
             () = tx.closed() => return,
             r = events.recv() => r,
             _ = poll.tick() => {
-                match service.get(&id).await {
+                match service.progress(&id).await {
                     Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
                         Ok(false) => continue,
                         Ok(true) | Err(()) => return,
@@ -644,7 +675,7 @@ async fn follow(
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // Events were dropped: catch up from the store.
                 tracing::debug!(task_id = %id, missed, "event stream lagged; re-reading the history");
-                match service.get(&id).await {
+                match service.progress(&id).await {
                     Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
                         Ok(false) => {}
                         Ok(true) | Err(()) => return,

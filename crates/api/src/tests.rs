@@ -745,6 +745,49 @@ async fn idempotency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_with_a_different_body_is_refused() {
+    let app = app().await;
+    let with_key = |uri: &str, key: &str, body: &str| {
+        Request::post(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key)
+            .body(Body::from(body.to_owned()))
+            .expect("request")
+    };
+    let body = task(json!({"input": {"a": 1, "b": [2, 3]}})).to_string();
+    let a = send(&app, with_key("/v1/tasks", "d-1", &body)).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+    let first = a.json["id"].as_str().expect("id").to_owned();
+    // The same task with other whitespace and key order, and through
+    // `wait` (which assigns the id before storing): the same request.
+    let reordered = r#"{ "input": {"b": [2, 3], "a": 1},
+        "definition": {"code": "echo hello", "runtime": "bash", "name": "t"} }"#;
+    for uri in ["/v1/tasks", "/v1/tasks?wait=10ms"] {
+        let a = send(&app, with_key(uri, "d-1", reordered)).await;
+        assert_eq!(a.status, StatusCode::OK, "{uri}: {}", a.text);
+        // A reference, or the whole record if the task is final by now.
+        let id = a.json.get("id").unwrap_or(&a.json["task"]["id"]);
+        assert_eq!(id, first.as_str(), "{uri}: {}", a.text);
+    }
+    // Another input under the same key.
+    let other = task(json!({"input": {"a": 2}})).to_string();
+    let a = send(&app, with_key("/v1/tasks", "d-1", &other)).await;
+    let e = a.error(StatusCode::UNPROCESSABLE_ENTITY, "INPUT_VALIDATION");
+    assert_eq!(e["field"], "Idempotency-Key", "{}", a.text);
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains(&first)),
+        "{}",
+        a.text
+    );
+    // In a batch, naming the task.
+    let batch = json!({"tasks": [task(json!({})), task(json!({"idempotencyKey": "d-1"}))]});
+    let a = send(&app, post_json("/v1/tasks/batch", &batch)).await;
+    let e = a.error(StatusCode::UNPROCESSABLE_ENTITY, "INPUT_VALIDATION");
+    assert_eq!(e["field"], "tasks[1].idempotencyKey", "{}", a.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches() {
     let app = app().await;
     let batch = json!({"tasks": [task(json!({"id": "b-1"})), task(json!({"id": "b-2", "idempotencyKey": "bk"}))]});
@@ -757,7 +800,7 @@ async fn batches() {
             {"id": "b-2", "status": "RECEIVED", "existing": false},
         ]})
     );
-    let again = json!({"tasks": [task(json!({"id": "b-3", "idempotencyKey": "bk"}))]});
+    let again = json!({"tasks": [task(json!({"id": "b-2", "idempotencyKey": "bk"}))]});
     let a = send(&app, post_json("/v1/tasks/batch", &again)).await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
     assert_eq!(a.json["tasks"][0]["id"], "b-2");

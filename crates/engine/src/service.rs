@@ -23,7 +23,7 @@ use taskexec_model::{
 use taskexec_sandbox::WarmStats;
 use taskexec_store::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ErrorClass, ListPage, ListQuery, NewTask,
-    StoreError, Submitted, TaskRecord, TaskStore, Write,
+    StoreError, Submitted, TaskProgress, TaskRecord, TaskStore, Write,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
@@ -497,14 +497,31 @@ impl Service {
         &self.config
     }
 
-    /// Validates and enqueues tasks, all or nothing.
+    /// Validates and enqueues tasks, all or nothing, each with the digest of
+    /// the task as given ([`taskexec_store::request_hash`]), in the shared
+    /// idempotency key space.
     pub async fn submit(&self, tasks: Vec<TaskInstance>) -> Result<Vec<Submitted>, SubmitError> {
+        let tasks = tasks
+            .into_iter()
+            .map(|t| (Some(taskexec_store::request_hash(&t)), t))
+            .collect();
+        self.submit_hashed("", tasks).await
+    }
+
+    /// [`Self::submit`] with the request digest of each task computed by the
+    /// caller (before it assigned an id), its idempotency keys in key space
+    /// `scope` (one per API credential; "" the shared one).
+    pub async fn submit_hashed(
+        &self,
+        scope: &str,
+        tasks: Vec<(Option<String>, TaskInstance)>,
+    ) -> Result<Vec<Submitted>, SubmitError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::Unavailable);
         }
         let mut new = Vec::with_capacity(tasks.len());
         let mut preparations = Vec::with_capacity(tasks.len());
-        for (index, mut task) in tasks.into_iter().enumerate() {
+        for (index, (request_hash, mut task)) in tasks.into_iter().enumerate() {
             Self::assign_id(&mut task);
             let prepared = match self.engine.prepare(&task) {
                 Ok(p) => self
@@ -563,6 +580,8 @@ impl Service {
                 memory_bytes: memory,
                 received: record(None, TaskStatus::Received, 0, "received"),
                 task,
+                idempotency_scope: scope.to_owned(),
+                request_hash,
             });
             preparations.push(prepared);
         }
@@ -645,6 +664,11 @@ impl Service {
         self.store.get(id).await
     }
 
+    /// One task's progress (its lifecycle without input or output).
+    pub async fn progress(&self, id: &str) -> Result<Option<TaskProgress>, StoreError> {
+        self.store.progress(id).await
+    }
+
     /// A page of tasks.
     pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
         self.store.list(q).await
@@ -698,11 +722,13 @@ impl Service {
                     let id = watch.id.clone();
                     watch = self.finals.watch(&id);
                 }
-                let Some(rec) = self.store.get(&watch.id).await? else {
+                // The progress while not final (cheap whatever the task's
+                // size), the whole record once.
+                let Some(progress) = self.store.progress(&watch.id).await? else {
                     return Ok(None);
                 };
-                if rec.status.is_final() {
-                    return Ok(Some(rec));
+                if progress.status.is_final() {
+                    return self.store.get(&watch.id).await;
                 }
             }
             read = true;

@@ -58,6 +58,10 @@ impl TaskStore for Outage {
         self.check()?;
         self.inner.get(id).await
     }
+    async fn progress(&self, id: &str) -> Result<Option<taskexec_store::TaskProgress>, StoreError> {
+        self.check()?;
+        self.inner.progress(id).await
+    }
     async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
         self.check()?;
         self.inner.list(q).await

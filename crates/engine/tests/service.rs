@@ -362,6 +362,8 @@ async fn a_restart_recovers_tasks_left_running_and_retries_them() {
                 cpu_millis: 1000,
                 memory_bytes: 64 << 20,
                 received,
+                idempotency_scope: String::new(),
+                request_hash: None,
             }],
             100,
         )

@@ -502,17 +502,55 @@ pub(crate) fn greedy_fit(
 
 /// For each task of a submitted batch, the index of the task whose outcome
 /// it shares: itself, or the first earlier task of the batch with the same
-/// idempotency key (which is then `Existing` with that task's id).
-pub(crate) fn batch_leaders(tasks: &[NewTask]) -> Vec<usize> {
-    let mut first: HashMap<&str, usize> = HashMap::new();
-    tasks
-        .iter()
-        .enumerate()
-        .map(|(i, new)| match new.task.idempotency_key.as_deref() {
+/// stored idempotency key (which is then `Existing` with that task's id).
+/// Fails with [`StoreError::IdempotencyConflict`] when such a task was sent
+/// with another request digest.
+pub(crate) fn batch_leaders(tasks: &[NewTask]) -> Result<Vec<usize>, StoreError> {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    let mut leaders = Vec::with_capacity(tasks.len());
+    for (i, new) in tasks.iter().enumerate() {
+        let leader = match new.stored_key() {
             Some(key) => *first.entry(key).or_insert(i),
             None => i,
-        })
-        .collect()
+        };
+        if let Some(lead) = tasks.get(leader)
+            && !new.same_request(lead.request_hash.as_deref())
+        {
+            return Err(conflict(i, new, &lead.task.id));
+        }
+        leaders.push(leader);
+    }
+    Ok(leaders)
+}
+
+/// The error of task `index` of a submission, whose key belongs to task
+/// `existing` submitted with another request.
+pub(crate) fn conflict(index: usize, new: &NewTask, existing: &str) -> StoreError {
+    StoreError::IdempotencyConflict {
+        index,
+        key: new.task.idempotency_key.clone().unwrap_or_default(),
+        existing: existing.to_owned(),
+    }
+}
+
+/// The digest stored with an idempotency key: SHA-256, in lowercase hex, of
+/// the canonical JSON of `task` as submitted (before an id is assigned):
+/// the parsed task serialized again with object keys sorted and no
+/// whitespace. So two requests that differ only in whitespace, key order,
+/// or in leaving out a field rather than sending its default, have the
+/// same digest.
+pub fn request_hash(task: &TaskInstance) -> String {
+    use sha2::{Digest, Sha256};
+    // `serde_json::Value` keeps objects in sorted order (a BTreeMap).
+    let canonical = serde_json::to_value(task)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let digest = Sha256::digest(canonical.as_bytes());
+    digest.iter().fold(String::with_capacity(64), |mut out, b| {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 /// The result of task `id`, cancelled while queued: its history (the
@@ -616,6 +654,8 @@ mod tests {
                     attempt: 0,
                     reason: String::new(),
                 },
+                idempotency_scope: String::new(),
+                request_hash: None,
             }
         };
         let batch = [
@@ -626,6 +666,9 @@ mod tests {
             task("e", Some("j")),
             task("f", None),
         ];
-        assert_eq!(batch_leaders(&batch), vec![0, 1, 0, 3, 3, 5]);
+        assert_eq!(
+            batch_leaders(&batch).expect("no conflict"),
+            vec![0, 1, 0, 3, 3, 5]
+        );
     }
 }

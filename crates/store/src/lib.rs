@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use taskexec_model::{AttemptRecord, TaskInstance, TaskResult, TaskStatus, TransitionRecord};
 use time::OffsetDateTime;
 
-pub use common::cancel_won_transition;
+pub use common::{cancel_won_transition, request_hash};
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{Durability, SqliteStore};
 
@@ -101,6 +101,19 @@ pub enum StoreError {
         depth: u64,
         /// The bound.
         max: u64,
+    },
+    /// Task `index` of a submission reuses an idempotency key stored (or
+    /// sent earlier in the same batch) with a different request.
+    #[error(
+        "the idempotency key {key:?} was already used for a different request (task {existing})"
+    )]
+    IdempotencyConflict {
+        /// The task's index in the submitted batch.
+        index: usize,
+        /// The key, as the client sent it.
+        key: String,
+        /// The id of the task the key belongs to.
+        existing: String,
     },
     /// A listing cursor that no listing returned.
     #[error("invalid listing cursor {0:?}")]
@@ -229,6 +242,40 @@ pub struct NewTask {
     pub memory_bytes: u64,
     /// The RECEIVED transition.
     pub received: TransitionRecord,
+    /// The key space of the task's `idempotencyKey`: a key is deduplicated
+    /// only against tasks submitted with the same scope (one per API
+    /// credential). Empty: the shared key space, the one of tasks stored
+    /// before scopes existed.
+    pub idempotency_scope: String,
+    /// A digest of the request that submitted the task ([`request_hash`]),
+    /// stored with its idempotency key: a later submission of the same key
+    /// with another digest is refused ([`StoreError::IdempotencyConflict`]).
+    /// `None` (and tasks stored before digests existed) matches any.
+    pub request_hash: Option<String>,
+}
+
+impl NewTask {
+    /// The deduplication key as stored: the task's `idempotencyKey`, after
+    /// its scope and a unit separator when the scope is not empty (a key
+    /// holds no control character, so two scopes never collide).
+    pub fn stored_key(&self) -> Option<String> {
+        let key = self.task.idempotency_key.as_deref()?;
+        Some(if self.idempotency_scope.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}\u{1f}{key}", self.idempotency_scope)
+        })
+    }
+
+    /// Whether this task's request digest and a stored one (of an earlier
+    /// task with the same key) allow the earlier task as the answer: equal,
+    /// or either unknown.
+    pub(crate) fn same_request(&self, stored: Option<&str>) -> bool {
+        match (self.request_hash.as_deref(), stored) {
+            (Some(mine), Some(theirs)) => mine == theirs,
+            _ => true,
+        }
+    }
 }
 
 /// What `submit` did with one task.
@@ -285,6 +332,29 @@ pub struct TaskRecord {
     pub attempts: Vec<AttemptRecord>,
     /// The final result, once final.
     pub result: Option<TaskResult>,
+}
+
+/// What a follower of a running task reads ([`TaskStore::progress`]): the
+/// task's lifecycle without its input, output or attempt records, so that
+/// reading it costs the same whatever the size of the task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskProgress {
+    /// Current status.
+    pub status: TaskStatus,
+    /// Attempts started so far.
+    pub attempt: u32,
+    /// Waiting to be claimed.
+    pub queued: bool,
+    /// Node running it, if claimed.
+    pub node: Option<String>,
+    /// When it was submitted.
+    pub submitted_at: OffsetDateTime,
+    /// Last change.
+    pub updated_at: OffsetDateTime,
+    /// A cancel was requested.
+    pub cancel_requested: bool,
+    /// Every transition so far (as in [`TaskRecord::history`]).
+    pub history: Vec<TransitionRecord>,
 }
 
 /// A row of a listing.
@@ -485,6 +555,10 @@ pub trait TaskStore: Send + Sync + Debug {
     }
     /// One task, whole.
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+    /// One task's progress: the fields of [`TaskRecord`] that change while
+    /// it runs, from one snapshot, without reading its submitted task,
+    /// attempt records or result.
+    async fn progress(&self, id: &str) -> Result<Option<TaskProgress>, StoreError>;
     /// A page of tasks, newest first.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
     /// Claims up to `limit` queued tasks whose `run_after` has passed, by

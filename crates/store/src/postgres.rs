@@ -64,13 +64,13 @@ use taskexec_model::TransitionRecord;
 use time::OffsetDateTime;
 
 use crate::common::{
-    TaskRow, TaskState, apply_write, batch_leaders, cancelled_result, duration_ms, from_ms,
-    greedy_fit, int_u32, int_u64, json_err, not_final, page_size, parse_cursor, parse_history,
-    parse_status, state_columns, task_columns, to_ms, u64_int, write_target,
+    TaskRow, TaskState, apply_write, batch_leaders, cancelled_result, conflict, duration_ms,
+    from_ms, greedy_fit, int_u32, int_u64, json_err, not_final, page_size, parse_cursor,
+    parse_history, parse_status, state_columns, task_columns, to_ms, u64_int, write_target,
 };
 use crate::{
     CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats, StoreError,
-    Submitted, TaskRecord, TaskStore, TaskSummary, Write,
+    Submitted, TaskProgress, TaskRecord, TaskStore, TaskSummary, Write,
 };
 
 /// The embedded migrations of the PostgreSQL schema.
@@ -289,20 +289,28 @@ async fn notify_queue(conn: &mut PgConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The ids of the tasks stored with the idempotency keys `keys`, by key.
+/// The ids and request digests of the tasks stored with the (stored)
+/// idempotency keys `keys`, by key.
 async fn ids_by_key(
     conn: &mut PgConnection,
     keys: &[&str],
-) -> Result<HashMap<String, String>, StoreError> {
+) -> Result<HashMap<String, (String, Option<String>)>, StoreError> {
     if keys.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query("SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY($1)")
-        .bind(keys)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT idempotency_key, id, request_hash FROM tasks WHERE idempotency_key = ANY($1)",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
     rows.iter()
-        .map(|row| Ok((row.try_get("idempotency_key")?, row.try_get("id")?)))
+        .map(|row| {
+            Ok((
+                row.try_get("idempotency_key")?,
+                (row.try_get("id")?, row.try_get("request_hash")?),
+            ))
+        })
         .collect()
 }
 
@@ -336,10 +344,12 @@ async fn insert_tasks(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let mut hashes = Vec::with_capacity(n);
     for new in fresh {
         let id = new.task.id.as_str();
         ids.push(id);
-        keys.push(new.task.idempotency_key.as_deref());
+        keys.push(new.stored_key());
+        hashes.push(new.request_hash.as_deref());
         workflows.push(new.task.workflow_instance_id.as_deref());
         runtimes.push(new.runtime.as_str());
         priorities.push(new.task.priority);
@@ -352,12 +362,13 @@ async fn insert_tasks(
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO tasks (seq, id, idempotency_key, workflow_instance_id, runtime, priority, \
          cpu_millis, memory_bytes, status, queued, run_after, attempt, cancel_requested, \
-         submitted_at, updated_at, queued_since, task_json, attempts_json) \
+         submitted_at, updated_at, queued_since, task_json, attempts_json, request_hash) \
          SELECT u.seq, u.id, u.ikey, u.workflow, u.runtime, u.priority, u.cpu, u.mem, u.status, \
-         true, u.at, 0, false, u.at, u.at, u.at, u.task_json, '[]' \
+         true, u.at, 0, false, u.at, u.at, u.at, u.task_json, '[]', u.request_hash \
          FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], \
-         $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::text[]) \
-         AS u(seq, id, ikey, workflow, runtime, priority, cpu, mem, status, at, task_json) \
+         $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::text[], $12::text[]) \
+         AS u(seq, id, ikey, workflow, runtime, priority, cpu, mem, status, at, task_json, \
+         request_hash) \
          ORDER BY u.ikey NULLS LAST, u.id \
          ON CONFLICT (idempotency_key) DO NOTHING \
          RETURNING id",
@@ -373,6 +384,7 @@ async fn insert_tasks(
     .bind(&statuses)
     .bind(&ats)
     .bind(&task_jsons)
+    .bind(&hashes)
     .fetch_all(&mut *conn)
     .await?;
     let inserted: HashSet<String> = inserted.into_iter().collect();
@@ -498,22 +510,38 @@ impl TaskStore for PgStore {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let leaders = batch_leaders(&tasks);
+        let leaders = batch_leaders(&tasks)?;
         let is_leader = |i: usize| leaders.get(i) == Some(&i);
         // Leaders whose key is already stored: the earlier task's id.
         let mut existing: HashMap<usize, String> = HashMap::new();
+        let stored_keys: Vec<Option<String>> = tasks.iter().map(NewTask::stored_key).collect();
+        let key_of = |i: usize| stored_keys.get(i).and_then(Option::as_deref);
         let mut tx = self.pool.begin().await?;
-        let keyed: Vec<(usize, &str)> = tasks
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| is_leader(*i))
-            .filter_map(|(i, new)| new.task.idempotency_key.as_deref().map(|k| (i, k)))
+        let keyed: Vec<(usize, &str)> = (0..tasks.len())
+            .filter(|i| is_leader(*i))
+            .filter_map(|i| key_of(i).map(|k| (i, k)))
             .collect();
         let keys: Vec<&str> = keyed.iter().map(|(_, k)| *k).collect();
         let found = ids_by_key(&mut tx, &keys).await?;
+        // The earlier task of leader `i`, unless it was sent with another
+        // request (then the whole submission fails).
+        let earlier = |i: usize, (id, hash): &(String, Option<String>)| {
+            let new = tasks.get(i).ok_or(sqlx::Error::RowNotFound)?;
+            if new.same_request(hash.as_deref()) {
+                Ok(id.clone())
+            } else {
+                Err(conflict(i, new, id))
+            }
+        };
         for (i, key) in &keyed {
-            if let Some(id) = found.get(*key) {
-                existing.insert(*i, id.clone());
+            if let Some(stored) = found.get(*key) {
+                match earlier(*i, stored) {
+                    Ok(id) => existing.insert(*i, id),
+                    Err(e) => {
+                        tx.rollback().await?;
+                        return Err(e);
+                    }
+                };
             }
         }
         let fresh: Vec<usize> = (0..tasks.len())
@@ -542,7 +570,7 @@ impl TaskStore for PgStore {
                 .iter()
                 .filter_map(|i| tasks.get(*i).map(|new| (*i, new)))
                 .filter(|(_, new)| !inserted.contains(&new.task.id))
-                .filter_map(|(i, new)| new.task.idempotency_key.as_deref().map(|k| (i, k)))
+                .filter_map(|(i, _)| key_of(i).map(|k| (i, k)))
                 .collect();
             if lost.len() + inserted.len() != fresh.len() {
                 // A task without a key is always inserted (or the insert
@@ -554,8 +582,14 @@ impl TaskStore for PgStore {
             for (i, key) in lost {
                 // Skipped on conflict means stored and committed: visible
                 // to this later statement.
-                let id = found.get(key).ok_or(sqlx::Error::RowNotFound)?;
-                existing.insert(i, id.clone());
+                let stored = found.get(key).ok_or(sqlx::Error::RowNotFound)?;
+                match earlier(i, stored) {
+                    Ok(id) => existing.insert(i, id),
+                    Err(e) => {
+                        tx.rollback().await?;
+                        return Err(e);
+                    }
+                };
             }
             if !inserted.is_empty() {
                 notify_queue(&mut tx).await?;
@@ -599,6 +633,32 @@ impl TaskStore for PgStore {
             }
             None => Ok(None),
         }
+    }
+
+    async fn progress(&self, id: &str) -> Result<Option<TaskProgress>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT status, attempt, queued, node, submitted_at, updated_at, cancel_requested, ",
+            history_column!(),
+            " FROM tasks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("status")?;
+        let history: Vec<String> = row.try_get("history")?;
+        Ok(Some(TaskProgress {
+            status: parse_status(id, &status)?,
+            attempt: int_u32(row.try_get("attempt")?),
+            queued: row.try_get("queued")?,
+            node: row.try_get("node")?,
+            submitted_at: from_ms(row.try_get("submitted_at")?),
+            updated_at: from_ms(row.try_get("updated_at")?),
+            cancel_requested: row.try_get("cancel_requested")?,
+            history: parse_history(id, history)?,
+        }))
     }
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {

@@ -39,7 +39,7 @@ use crate::common::{
 };
 use crate::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats,
-    StoreError, Submitted, TaskRecord, TaskStore, TaskSummary, Write,
+    StoreError, Submitted, TaskProgress, TaskRecord, TaskStore, TaskSummary, Write,
 };
 
 /// The embedded migrations of the SQLite schema.
@@ -256,6 +256,13 @@ impl TaskStore for SqliteStore {
         let id = id.to_owned();
         self.readers
             .read(move |conn| statements::get(conn, &id))
+            .await
+    }
+
+    async fn progress(&self, id: &str) -> Result<Option<TaskProgress>, StoreError> {
+        let id = id.to_owned();
+        self.readers
+            .read(move |conn| statements::progress(conn, &id))
             .await
     }
 

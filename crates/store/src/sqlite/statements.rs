@@ -11,12 +11,13 @@ use taskexec_model::{TaskStatus, TransitionRecord};
 use time::OffsetDateTime;
 
 use crate::common::{
-    TaskRow, TaskState, apply_write, cancelled_result, duration_ms, greedy_fit, int_u32, int_u64,
-    json_err, not_final, parse_history, parse_status, state_columns, task_columns, to_ms, u64_int,
-    write_target,
+    TaskRow, TaskState, apply_write, cancelled_result, conflict, duration_ms, from_ms, greedy_fit,
+    int_u32, int_u64, json_err, not_final, parse_history, parse_status, state_columns,
+    task_columns, to_ms, u64_int, write_target,
 };
 use crate::{
-    CancelOutcome, Capacity, ClaimedTask, NewTask, StoreError, Submitted, TaskRecord, Write,
+    CancelOutcome, Capacity, ClaimedTask, NewTask, StoreError, Submitted, TaskProgress, TaskRecord,
+    Write,
 };
 
 /// A claim with owned parts, to move into a job.
@@ -81,6 +82,41 @@ pub(super) fn get(conn: &Connection, id: &str) -> Result<Option<TaskRecord>, Sto
     .transpose()
 }
 
+/// Task `id`'s progress, from one statement.
+pub(super) fn progress(conn: &Connection, id: &str) -> Result<Option<TaskProgress>, StoreError> {
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT status, attempt, queued, node, submitted_at, updated_at, cancel_requested, ",
+        history_column!(),
+        " FROM tasks WHERE id = ?"
+    ))?;
+    let row = stmt
+        .query_row([id], |row| {
+            Ok((
+                row.get::<_, String>("status")?,
+                row.get::<_, String>("history_json")?,
+                TaskProgress {
+                    status: TaskStatus::Received,
+                    attempt: int_u32(row.get("attempt")?),
+                    queued: row.get::<_, i64>("queued")? != 0,
+                    node: row.get("node")?,
+                    submitted_at: from_ms(row.get("submitted_at")?),
+                    updated_at: from_ms(row.get("updated_at")?),
+                    cancel_requested: row.get::<_, i64>("cancel_requested")? != 0,
+                    history: Vec::new(),
+                },
+            ))
+        })
+        .optional()?;
+    row.map(|(status, history, progress)| {
+        Ok(TaskProgress {
+            status: parse_status(id, &status)?,
+            history: serde_json::from_str(&history).map_err(json_err(id))?,
+            ..progress
+        })
+    })
+    .transpose()
+}
+
 /// Whether some task is claimable at `now_ms` within `free`: the read
 /// that answers most claims of an idle or keeping-up node.
 pub(super) fn any_claimable(
@@ -136,12 +172,12 @@ fn insert_task(tx: &Transaction<'_>, new: &NewTask) -> Result<(), StoreError> {
     tx.prepare_cached(
         "INSERT INTO tasks (id, idempotency_key, workflow_instance_id, runtime, priority, \
          cpu_millis, memory_bytes, status, queued, run_after, attempt, cancel_requested, \
-         submitted_at, updated_at, queued_since, task_json, attempts_json) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, 0, 0, ?9, ?9, ?9, ?10, '[]')",
+         submitted_at, updated_at, queued_since, task_json, attempts_json, request_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, 0, 0, ?9, ?9, ?9, ?10, '[]', ?11)",
     )?
     .execute(params![
         id,
-        new.task.idempotency_key.as_deref(),
+        new.stored_key(),
         new.task.workflow_instance_id.as_deref(),
         new.runtime.as_str(),
         i64::from(new.task.priority),
@@ -150,6 +186,7 @@ fn insert_task(tx: &Transaction<'_>, new: &NewTask) -> Result<(), StoreError> {
         new.received.to.as_str(),
         at,
         task_json,
+        new.request_hash.as_deref(),
     ])?;
     append_event(tx, id, &new.received)
 }
@@ -220,24 +257,31 @@ pub(super) fn submit(
 ) -> Result<Vec<Submitted>, StoreError> {
     let mut out = Vec::with_capacity(tasks.len());
     let mut fresh: Vec<&NewTask> = Vec::with_capacity(tasks.len());
-    let mut batch_keys: HashMap<&str, &str> = HashMap::new();
-    for new in tasks {
-        if let Some(key) = new.task.idempotency_key.as_deref() {
-            if let Some(id) = batch_keys.get(key) {
+    // Stored key -> the task of this batch that holds it.
+    let mut batch_keys: HashMap<String, &NewTask> = HashMap::new();
+    for (index, new) in tasks.iter().enumerate() {
+        if let Some(key) = new.stored_key() {
+            if let Some(lead) = batch_keys.get(&key) {
+                if !new.same_request(lead.request_hash.as_deref()) {
+                    return Err(conflict(index, new, &lead.task.id));
+                }
                 out.push(Submitted::Existing {
-                    id: (*id).to_owned(),
+                    id: lead.task.id.clone(),
                 });
                 continue;
             }
-            let earlier: Option<String> = tx
-                .prepare_cached("SELECT id FROM tasks WHERE idempotency_key = ?")?
-                .query_row([key], |r| r.get(0))
+            let earlier: Option<(String, Option<String>)> = tx
+                .prepare_cached("SELECT id, request_hash FROM tasks WHERE idempotency_key = ?")?
+                .query_row([key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(id) = earlier {
+            if let Some((id, hash)) = earlier {
+                if !new.same_request(hash.as_deref()) {
+                    return Err(conflict(index, new, &id));
+                }
                 out.push(Submitted::Existing { id });
                 continue;
             }
-            batch_keys.insert(key, &new.task.id);
+            batch_keys.insert(key, new);
         }
         out.push(Submitted::Created {
             id: new.task.id.clone(),

@@ -23,7 +23,7 @@ use taskexec_model::{
 };
 use taskexec_store::{
     CancelOutcome, Capacity, ClaimRequest, ClaimedTask, ListQuery, NewTask, QueueStats, StoreError,
-    Submitted, TaskStore, Write,
+    Submitted, TaskProgress, TaskStore, Write,
 };
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -47,6 +47,8 @@ macro_rules! conformance_suite {
             submit_then_get_round_trips,
             idempotent_across_submissions,
             idempotent_within_a_batch,
+            an_idempotency_key_with_another_request_conflicts,
+            idempotency_keys_are_scoped,
             queue_full_is_atomic,
             claim_by_priority_then_fifo,
             submit_and_claim_claims_as_a_claim_after_the_submission_would,
@@ -54,6 +56,7 @@ macro_rules! conformance_suite {
             claim_respects_run_after,
             concurrent_claimers_never_share,
             apply_writes_are_visible,
+            progress_follows_the_record,
             apply_fences_stale_attempts,
             final_tasks_never_change,
             final_transition_then_finish,
@@ -145,6 +148,8 @@ pub fn new_task(id: &str) -> NewTask {
             attempt: 0,
             reason: "received".to_owned(),
         },
+        idempotency_scope: String::new(),
+        request_hash: None,
     }
 }
 
@@ -159,6 +164,14 @@ pub fn prio_task(id: &str, priority: i32) -> NewTask {
 pub fn keyed_task(id: &str, key: &str) -> NewTask {
     let mut t = new_task(id);
     t.task.idempotency_key = Some(key.to_owned());
+    t
+}
+
+/// [`keyed_task`] with a request digest and a key scope.
+pub fn hashed_task(id: &str, key: &str, hash: &str, scope: &str) -> NewTask {
+    let mut t = keyed_task(id, key);
+    t.request_hash = Some(hash.to_owned());
+    t.idempotency_scope = scope.to_owned();
     t
 }
 
@@ -406,6 +419,94 @@ pub async fn idempotent_within_a_batch(h: &dyn Harness) {
         assert_eq!(store.get(missing).await.expect("get"), None, "{missing}");
     }
     assert_eq!(store.stats().await.expect("stats").queued, 3);
+}
+
+/// The same key with the same request digest answers the first task; with
+/// another digest the submission fails as a whole, naming the task and the
+/// key's task; a task stored without a digest matches any.
+pub async fn an_idempotency_key_with_another_request_conflicts(h: &dyn Harness) {
+    let store = h.open().await;
+    let first = submit(&*store, vec![hashed_task("a", "key", "h1", "")]).await;
+    assert_eq!(first, vec![Submitted::Created { id: "a".to_owned() }]);
+    let same = submit(&*store, vec![hashed_task("b", "key", "h1", "")]).await;
+    assert_eq!(same, vec![Submitted::Existing { id: "a".to_owned() }]);
+    let conflict = |r: Result<Vec<Submitted>, StoreError>| match r {
+        Err(StoreError::IdempotencyConflict {
+            index,
+            key,
+            existing,
+        }) => (index, key, existing),
+        other => panic!("expected an idempotency conflict, got {other:?}"),
+    };
+    let other = store
+        .submit(vec![new_task("c"), hashed_task("d", "key", "h2", "")], 1000)
+        .await;
+    assert_eq!(conflict(other), (1, "key".to_owned(), "a".to_owned()));
+    // Nothing of the refused submission is stored.
+    assert_eq!(store.get("c").await.expect("get"), None);
+    assert_eq!(store.get("d").await.expect("get"), None);
+    // Within one batch too.
+    let batch = store
+        .submit(
+            vec![
+                hashed_task("e", "k2", "h1", ""),
+                hashed_task("f", "k2", "h2", ""),
+            ],
+            1000,
+        )
+        .await;
+    assert_eq!(conflict(batch), (1, "k2".to_owned(), "e".to_owned()));
+    assert_eq!(store.get("e").await.expect("get"), None);
+    // A task stored without a digest (as before digests existed) matches.
+    submit(&*store, vec![keyed_task("g", "k3")]).await;
+    let legacy = submit(&*store, vec![hashed_task("h", "k3", "h9", "")]).await;
+    assert_eq!(legacy, vec![Submitted::Existing { id: "g".to_owned() }]);
+    assert_eq!(store.stats().await.expect("stats").queued, 2);
+}
+
+/// A key is deduplicated only within its scope: the same key in another
+/// scope is another task, and a conflict in one scope is none in another.
+pub async fn idempotency_keys_are_scoped(h: &dyn Harness) {
+    let store = h.open().await;
+    let out = submit(
+        &*store,
+        vec![
+            hashed_task("a", "key", "h1", ""),
+            hashed_task("b", "key", "h2", "cred-1"),
+            hashed_task("c", "key", "h3", "cred-2"),
+            hashed_task("d", "key", "h2", "cred-1"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        vec![
+            Submitted::Created { id: "a".to_owned() },
+            Submitted::Created { id: "b".to_owned() },
+            Submitted::Created { id: "c".to_owned() },
+            Submitted::Existing { id: "b".to_owned() },
+        ]
+    );
+    let again = submit(
+        &*store,
+        vec![
+            hashed_task("x", "key", "h3", "cred-2"),
+            hashed_task("y", "key", "h1", ""),
+        ],
+    )
+    .await;
+    assert_eq!(
+        again,
+        vec![
+            Submitted::Existing { id: "c".to_owned() },
+            Submitted::Existing { id: "a".to_owned() },
+        ]
+    );
+    // The task keeps the key as the client sent it.
+    assert_eq!(
+        get(&*store, "b").await.task.idempotency_key.as_deref(),
+        Some("key")
+    );
 }
 
 /// A batch that would overflow the queue stores nothing and reports the
@@ -735,6 +836,75 @@ pub async fn concurrent_claimers_never_share(h: &dyn Harness) {
             .len();
     }
     assert_eq!(by_nodes, 200);
+}
+
+/// `progress` answers what `get` does for the fields it has, at every
+/// step of a task's life (queued, claimed, running, cancel requested,
+/// final), and `None` for a missing task.
+pub async fn progress_follows_the_record(h: &dyn Harness) {
+    let store = h.open().await;
+    let matches = |rec: &taskexec_store::TaskRecord, p: &TaskProgress| {
+        assert_eq!(p.status, rec.status);
+        assert_eq!(p.attempt, rec.attempt);
+        assert_eq!(p.queued, rec.queued);
+        assert_eq!(p.node, rec.node);
+        assert_eq!(p.submitted_at, rec.submitted_at);
+        assert_eq!(p.updated_at, rec.updated_at);
+        assert_eq!(p.cancel_requested, rec.cancel_requested);
+        assert_eq!(p.history, rec.history);
+    };
+    let progress = |id: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .progress(id)
+                .await
+                .expect("progress")
+                .expect("the task exists")
+        }
+    };
+    submit(&*store, vec![new_task("a")]).await;
+    let p = progress("a").await;
+    assert_eq!((p.status, p.attempt, p.queued), (Received, 0, true));
+    matches(&get(&*store, "a").await, &p);
+
+    claim(&*store, "n1", 1, at(1)).await;
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Received, Preparing, at(2)),
+            transition("a", 1, Preparing, Running, at(3)),
+        ],
+    )
+    .await;
+    let p = progress("a").await;
+    assert_eq!((p.status, p.attempt, p.queued), (Running, 1, false));
+    assert_eq!(p.node.as_deref(), Some("n1"));
+    assert_eq!(p.history.len(), 3);
+    matches(&get(&*store, "a").await, &p);
+
+    store
+        .request_cancel("a", record(Running, Cancelled, at(4), 1))
+        .await
+        .expect("cancel");
+    let p = progress("a").await;
+    assert!(p.cancel_requested);
+    matches(&get(&*store, "a").await, &p);
+
+    apply(
+        &*store,
+        vec![
+            transition("a", 1, Running, Cancelled, at(5)),
+            finish("a", 1, Cancelled, at(5)),
+        ],
+    )
+    .await;
+    let p = progress("a").await;
+    assert_eq!(p.status, Cancelled);
+    assert_eq!(p.updated_at, at(5));
+    matches(&get(&*store, "a").await, &p);
+
+    assert_eq!(store.progress("nope").await.expect("progress"), None);
 }
 
 /// Transition, AttemptDone, Requeue and Finish are visible in `get`.
