@@ -274,6 +274,8 @@ async fn stored_task(store: &dyn TaskStore, id: &str) -> OffsetDateTime {
             attempt: 0,
             reason: "received".to_owned(),
         },
+        idempotency_scope: String::new(),
+        request_hash: None,
     };
     store.submit(vec![new], 100).await.expect("submit");
     base
