@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use taskexec_engine::service::{Service, SubmitError, TaskEvent};
 use taskexec_model::{TaskInstance, TaskStatus, TransitionRecord};
+use taskexec_service::{Service, SubmitError, TaskEvent};
 use taskexec_store::{
     CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskProgress, TaskRecord,
 };

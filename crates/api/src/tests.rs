@@ -9,13 +9,13 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use serde_json::{Value, json};
-use taskexec_engine::service::{Service, ServiceConfig};
 use taskexec_engine::{AttemptRunner, Engine, EngineConfig, SystemClock};
 use taskexec_runtimes::Catalogue;
 use taskexec_sandbox::cgroup::CgroupStats;
 use taskexec_sandbox::{
     CancelToken, ExitStatus, ReadBackResult, RunOutcome, RunRequest, SandboxError, Termination,
 };
+use taskexec_service::{Service, ServiceConfig};
 use taskexec_store::{Capacity, SqliteStore};
 use tower::ServiceExt as _;
 

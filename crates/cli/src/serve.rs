@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
-use taskexec_engine::limiter::ConcurrencyConfig;
-use taskexec_engine::service::{Service, ServiceConfig};
 use taskexec_sandbox::{StartLimit, WarmConfig};
+use taskexec_service::limiter::ConcurrencyConfig;
+use taskexec_service::{Service, ServiceConfig};
 use taskexec_store::{Capacity, PgStore, SqliteStore, TaskStore};
 use tracing::info;
 

@@ -2,6 +2,7 @@
 //! path from submission to the stored result, persisted retries, admission,
 //! the queue bound, idempotency, cancellation, crash recovery and shutdown.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
@@ -10,11 +11,11 @@ use std::time::Duration;
 
 use common::{Scripted, Step};
 use serde_json::json;
-use taskexec_engine::limiter::ConcurrencyConfig;
-use taskexec_engine::service::{Service, ServiceConfig, SubmitError, TaskEvent};
 use taskexec_engine::{Engine, EngineConfig, ManualClock};
 use taskexec_model::{ErrorType, TaskInstance, TaskStatus, TransitionRecord};
 use taskexec_runtimes::Catalogue;
+use taskexec_service::limiter::ConcurrencyConfig;
+use taskexec_service::{Service, ServiceConfig, SubmitError, TaskEvent};
 use taskexec_store::{CancelOutcome, Capacity, NewTask, SqliteStore, Submitted, TaskStore};
 use time::OffsetDateTime;
 

@@ -4,6 +4,7 @@
 //! not ready; a cancel that wins over a late completion is what the node
 //! reports.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::fmt;
@@ -14,10 +15,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::{Scripted, Step};
 use serde_json::json;
-use taskexec_engine::service::{Service, ServiceConfig};
 use taskexec_engine::{Engine, EngineConfig, ManualClock};
 use taskexec_model::{ErrorType, TaskInstance, TaskStatus, TransitionRecord};
 use taskexec_runtimes::Catalogue;
+use taskexec_service::{Service, ServiceConfig};
 use taskexec_store::{
     CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats, SqliteStore,
     StoreError, Submitted, TaskRecord, TaskStore, Write,
