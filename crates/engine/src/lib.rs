@@ -6,6 +6,12 @@
 //! the service. It never returns an `Err`: whatever happens becomes a
 //! [`TaskResult`] with a final status and, unless completed, an error of the
 //! seed's table.
+//!
+//! [`pipeline`] holds [`Engine`]; each attempt runs on the [`executor`] of
+//! the task's execution method (the sandbox, through the requests
+//! [`sandbox_request`] builds); [`classify`] turns an outcome into a verdict
+//! and [`schema`] checks inputs and outputs. The service around the engine
+//! is the `taskexec-service` crate.
 
 pub mod classify;
 pub mod clock;
