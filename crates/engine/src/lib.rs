@@ -9,7 +9,7 @@
 //!
 //! [`pipeline`] holds [`Engine`]; each attempt runs on the [`executor`] of
 //! the task's execution method (the sandbox, through the requests
-//! [`sandbox_request`] builds); [`classify`] turns an outcome into a verdict
+//! [`sandbox_request`] builds); [`mod@classify`] turns an outcome into a verdict
 //! and [`schema`] checks inputs and outputs. The service around the engine
 //! is the `taskexec-service` crate.
 

@@ -52,3 +52,22 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_method_has_its_executor_or_none() {
+        for method in Method::ALL {
+            let executor = Executor::for_method(method);
+            match method {
+                Method::Auto | Method::Container => {
+                    assert_eq!(executor, Some(Executor::Container), "{method:?}");
+                }
+                Method::InProcess | Method::Faas => assert_eq!(executor, None, "{method:?}"),
+            }
+        }
+        assert_eq!(Executor::Container.method(), Method::Container);
+    }
+}
