@@ -11,7 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use taskexec_model::{TaskInstance, TaskStatus, TransitionRecord};
-use taskexec_service::{Service, SubmitError, TaskEvent};
+use taskexec_service::{FOLLOW_FALLBACK, Service, SubmitError, TaskEvent};
 use taskexec_store::{
     CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskProgress, TaskRecord,
 };
@@ -623,6 +623,28 @@ async fn send_history(
     Ok(rec.status.is_final())
 }
 
+/// Re-reads the progress of task `id` and sends the history not yet sent;
+/// None when the stream is over (the task is final or gone, the client
+/// left, or the store failed).
+async fn reread(
+    service: &Service,
+    id: &str,
+    seen: &mut HashSet<TransitionKey>,
+    tx: &mpsc::Sender<Event>,
+) -> Option<()> {
+    match service.progress(id).await {
+        Ok(Some(rec)) => match send_history(id, &rec, seen, tx).await {
+            Ok(false) => Some(()),
+            Ok(true) | Err(()) => None,
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!(task_id = %id, error = %crate::error::error_chain(&e), "re-reading a task for its event stream failed");
+            None
+        }
+    }
+}
+
 /// Feeds one SSE stream: the history, then live events of task `id` until
 /// its final one (or the client leaves).
 async fn follow(
@@ -637,26 +659,31 @@ async fn follow(
         Ok(false) => {}
         Ok(true) | Err(()) => return,
     }
-    // Events come from this node's workers; a task running on another node
-    // (several nodes on one database) is followed by re-reading its
-    // progress (not its input or output) from the store.
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
+    // Events come from this node's workers. A task running on another node
+    // (several nodes on one database) wakes the watch through the
+    // database's notification of its change; its progress (not its input
+    // or output) is then re-read. The fallback re-read bounds the delay
+    // after a lost notification.
+    let mut watch = service.watch_final(&id);
+    let mut poll = tokio::time::interval(FOLLOW_FALLBACK);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.reset();
     loop {
         let received = tokio::select! {
             () = tx.closed() => return,
             r = events.recv() => r,
+            () = watch.woken() => {
+                // A wake is used once: watch anew before reading.
+                watch = service.watch_final(&id);
+                match reread(&service, &id, &mut seen, &tx).await {
+                    Some(()) => continue,
+                    None => return,
+                }
+            }
             _ = poll.tick() => {
-                match service.progress(&id).await {
-                    Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
-                        Ok(false) => continue,
-                        Ok(true) | Err(()) => return,
-                    },
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::error!(task_id = %id, error = %crate::error::error_chain(&e), "re-reading a task for its event stream failed");
-                        return;
-                    }
+                match reread(&service, &id, &mut seen, &tx).await {
+                    Some(()) => continue,
+                    None => return,
                 }
             }
         };
@@ -675,16 +702,8 @@ async fn follow(
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // Events were dropped: catch up from the store.
                 tracing::debug!(task_id = %id, missed, "event stream lagged; re-reading the history");
-                match service.progress(&id).await {
-                    Ok(Some(rec)) => match send_history(&id, &rec, &mut seen, &tx).await {
-                        Ok(false) => {}
-                        Ok(true) | Err(()) => return,
-                    },
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::error!(task_id = %id, error = %crate::error::error_chain(&e), "re-reading a task for its event stream failed");
-                        return;
-                    }
+                if reread(&service, &id, &mut seen, &tx).await.is_none() {
+                    return;
                 }
             }
             Err(broadcast::error::RecvError::Closed) => return,

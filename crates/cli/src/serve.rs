@@ -634,24 +634,33 @@ fn redact(url: &str) -> String {
 
 /// Wakes the scheduler on every queue notification from the database, so
 /// an idle worker starts a task submitted on another node within
-/// milliseconds; the scheduler's polling remains the fallback for
-/// notifications lost while the listener reconnects.
-fn spawn_wakeups(pg: PgStore, service: Arc<Service>) {
+/// milliseconds (with `queue`: the node runs tasks); the scheduler's
+/// polling remains the fallback for notifications lost while the listener
+/// reconnects. With `followers` (the node serves the API), task
+/// notifications wake the followers (`?wait`, event streams) of a task that
+/// changed on another node.
+fn spawn_wakeups(pg: PgStore, service: Arc<Service>, queue: bool, followers: bool) {
+    use taskexec_store::postgres::{QUEUE_CHANNEL, TASK_CHANNEL};
+    let channels: Vec<&str> = [(queue, QUEUE_CHANNEL), (followers, TASK_CHANNEL)]
+        .into_iter()
+        .filter_map(|(on, channel)| on.then_some(channel))
+        .collect();
     tokio::spawn(async move {
         loop {
-            match pg.listener().await {
+            match pg.listener_on(&channels).await {
                 Ok(mut listener) => loop {
                     match listener.recv().await {
+                        Ok(n) if n.channel() == TASK_CHANNEL => service.task_changed(n.payload()),
                         Ok(_) => service.wake(),
                         Err(e) => {
-                            tracing::warn!(error = %e, "queue notifications interrupted; reconnecting");
+                            tracing::warn!(error = %e, "database notifications interrupted; reconnecting");
                             service.wake();
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for queue notifications; polling only");
+                    tracing::warn!(error = %e, "cannot listen for database notifications; polling only");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
             }
@@ -743,9 +752,9 @@ pub fn main(g: &crate::setup::GlobalArgs, args: ServeArgs, http: bool) -> anyhow
             .await
             .context("starting the service")?;
         if let Some(pg) = pg
-            && s.service.workers > 0
+            && (s.service.workers > 0 || http)
         {
-            spawn_wakeups(pg, Arc::clone(&service));
+            spawn_wakeups(pg, Arc::clone(&service), s.service.workers > 0, http);
         }
         let upkeep = metrics.clone();
         tokio::spawn(async move {

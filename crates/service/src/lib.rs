@@ -46,7 +46,7 @@ use tracing::info;
 
 pub use admission::SubmitError;
 pub use config::{DEFAULT_QUARANTINE_AFTER, ServiceConfig, quarantined_error};
-pub use waiters::{FinalWatch, TaskEvent};
+pub use waiters::{FOLLOW_FALLBACK, FinalWatch, TaskEvent};
 
 use crate::admission::PreparedCache;
 use crate::limiter::Limiter;
@@ -196,6 +196,14 @@ impl Service {
     /// notification from another node).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Wakes this node's followers of task `id` (`?wait` and event streams):
+    /// its state changed, here or on another node (called on a database
+    /// notification). They re-read its progress; a spurious wake costs one
+    /// small read.
+    pub fn task_changed(&self, id: &str) {
+        self.finals.wake(id);
     }
 
     /// Most tasks accepted in one batch.

@@ -28,8 +28,9 @@ pub struct TaskEvent {
 }
 
 /// The waiters for final results on this node, by task id: the writer of
-/// a final result wakes them once it is committed, without a store read
-/// or a broadcast to every other waiter.
+/// a final result wakes them once it is committed (and a notification
+/// that the task changed on another node wakes them to re-read it),
+/// without a store read or a broadcast to every other waiter.
 /// Each entry is numbered, so that a watch only ever removes its own.
 #[derive(Debug, Default)]
 pub(crate) struct FinalWaiters(Mutex<(u64, HashMap<String, Waiting>)>);
@@ -76,6 +77,15 @@ impl FinalWatch {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// Returns once this watch is woken (the task ended here, or changed on
+    /// another node). A wake is used once: watch anew to wait again.
+    pub async fn woken(&mut self) {
+        if self.rx.wait_for(|done| *done).await.is_err() {
+            // Closed without a wake (cannot happen): never.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Drop for FinalWatch {
@@ -91,9 +101,11 @@ impl Drop for FinalWatch {
     }
 }
 
-/// How often a waiter re-reads a task that sent no event here (it may run
-/// on another node sharing the database).
-pub(crate) const WAIT_POLL: Duration = Duration::from_millis(100);
+/// How often a waiter re-reads a task that sent no wake: a change made on
+/// another node wakes it through a database notification
+/// ([`Service::task_changed`]), so this bounds only the delay after a lost
+/// notification (the listener reconnecting).
+pub const FOLLOW_FALLBACK: Duration = Duration::from_secs(1);
 
 impl Service {
     /// Lifecycle events of every task, from now on.
@@ -126,8 +138,10 @@ impl Service {
     ///
     /// A task that ends on this node wakes the wait when its result is
     /// committed; one running on another node (several nodes on one
-    /// database) sends nothing here, so the store is also read every
-    /// 100 ms.
+    /// PostgreSQL database) wakes it through the database's notification
+    /// of its change ([`Service::task_changed`]). The store is also read every
+    /// [`FOLLOW_FALLBACK`], for a notification lost while the listener
+    /// reconnects.
     pub async fn wait_watched(
         &self,
         mut watch: FinalWatch,
@@ -158,7 +172,7 @@ impl Service {
             if now >= deadline {
                 return self.store.get(&watch.id).await;
             }
-            let step = (now + WAIT_POLL).min(deadline);
+            let step = (now + FOLLOW_FALLBACK).min(deadline);
             // Woken, or the poll is due: re-read. (A channel closed without
             // a wake cannot happen, but would wait for the poll.)
             if tokio::time::timeout_at(step, watch.rx.wait_for(|done| *done))

@@ -80,6 +80,12 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 /// requeue committed); the payload is empty.
 pub const QUEUE_CHANNEL: &str = "taskexec_queue";
 
+/// The channel notified when a task's state changed (a transition was
+/// recorded: started, retried, cancelled, final); the payload is the task's
+/// id. A node's followers of that task (server-sent events, `?wait`) wake
+/// on it instead of polling the store.
+pub const TASK_CHANNEL: &str = "taskexec_task";
+
 /// Default size of the pool.
 const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 /// Default wait for a free connection.
@@ -201,6 +207,12 @@ impl PgStore {
     /// reconnecting (it does so by itself after a lost connection) are
     /// lost, so use it to shorten a bounded wait, never instead of polling.
     pub async fn listener(&self) -> Result<PgListener, StoreError> {
+        self.listener_on(&[QUEUE_CHANNEL]).await
+    }
+
+    /// A listener, as [`Self::listener`], subscribed to `channels`
+    /// ([`QUEUE_CHANNEL`], [`TASK_CHANNEL`]).
+    pub async fn listener_on(&self, channels: &[&str]) -> Result<PgListener, StoreError> {
         let options = PgConnectOptions::clone(&self.pool.connect_options());
         // A private pool of one: sqlx's listener reconnects through it.
         let pool = PgPoolOptions::new()
@@ -211,7 +223,7 @@ impl PgStore {
         let mut listener = PgListener::connect_with(&pool).await?;
         // Nobody closes the private pool.
         listener.ignore_pool_close_event(true);
-        listener.listen(QUEUE_CHANNEL).await?;
+        listener.listen_all(channels.iter().copied()).await?;
         Ok(listener)
     }
 }
@@ -441,6 +453,21 @@ async fn append_events(
     .bind(&jsons)
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Tells the listeners of [`TASK_CHANNEL`] that the tasks `ids` changed,
+/// once the transaction of `conn` commits: one notification per task, its
+/// id as the payload (ids are at most 256 bytes, within a payload's 8,000).
+async fn notify_tasks(conn: &mut PgConnection, ids: &[&str]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_notify($1, t) FROM (SELECT DISTINCT UNNEST($2::text[]) AS t) AS u")
+        .bind(TASK_CHANNEL)
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -858,6 +885,7 @@ impl TaskStore for PgStore {
         };
         let json = serde_json::to_string(&record).map_err(json_err(id))?;
         append_events(&mut tx, &[(id, json)]).await?;
+        notify_tasks(&mut tx, &[id]).await?;
         history.push(record.clone());
         let stored = row.into_record(history)?;
         let result = cancelled_result(id, stored.history, stored.attempts);
@@ -1038,6 +1066,8 @@ impl PgStore {
             .collect();
         write_states(&mut tx, &changed).await?;
         append_events(&mut tx, &events).await?;
+        let changed_ids: Vec<&str> = changed.iter().map(|(id, _)| *id).collect();
+        notify_tasks(&mut tx, &changed_ids).await?;
         if requeued {
             notify_queue(&mut tx).await?;
         }

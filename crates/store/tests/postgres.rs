@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnection, PgListener, PgNotification, PgPool};
 use sqlx::{AssertSqlSafe, Connection, Executor, Row};
 use taskexec_model::TaskStatus;
-use taskexec_store::postgres::QUEUE_CHANNEL;
+use taskexec_store::postgres::{QUEUE_CHANNEL, TASK_CHANNEL};
 use taskexec_store::{PgOptions, PgStore, StoreError, Submitted, TaskStore};
 
 use conformance::{LEASE, PLENTY, T0, at, claim, finish, ids, keyed_task, new_task, submit};
@@ -521,6 +521,44 @@ async fn notify_reaches_a_listener() {
         .await
         .expect("apply");
     next_notification(&mut listener).await;
+}
+
+/// A recorded transition (a finish, a cancel of a queued task) notifies
+/// the task channel with the task's id once committed, one notification
+/// per task and commit; a submission and a claim record none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_s_transitions_notify_its_id() {
+    let db = scratch!();
+    let store = db.store().await;
+    let other_node = db.store().await;
+    let mut listener = other_node
+        .listener_on(&[TASK_CHANNEL])
+        .await
+        .expect("listener");
+    submit(&store, vec![new_task("a"), new_task("b")]).await;
+    claim(&store, "n1", 1, at(1)).await;
+    store
+        .apply(vec![finish("a", 1, TaskStatus::Failed, at(2))])
+        .await
+        .expect("apply");
+    let n = next_notification(&mut listener).await;
+    assert_eq!((n.channel(), n.payload()), (TASK_CHANNEL, "a"));
+
+    store
+        .request_cancel(
+            "b",
+            conformance::record(TaskStatus::Received, TaskStatus::Cancelled, at(3), 0),
+        )
+        .await
+        .expect("cancel");
+    let n = next_notification(&mut listener).await;
+    assert_eq!((n.channel(), n.payload()), (TASK_CHANNEL, "b"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err(),
+        "a notification too many"
+    );
 }
 
 /// Claim throughput with no-op tasks: 20,000 tasks submitted in batches of
