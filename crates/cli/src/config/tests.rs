@@ -543,3 +543,71 @@ fn the_operations_guide_lists_every_setting() {
         assert!(row.contains(worker), "worker column in {row}");
     }
 }
+
+#[test]
+fn a_token_given_directly_wins_over_a_token_file_wherever_each_comes_from() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "from-file\n").expect("write the token");
+    let token_file = token_file.to_str().expect("a UTF-8 path");
+    let (_config_dir, config) = toml_file("auth_token = \"from-toml\"\n");
+    let token = |argv: &[&str], env: &[(&str, &str)]| {
+        let f = flags::<true>(argv).expect("flags parse");
+        settings(load(f, &env_of(env), true).expect("load"))
+            .expect("valid")
+            .auth_token
+    };
+    assert_eq!(
+        token(&["--auth-token-file", token_file, "--config", &config], &[]).as_deref(),
+        Some("from-toml")
+    );
+    assert_eq!(
+        token(&["--auth-token-file", token_file], &[]).as_deref(),
+        Some("from-file")
+    );
+    assert_eq!(
+        token(
+            &["--auth-token", "from-flag"],
+            &[("TASKEXEC_AUTH_TOKEN", "from-env")]
+        )
+        .as_deref(),
+        Some("from-flag")
+    );
+    assert_eq!(
+        token(
+            &[],
+            &[
+                ("TASKEXEC_AUTH_TOKEN", "from-env"),
+                ("TASKEXEC_CONFIG", &config)
+            ]
+        )
+        .as_deref(),
+        Some("from-env")
+    );
+    assert_eq!(token(&[], &[]), None);
+}
+
+#[test]
+fn a_boolean_follows_the_same_precedence() {
+    let (_dir, path) = toml_file("warm = false\n");
+    let warm = |argv: &[&str], env: &[(&str, &str)]| {
+        let f = flags::<false>(argv).expect("flags parse");
+        settings(load(f, &env_of(env), false).expect("load"))
+            .expect("valid")
+            .warm
+            .is_some()
+    };
+    assert!(!warm(&["--config", &path], &[]), "the file's false");
+    assert!(
+        warm(&["--config", &path], &[("TASKEXEC_WARM", "true")]),
+        "the variable's true"
+    );
+    assert!(
+        !warm(
+            &["--config", &path, "--warm", "false"],
+            &[("TASKEXEC_WARM", "true")]
+        ),
+        "the flag's false"
+    );
+    assert!(warm(&[], &[]), "the default");
+}
