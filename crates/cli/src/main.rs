@@ -20,6 +20,7 @@ macro_rules! out {
 
 mod bench;
 mod client;
+mod config;
 mod run;
 mod serve;
 mod setup;
@@ -49,22 +50,11 @@ enum Command {
     /// engine and service, each beside the bare interpreter.
     Bench(bench::BenchArgs),
     /// Serve the HTTP API with an embedded store and local workers.
-    Serve(Box<serve::ServeArgs>),
+    Serve(Box<config::ServeFlags>),
     /// Execute tasks from a shared database, without an HTTP API.
-    // `serve`'s settings less the HTTP ones, which a worker refuses
-    // (`serve::refuse_http_flags`); hidden from its help.
-    #[command(
-        mut_arg("listen", |a| a.hide(true)),
-        mut_arg("auth_token", |a| a.hide(true)),
-        mut_arg("auth_token_file", |a| a.hide(true)),
-        mut_arg("max_body", |a| a.hide(true)),
-        mut_arg("max_queued", |a| a.hide(true)),
-        mut_arg("header_timeout", |a| a.hide(true)),
-        mut_arg("body_timeout", |a| a.hide(true)),
-        mut_arg("idle_timeout", |a| a.hide(true)),
-        mut_arg("max_connections", |a| a.hide(true))
-    )]
-    Worker(Box<serve::ServeArgs>),
+    // `serve`'s settings less the HTTP ones, which a worker hides and
+    // refuses (`config::Scope::Http`).
+    Worker(Box<config::WorkerFlags>),
     /// Submit a task to a server.
     Submit(Box<client::SubmitArgs>),
     /// Show a task's status and result.
@@ -86,8 +76,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(&cli.global, *args),
         Command::Runtimes(args) => setup::runtimes(&cli.global, args),
         Command::Bench(args) => bench::main(&cli.global, args),
-        Command::Serve(args) => serve::main(&cli.global, *args, true),
-        Command::Worker(args) => serve::main(&cli.global, *args, false),
+        Command::Serve(args) => serve::main(&cli.global, args.0, true),
+        Command::Worker(args) => serve::main(&cli.global, args.0, false),
         Command::Submit(args) => client::submit(&cli.global, *args),
         Command::Status(args) => client::status(args),
         Command::Logs(args) => client::logs(args),

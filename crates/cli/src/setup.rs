@@ -1,6 +1,6 @@
 //! Shared start-up: global flags, logging, and building the engine (cgroup
-//! detection, runtime catalogue, sandbox). The environment is read here and
-//! nowhere else.
+//! detection, runtime catalogue, sandbox). The global flags' variables are
+//! read here; those of `serve` and `worker` in [`crate::config`].
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
