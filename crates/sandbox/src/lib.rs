@@ -23,6 +23,7 @@ mod rlimits;
 pub mod seccomp;
 mod spawn;
 pub mod spec;
+mod syscall;
 pub mod uids;
 pub mod warm;
 
