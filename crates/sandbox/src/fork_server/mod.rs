@@ -3,10 +3,10 @@
 //! enters the task's own isolation before it touches the task's input.
 //!
 //! A fork server lives in a sandbox of its own, built by the ordinary
-//! launcher with [`LaunchSpec::fork_server`] set: new PID, mount, network,
+//! launcher with [`crate::spec::LaunchSpec::fork_server`] set: new PID, mount, network,
 //! IPC, UTS and cgroup namespaces, the read-only root of the runtime, its own
 //! cgroup. It runs as root of a user namespace of its own
-//! ([`LaunchSpec::userns`]), whose ids are a block of [`SERVER_UIDS`] host
+//! ([`crate::spec::LaunchSpec::userns`]), whose ids are a block of [`SERVER_UIDS`] host
 //! uids it leases from the node's allocator ([`crate::uids`]) for its life:
 //! its uid 0 is the block's first id, [`FORK_UIDS`] its next ones. The
 //! sandbox's init writes the maps before the server runs anything, so the
@@ -14,12 +14,12 @@
 //! by tasks) holds capabilities only over the namespaces the server creates
 //! for its children, none over the host's (it cannot mount, change the
 //! host name or address anything of the namespaces the launcher built). It
-//! keeps only [`seccomp::FORK_SERVER_CAPS`] there and runs under the
+//! keeps only [`crate::seccomp::FORK_SERVER_CAPS`] there and runs under the
 //! fork-server seccomp profile. The server code itself is
 //! `zygote/python_zygote.py` (its docstring has the protocol).
 //!
 //! Ahead of any task, a server's thread keeps *spare* children
-//! ([`Server::make_spare`]):
+//! ([`server::Server::make_spare`], in [`spare`]):
 //! 1. make the task channel (a stream socket pair with `SO_PASSCRED` on our
 //!    end), the stdout/stderr pipes and a status pipe, and send the far ends
 //!    to the server with one request; it forks;
@@ -85,7 +85,7 @@ pub(crate) enum Fallback {
     /// The server failed before the task was handed over.
     ServerFailed(SandboxError),
     /// The server of this kind of request failed to start a short while
-    /// ago ([`START_BACKOFF`]); not tried again yet.
+    /// ago ([`registry::START_BACKOFF`]); not tried again yet.
     StartBackoff,
     /// The request needs a server start and the start limiter
     /// ([`crate::fork_server::start_limit`]) refused it.

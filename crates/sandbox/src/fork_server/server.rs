@@ -64,12 +64,12 @@ pub(super) struct Server {
     pub(super) spares: Mutex<VecDeque<Spare>>,
     pub(super) refill: Condvar,
     pub(super) in_flight: AtomicUsize,
-    /// When a run last started here (for [`MAX_SERVERS`]' eviction).
+    /// When a run last started here (for [`super::registry::MAX_SERVERS`]' eviction).
     pub(super) last_used: Mutex<Instant>,
-    /// When it started, and the runs handed to it (for [`Recycle`]).
+    /// When it started, and the runs handed to it (for [`super::Recycle`]).
     pub(super) started: Instant,
     pub(super) runs: std::sync::atomic::AtomicU64,
-    /// A request is starting this server's replacement ([`Recycle`]).
+    /// A request is starting this server's replacement ([`super::Recycle`]).
     pub(super) replacing: AtomicBool,
     pub(super) stopping: AtomicBool,
     pub(super) refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -95,7 +95,7 @@ impl Drop for Server {
 }
 
 /// children topped up (two more than the runs in flight, at most
-/// [`MAX_SPARES`]) for as long as the server lives. The launcher must be
+/// [`super::spare::MAX_SPARES`]) for as long as the server lives. The launcher must be
 /// spawned by a thread that outlives it: its parent-death signal fires when
 /// the spawning *thread* ends.
 pub(super) fn start_server(

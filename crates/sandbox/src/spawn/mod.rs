@@ -1,7 +1,7 @@
 //! The executor's side of a sandbox run: create the task cgroup, spawn the
-//! launcher ([`launch`]), attach it, hand it the spec, then watch the run
-//! in one poll loop ([`watch`]) and clean up whatever happens. What a run
-//! is asked to do and what it gives back is in [`request`].
+//! launcher ([`mod@launch`]), attach it, hand it the spec, then watch the run
+//! in one poll loop ([`mod@watch`]) and clean up whatever happens. What a run
+//! is asked to do and what it gives back is in [`mod@request`].
 
 mod launch;
 mod request;

@@ -15,7 +15,7 @@ use crate::cgroup::{CgroupError, CgroupLimits, CgroupStats};
 use crate::spec::{ExitStatus, RlimitSpec, RoMount, SandboxFile};
 use crate::uids::TaskUids;
 
-/// How to start the launcher: our own binary with [`LAUNCHER_ARG`], normally.
+/// How to start the launcher: our own binary with [`crate::LAUNCHER_ARG`], normally.
 #[derive(Debug, Clone)]
 pub struct LauncherCommand {
     /// The executable.
@@ -153,11 +153,11 @@ pub struct RunRequest {
     pub user: Option<(u32, u32)>,
     /// The request may run in a forked child of a pre-started interpreter
     /// of this kind (e.g. "python": see [`crate::fork_server`]) when a warm
-    /// runner has one; a cold [`Sandbox`] ignores it.
+    /// runner has one; a cold [`super::Sandbox`] ignores it.
     pub fork_server: Option<String>,
     /// Modules the fork server imports before it forks (the task's
     /// `definition.preload`): requests with different lists get different
-    /// servers. A cold [`Sandbox`] ignores it (the wrapper imports them,
+    /// servers. A cold [`super::Sandbox`] ignores it (the wrapper imports them,
     /// told by the task's environment).
     pub preload: Vec<String>,
 }

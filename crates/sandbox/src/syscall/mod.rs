@@ -1,7 +1,7 @@
 //! The seam under the sandbox's file-system set-up: every mount, pivot and
 //! file operation [`crate::mounts`] does goes through [`Syscall`], so the
 //! sequence of mounts with their flags is unit-tested without root against
-//! a recording fake ([`test::RecordingSyscall`]), while the launcher uses
+//! a recording fake (`test::RecordingSyscall`, in tests), while the launcher uses
 //! the real calls ([`linux::LinuxSyscall`]).
 
 pub(crate) mod linux;
