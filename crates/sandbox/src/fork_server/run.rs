@@ -163,18 +163,15 @@ impl Server {
             early: None,
             started,
         };
-        let watched = watch_run(
-            &Watch {
-                cgroup,
-                limits,
-                cancel,
-                deadline,
-                cpu_base: Duration::ZERO,
-                out_r,
-                err_r,
-            },
-            &mut side,
+        let watch = Watch::new(
+            cgroup,
+            limits,
+            cancel,
+            deadline,
+            Duration::ZERO,
+            (out_r, err_r),
         );
+        let watched = watch_run(&watch, &mut side);
         let ChildSide {
             status_bytes,
             task_bytes,

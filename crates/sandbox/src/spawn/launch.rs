@@ -253,18 +253,8 @@ pub(crate) fn watch(
         reports: Vec::new(),
         open: true,
     };
-    let watched = watch_run(
-        &Watch {
-            cgroup,
-            limits,
-            cancel,
-            deadline,
-            cpu_base,
-            out_r: &out_r,
-            err_r: &err_r,
-        },
-        &mut side,
-    );
+    let watch = Watch::new(cgroup, limits, cancel, deadline, cpu_base, (&out_r, &err_r));
+    let watched = watch_run(&watch, &mut side);
     let report_bytes = std::mem::take(&mut side.reports);
     let Watched {
         stdout,

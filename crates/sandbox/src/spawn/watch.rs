@@ -70,6 +70,29 @@ pub(crate) struct Watch<'a> {
     pub err_r: &'a OwnedFd,
 }
 
+impl<'a> Watch<'a> {
+    /// A watch of the run in `cgroup`, whose stdout and stderr are read
+    /// from `streams`.
+    pub(crate) fn new(
+        cgroup: &'a dyn TaskCgroup,
+        limits: &'a SandboxLimits,
+        cancel: Option<&'a CancelToken>,
+        deadline: Instant,
+        cpu_base: Duration,
+        (out_r, err_r): (&'a OwnedFd, &'a OwnedFd),
+    ) -> Self {
+        Self {
+            cgroup,
+            limits,
+            cancel,
+            deadline,
+            cpu_base,
+            out_r,
+            err_r,
+        }
+    }
+}
+
 /// What the watch saw.
 #[derive(Debug)]
 pub(crate) struct Watched {
@@ -98,15 +121,8 @@ pub(crate) fn watch_run(
     w: &Watch<'_>,
     side: &mut impl Supervised,
 ) -> Result<Watched, SandboxError> {
-    let Watch {
-        cgroup,
-        limits,
-        cancel,
-        deadline,
-        cpu_base,
-        out_r,
-        err_r,
-    } = *w;
+    let (cgroup, limits, cancel) = (w.cgroup, w.limits, w.cancel);
+    let (deadline, cpu_base, out_r, err_r) = (w.deadline, w.cpu_base, w.out_r, w.err_r);
     set_nonblocking(out_r)?;
     set_nonblocking(err_r)?;
     let mut stdout = Capped::new(limits.output_bytes);
