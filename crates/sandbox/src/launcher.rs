@@ -46,6 +46,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 use crate::frame::{read_frame, write_frame};
 use crate::mounts::{self, Files};
 use crate::spec::{ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, SandboxFile};
+use crate::syscall::linux::LinuxSyscall;
 use crate::{fsread, namespaces, rlimits, seccomp};
 
 /// The byte that announces the task's spec frame after `Ready` (any other
@@ -258,7 +259,7 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
     let t_start = mono_ns();
     namespaces::unshare_all(spec.share_network)?;
     let t_ns = mono_ns();
-    mounts::build_root(&spec, &files)?;
+    mounts::build_root(&LinuxSyscall, &spec, &files)?;
     let t_mounts = mono_ns();
     drop(files);
 
@@ -293,7 +294,7 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
             let Some((task, work)) = receive_task(spec_in, &spec)? else {
                 return Ok(124); // executor gone, or a pooled sandbox it no longer wants
             };
-            mounts::write_work_files(&task, &work)?;
+            mounts::write_work_files(&LinuxSyscall, &task, &work)?;
             match spec_in.read(&mut next) {
                 Ok(1) => task,
                 _ => return Ok(124), // executor gone or cancelled before the start
@@ -385,7 +386,7 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let t_init = mono_ns();
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|e| SetupError::new("init", format!("pdeathsig: {e}")))?;
-    mounts::mount_proc()?;
+    mounts::mount_proc(&LinuxSyscall)?;
     namespaces::set_hostname(&spec.hostname)?;
     let t_proc = mono_ns();
     if !spec.share_network {

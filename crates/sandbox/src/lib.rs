@@ -12,6 +12,7 @@
 mod capture;
 pub mod cgroup;
 mod closer;
+mod fork_server;
 mod frame;
 pub mod fsread;
 pub mod launcher;
@@ -22,10 +23,9 @@ mod rlimits;
 pub mod seccomp;
 mod spawn;
 pub mod spec;
-mod start_limit;
+mod syscall;
 pub mod uids;
 pub mod warm;
-mod zygote;
 
 pub use capture::OutputStream;
 pub use launcher::{LAUNCHER_ARG, run_if_launcher};

@@ -27,6 +27,10 @@
 //! (their parent-death signal follows the spawning thread), so the thread
 //! lives until the pool is shut down and every run in a pooled sandbox has
 //! ended.
+//!
+//! (Past 700 lines with its unit tests only: the pool's code is one piece,
+//! the key, the pre-built sandbox and the maintenance thread that plans
+//! for both.)
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

@@ -73,7 +73,7 @@ pub(crate) struct LaunchSpec {
     /// `network` permission). When false the task gets a fresh network
     /// namespace with only loopback.
     pub share_network: bool,
-    /// Start a fork server ([`crate::zygote`]) instead of a task: the
+    /// Start a fork server ([`crate::fork_server`]) instead of a task: the
     /// process stays root, keeps the few capabilities it needs to build
     /// each child's isolation ([`crate::seccomp::FORK_SERVER_CAPS`]) and
     /// runs under the fork-server seccomp profile.

@@ -8,7 +8,7 @@
 //! ids from 2130706432, [`TaskUids::DEFAULT`], far above the ranges
 //! distributions hand out and the subordinate ids of `/etc/subuid`). A
 //! cold run leases one uid (gid = uid); a fork server leases a block for
-//! its life (its user namespace maps it, see [`crate::zygote`]). A lease
+//! its life (its user namespace maps it, see [`crate::fork_server`]). A lease
 //! goes back to the pool when dropped: its holders drop it only once the
 //! task's cgroup is empty, and forget it (the ids are then never lent
 //! again) when that cannot be made sure.
@@ -71,7 +71,7 @@ impl TaskUids {
 
     /// The smallest range accepted: one fork server's block and a few cold
     /// runs beside it.
-    pub const MIN_LEN: u32 = 2 * crate::zygote::SERVER_UIDS;
+    pub const MIN_LEN: u32 = 2 * crate::fork_server::SERVER_UIDS;
 
     /// A range `first..=last`, checked.
     pub fn new(first: u32, last: u32) -> Result<Self, UidRangeError> {

@@ -1,15 +1,15 @@
 //! The warm runner: a cold [`Sandbox`] behind warm launcher pools
-//! ([`crate::pool`]) and fork servers ([`crate::zygote`]).
+//! ([`crate::pool`]) and fork servers ([`crate::fork_server`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use crate::fork_server::Recycle;
+pub use crate::fork_server::start_limit::StartLimit;
+use crate::fork_server::{Fallback, ForkServers};
 use crate::pool::{LauncherPool, PoolConfig, PoolStats};
 use crate::spawn::{CancelToken, RunOutcome, RunRequest, Sandbox, SandboxError};
-pub use crate::start_limit::StartLimit;
-pub use crate::zygote::Recycle;
-use crate::zygote::{Fallback, ForkServers};
 
 /// Settings of the warm runner.
 #[derive(Debug, Clone, Default)]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use util::{Run, processes_with, run_code, unique};
 
-/// The uids warm children run as (`taskexec_sandbox::zygote::FORK_UIDS`):
+/// The uids warm children run as (`taskexec_sandbox::fork_server::FORK_UIDS`):
 /// one per concurrent child of a fork server, so that children sharing the
 /// server's PID namespace can neither see (hidepid) nor signal each other.
 const FORK_UIDS: std::ops::RangeInclusive<u64> = 62000..=62063;

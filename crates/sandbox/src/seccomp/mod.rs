@@ -197,7 +197,7 @@ fn err(e: impl std::fmt::Debug) -> SeccompError {
 pub enum Profile {
     /// A task process: everything in [`DENIED`].
     Task,
-    /// A fork server ([`crate::zygote`]): it builds each child's namespaces,
+    /// A fork server ([`crate::fork_server`]): it builds each child's namespaces,
     /// mounts and host name itself, so it may make the calls of
     /// [`FORK_SERVER_ALLOWED`]; every child loads the task filter on top
     /// before it runs task code (filters stack: the strictest answer wins).

@@ -1,7 +1,8 @@
 //! Rate limits on fork-server starts: a start costs an interpreter's start
 //! and its preloaded imports (about 150 ms of CPU for the python server,
 //! more with heavy modules) that no task is charged for, and past
-//! [`crate::zygote`]'s server cap it stops another key's server. A task
+//! the registry's server cap ([`super::registry`]) it stops another key's
+//! server. A task
 //! that changes its `definition.preload` list on every run could otherwise
 //! turn each run into a server start and keep evicting everyone else's
 //! servers.
@@ -9,7 +10,7 @@
 //! Two token buckets decide whether a start may go ahead: one for the node,
 //! one per key (runtime, mounts, support files and preload list). A start
 //! takes a token from both or from neither; the replacement of a worn
-//! server (see [`crate::zygote::Recycle`]) takes one from the node's only.
+//! server (see [`super::Recycle`]) takes one from the node's only.
 //! A request whose start is refused runs cold; nothing is evicted for it. The buckets are pure: the
 //! caller passes the time, so tests drive them without sleeping.
 
