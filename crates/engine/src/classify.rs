@@ -74,6 +74,13 @@ pub fn parse_output(data: &[u8]) -> Result<TaskOutput, serde_json::Error> {
     TaskOutput::from_json(text)
 }
 
+/// Captured bytes as text: moved as they are when they are UTF-8 (no copy:
+/// they can be as large as the task's `outputBytes`), invalid sequences
+/// replaced otherwise.
+pub fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// Classifies one run. `read_back[0]` is the output file, `read_back[1]`
 /// the handler's error report. Parses the output (see [`parse_output`]):
 /// call it off the async executor's threads.

@@ -355,11 +355,14 @@ pub enum Decision {
 }
 
 /// Folds one attempt into the task's result (last attempt's output wins).
-pub fn apply_attempt(result: &mut TaskResult, out: &AttemptOutput) {
+///
+/// The attempt's stdout and stderr move into the result (they can be as
+/// large as the task's `outputBytes`: no copy is made of them).
+pub fn apply_attempt(result: &mut TaskResult, out: &mut AttemptOutput) {
     result.execution_metadata.attempts.push(out.record.clone());
     add_phases(&mut result.execution_metadata.phases, &out.record.phases);
-    result.stdout = out.stdout.clone();
-    result.stderr = out.stderr.clone();
+    result.stdout = std::mem::take(&mut out.stdout);
+    result.stderr = std::mem::take(&mut out.stderr);
     result.stdout_truncated = out.stdout_truncated;
     result.stderr_truncated = out.stderr_truncated;
     result.exit_code = out.record.exit_code;

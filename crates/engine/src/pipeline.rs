@@ -274,8 +274,8 @@ impl Engine {
                 TaskStatus::Running,
                 &format!("attempt {attempt} started"),
             );
-            let out = self.run_attempt(&task, &prepared, attempt, cancel).await;
-            apply_attempt(&mut result, &out);
+            let mut out = self.run_attempt(&task, &prepared, attempt, cancel).await;
+            apply_attempt(&mut result, &mut out);
             match out.verdict {
                 Verdict::Completed { output } => {
                     self.step(
@@ -491,7 +491,7 @@ impl Engine {
             limits_hit: LimitsHit::default(),
             sandbox_start: None,
         };
-        if let Some(o) = &outcome {
+        if let Some(mut o) = outcome {
             // Zero when the task's code never started.
             out.sandbox_start = Some(o.setup_time).filter(|d| !d.is_zero());
             if let Termination::Exited(status) = o.termination {
@@ -503,13 +503,13 @@ impl Engine {
                 }
             }
             record.stderr_tail = classify::tail(&o.stderr, 1024);
-            out.stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-            out.stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+            out.stdout = classify::into_text(std::mem::take(&mut o.stdout));
+            out.stderr = classify::into_text(std::mem::take(&mut o.stderr));
             out.stdout_truncated = o.stdout_truncated;
             out.stderr_truncated = o.stderr_truncated;
             out.cpu_time_ms = Some(o.stats.cpu_time.as_millis() as u64);
             out.peak_memory_bytes = o.stats.peak_memory_bytes;
-            out.limits_hit = classify::limits_hit(o, &p.limits);
+            out.limits_hit = classify::limits_hit(&o, &p.limits);
         }
         debug!(
             attempt,

@@ -91,18 +91,21 @@ impl Capped {
             return (self.head, true);
         };
         let omitted = self.total - (head_len + self.tail_len) as u64;
-        let mut kept = Vec::with_capacity(self.cap);
-        kept.extend_from_slice(&self.head[..head_len]);
-        kept.extend_from_slice(marker(omitted).as_bytes());
         // The last `tail_len` bytes of the stream: the end of the head,
-        // then every byte past it.
+        // then every byte past it. Set aside, then the head is cut in
+        // place (no copy of the head, which can be the whole cap).
         let from_head = self.tail_len - self.past.len().min(self.tail_len);
-        kept.extend_from_slice(&self.head[self.head.len() - from_head..]);
-        kept.extend(
+        let mut tail = Vec::with_capacity(self.tail_len);
+        tail.extend_from_slice(&self.head[self.head.len() - from_head..]);
+        tail.extend(
             self.past
                 .iter()
                 .skip(self.past.len() - (self.tail_len - from_head)),
         );
+        let mut kept = self.head;
+        kept.truncate(head_len);
+        kept.extend_from_slice(marker(omitted).as_bytes());
+        kept.extend_from_slice(&tail);
         (kept, true)
     }
 }

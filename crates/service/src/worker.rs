@@ -168,7 +168,7 @@ impl Service {
         stored: &TaskRecord,
         attempts: Vec<AttemptRecord>,
         decision: Decision,
-        last: Option<&taskexec_engine::AttemptOutput>,
+        last: Option<&mut taskexec_engine::AttemptOutput>,
         mut batch: Vec<Write>,
     ) {
         // An attempt interrupted before its first transition was stored
@@ -349,7 +349,7 @@ impl Service {
                             &format!("attempt {attempt} completed"),
                             &mut batch,
                         );
-                        let mut result = base_result(&c.record, attempts, Some(&out));
+                        let mut result = base_result(&c.record, attempts, Some(&mut out));
                         result.status = TaskStatus::Completed;
                         result.output = output;
                         result.history = lc.history().to_vec();
@@ -378,7 +378,7 @@ impl Service {
                             &c.record,
                             attempts,
                             decision,
-                            Some(&out),
+                            Some(&mut out),
                             batch,
                         )
                         .await;
@@ -398,7 +398,7 @@ impl Service {
 pub(crate) fn base_result(
     stored: &TaskRecord,
     attempts: Vec<AttemptRecord>,
-    last: Option<&taskexec_engine::AttemptOutput>,
+    last: Option<&mut taskexec_engine::AttemptOutput>,
 ) -> TaskResult {
     let mut result = TaskResult::new(stored.task.id.clone(), TaskStatus::Failed);
     let meta = &mut result.execution_metadata;
