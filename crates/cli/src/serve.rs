@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// least 1s; default 30s). Hidden: for tests and tuning.
     #[arg(long, env = "TASKEXEC_LEASE", hide = true)]
     pub lease: Option<String>,
+    /// Quarantine a task (end it FAILED) once this many of its attempts
+    /// were lost with their node, instead of retrying it onto the next one
+    /// (at least 1; default 3).
+    #[arg(long, env = "TASKEXEC_QUARANTINE_AFTER", value_name = "N")]
+    pub quarantine_after: Option<u32>,
     /// Keep sandboxes built ahead of time and fork servers, so tasks start
     /// faster (true/false, default true); off, every task runs in a sandbox
     /// built for it.
@@ -186,6 +191,8 @@ struct FileConfig {
     concurrency_max: Option<usize>,
     /// Lease of a claimed task.
     lease: Option<Loose>,
+    /// Lost attempts after which a task is quarantined.
+    quarantine_after: Option<u32>,
     /// Warm runner on or off.
     warm: Option<bool>,
     /// Pre-built sandboxes kept per key.
@@ -329,6 +336,14 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
             bail!("--lease {v:?}: expected at least 1s");
         }
         service.lease = lease;
+    }
+    if let Some(n) = args.quarantine_after.or(file.quarantine_after) {
+        if n == 0 {
+            bail!(
+                "--quarantine-after 0: expected at least 1 (lost attempts before a task is quarantined)"
+            );
+        }
+        service.quarantine_after = n;
     }
     service.concurrency = concurrency(
         args.adaptive_concurrency.or(file.adaptive_concurrency),
