@@ -652,3 +652,50 @@ fn cut_database_connections_answer_503_and_lose_no_acknowledged_task() {
         summary(&history)
     );
 }
+
+#[test]
+#[cfg_attr(
+    taskexec_skip_postgres,
+    ignore = "TASKEXEC_SKIP_POSTGRES=1: the PostgreSQL fault tests are skipped"
+)]
+fn a_task_lost_with_its_node_is_quarantined_at_the_set_count() {
+    let _serial = serial();
+    let Some(db) = PgDb::new() else { return };
+    let mut a = Worker::start(
+        &db.url,
+        &unique("a"),
+        &[("--workers", "1"), ("--lease", "2s")],
+    );
+    let api = Setup::new()
+        .database_url(&db.url)
+        .node(&unique("api"))
+        .flag("--workers", "0")
+        .start();
+    let id = api.submit(&small_bash("sleep 30\n", 60));
+    wait_task(&api, &id, Duration::from_secs(30), "running on A", |r| {
+        r["status"] == "RUNNING" && starts(r).last().is_some_and(|s| s.node == a.node)
+    });
+    // A dies with the task; B, quarantining at the first lost attempt,
+    // takes it over once A's lease expired and ends it instead of running
+    // it again.
+    a.kill();
+    let _b = Worker::start(
+        &db.url,
+        &unique("b"),
+        &[
+            ("--workers", "1"),
+            ("--lease", "2s"),
+            ("--quarantine-after", "1"),
+        ],
+    );
+    let rec = wait_task(&api, &id, Duration::from_secs(30), "final", |r| {
+        is_final(r["status"].as_str().unwrap_or(""))
+    });
+    let s = check_record(&rec);
+    assert_eq!(rec["status"], "FAILED", "{rec:#}");
+    assert_eq!(
+        rec["result"]["error"]["message"], "quarantined: 1 attempts were lost with their node",
+        "{rec:#}"
+    );
+    assert_eq!(s.len(), 1, "not run again after the loss: {rec:#}");
+}
