@@ -227,6 +227,11 @@ settings! {
     /// least 1s). Hidden: for tests and tuning.
     #[arg(value_name = "DURATION", hide = true)]
     lease: Text, Node, Fixed("30s");
+    /// Quarantine a task (end it FAILED) once this many of its attempts
+    /// were lost with their node, instead of retrying it onto the next one
+    /// (at least 1).
+    #[arg(value_name = "N")]
+    quarantine_after: u32, Node, Fixed("3");
     /// Keep sandboxes built ahead of time and fork servers, so tasks start
     /// faster (true/false); off, every task runs in a sandbox built for it.
     warm: bool, Node, Fixed("true");

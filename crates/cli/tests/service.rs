@@ -1356,6 +1356,20 @@ fn an_invalid_warm_setting_stops_the_start_and_names_the_setting() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--warm-pool-idle \"soon\""), "{err}");
+    for command in ["serve", "worker"] {
+        let (code, _, err) = cli(&[
+            command,
+            "--database",
+            "sqlite::memory:",
+            "--quarantine-after",
+            "0",
+        ]);
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains("--quarantine-after 0: expected at least 1"),
+            "{command}: {err}"
+        );
+    }
 }
 
 #[test]

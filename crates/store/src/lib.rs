@@ -175,6 +175,11 @@ fn postgres_class(state: &str) -> ErrorClass {
         // too_many_connections, admin/crash shutdown, cannot_connect_now,
         // serialization failure, deadlock.
         "53300" | "57P01" | "57P02" | "57P03" | "40001" | "40P01" => ErrorClass::Unavailable,
+        // object_not_in_prerequisite_state: what a new connection meets
+        // while the database does not accept connections (`ALTER DATABASE
+        // ... ALLOW_CONNECTIONS false`, as for maintenance); the statements
+        // of the store raise it for nothing else.
+        "55000" => ErrorClass::Unavailable,
         // connection_exception and its subclasses.
         s if s.starts_with("08") => ErrorClass::Unavailable,
         _ => ErrorClass::Other,
@@ -633,4 +638,19 @@ pub trait TaskStore: Send + Sync + Debug {
     async fn stats(&self) -> Result<QueueStats, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ErrorClass, postgres_class};
+
+    #[test]
+    fn postgres_states_are_classified() {
+        assert_eq!(postgres_class("53100"), ErrorClass::Full);
+        // Refused connections, cut ones, a database closed to connections.
+        for state in ["57P01", "08006", "53300", "55000"] {
+            assert_eq!(postgres_class(state), ErrorClass::Unavailable, "{state}");
+        }
+        assert_eq!(postgres_class("23505"), ErrorClass::Other);
+    }
 }

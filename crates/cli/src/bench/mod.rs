@@ -104,6 +104,16 @@ pub struct BenchArgs {
     /// the server runs, for a fair comparison.
     #[arg(long, default_value_t = 100)]
     pub baseline_tasks: usize,
+    /// The SQLite durability of the benchmark's own servers (the service
+    /// groups and the drain): acknowledged (the default), full or normal,
+    /// as `sqlite://PATH?synchronous=…`. Hidden: for measuring its cost.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "MODE",
+        value_parser = ["acknowledged", "full", "normal"]
+    )]
+    pub sqlite_synchronous: Option<String>,
 }
 
 /// `taskexec bench`.
@@ -306,7 +316,12 @@ impl Run<'_> {
         plans: &[Plan],
     ) -> anyhow::Result<Vec<Group>> {
         self.progress.label("service: starting taskexec serve");
-        let server = service::ServerChild::start(&self.exe, &self.globals, &[])?;
+        let server = service::ServerChild::start(
+            &self.exe,
+            &self.globals,
+            &[],
+            self.args.sqlite_synchronous.as_deref(),
+        )?;
         let agent = service::agent();
         let task = p.task_json(service_resources(&p.runtime));
         let mut groups = Vec::new();
@@ -348,7 +363,12 @@ impl Run<'_> {
             .label(format!("drain: {n} queued {runtime} tasks"));
         let task = local::trivial_task(runtime, Mode::Script, service_resources(runtime))?;
         let flags = ["--max-queued".to_string(), (n + 1000).to_string()];
-        let server = service::ServerChild::start(&self.exe, &self.globals, &flags)?;
+        let server = service::ServerChild::start(
+            &self.exe,
+            &self.globals,
+            &flags,
+            self.args.sqlite_synchronous.as_deref(),
+        )?;
         let d = service::drain(
             &server,
             &task,

@@ -45,8 +45,17 @@ pub struct ServerChild {
 }
 
 impl ServerChild {
-    /// Starts `taskexec serve` with `extra` flags and waits for /healthz.
-    pub fn start(exe: &Path, globals: &[String], extra: &[String]) -> anyhow::Result<Self> {
+    /// Starts `taskexec serve` with `extra` flags (and its SQLite database's
+    /// `synchronous` mode, if given) and waits for /healthz.
+    pub fn start(
+        exe: &Path,
+        globals: &[String],
+        extra: &[String],
+        synchronous: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let query = synchronous
+            .map(|m| format!("?synchronous={m}"))
+            .unwrap_or_default();
         let dir = tempfile::Builder::new()
             .prefix("taskexec-bench-serve-")
             .tempdir()
@@ -62,7 +71,7 @@ impl ServerChild {
                 "--listen".to_string(),
                 format!("127.0.0.1:{port}"),
                 "--database".to_string(),
-                format!("sqlite://{}", dir.path().join("bench.db").display()),
+                format!("sqlite://{}{query}", dir.path().join("bench.db").display()),
                 "--node-id".to_string(),
                 "bench".to_string(),
             ];
@@ -83,7 +92,7 @@ impl ServerChild {
                         "--listen".to_string(),
                         "127.0.0.1:PORT".to_string(),
                         "--database".to_string(),
-                        "sqlite://TMPDIR/bench.db".to_string(),
+                        format!("sqlite://TMPDIR/bench.db{query}"),
                     ];
                     shown.extend(flags.into_iter().skip(4));
                     return Ok(Self {

@@ -118,6 +118,17 @@ pub fn settings(given: RawConfig) -> anyhow::Result<Settings> {
         bail!("--lease {v:?}: expected at least 1s");
     }
     service.lease = lease;
+    let n = value(
+        given.quarantine_after,
+        d.quarantine_after,
+        "quarantine_after",
+    )?;
+    if n == 0 {
+        bail!(
+            "--quarantine-after 0: expected at least 1 (lost attempts before a task is quarantined)"
+        );
+    }
+    service.quarantine_after = n;
     service.concurrency = concurrency(
         given.adaptive_concurrency,
         given.concurrency_min,
