@@ -207,7 +207,10 @@ fn kill_9_of_a_sqlite_server_loses_no_acknowledged_task() {
     let _serial = serial();
     const ROUNDS: usize = 5;
     let mut rng = Rng::new("kill_9_of_a_sqlite_server_loses_no_acknowledged_task");
-    let setup = Setup::new().flag("--lease", "2s");
+    // Quarantine past the number of kills: every task must complete.
+    let setup = Setup::new()
+        .flag("--lease", "2s")
+        .flag("--quarantine-after", "10");
     let mut history = Vec::new();
     for round in 0..ROUNDS {
         let server = setup.start();

@@ -14,9 +14,11 @@ use crate::{Running, Service, now};
 impl Service {
     /// Recovery at start: attempts this node was running when it died are
     /// recorded as interrupted (INTERNAL, "executor restarted") and retried
-    /// or failed per the task's policy.
+    /// or failed per the task's policy. Each counts as an attempt lost with
+    /// its node: a task that kills its executor on every attempt is
+    /// quarantined after `quarantine_after` of them, as across nodes.
     pub(crate) async fn recover(&self) -> Result<(), StoreError> {
-        let orphans = self.store.claimed_by(&self.config.node).await?;
+        let orphans = self.store.recover_claimed(&self.config.node).await?;
         for c in orphans {
             let id = c.record.task.id.clone();
             warn!(task_id = %id, attempt = c.attempt, "recovering a task interrupted by a restart");

@@ -103,6 +103,10 @@ impl TaskStore for Outage {
         self.check()?;
         self.inner.request_cancel(id, record).await
     }
+    async fn recover_claimed(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
+        self.check()?;
+        self.inner.recover_claimed(node).await
+    }
     async fn claimed_by(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
         self.check()?;
         self.inner.claimed_by(node).await

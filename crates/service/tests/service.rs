@@ -338,14 +338,12 @@ async fn cancel_works_on_queued_and_running_tasks() {
     assert_eq!(f.runner.calls.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_recovers_tasks_left_running_and_retries_them() {
-    let f = Fixture::new([Step::Exit(0, "\"after restart\"")]);
-    // A previous life of node-a claimed the task and died while running it.
+/// A previous life of node-a claimed task `id` and died while running it.
+async fn left_running(f: &Fixture, id: &str) {
     let store = f.store().await;
     let t = {
         let mut t = task(json!({}));
-        t.id = "crashed-1".into();
+        t.id = id.into();
         t
     };
     let received = TransitionRecord {
@@ -384,7 +382,12 @@ async fn a_restart_recovers_tasks_left_running_and_retries_them() {
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 1);
-    drop(store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_recovers_tasks_left_running_and_retries_them() {
+    let f = Fixture::new([Step::Exit(0, "\"after restart\"")]);
+    left_running(&f, "crashed-1").await;
 
     let s = f.service(2000, 2).await;
     let rec = wait(&s, "crashed-1").await;
@@ -403,6 +406,30 @@ async fn a_restart_recovers_tasks_left_running_and_retries_them() {
         1,
         "ran once, after the restart"
     );
+}
+
+/// An attempt interrupted by the restart of its only node counts as lost
+/// with it: a task that kills its executor every time is quarantined on one
+/// node as across several, instead of a crash loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_attempts_die_with_their_node_is_quarantined_at_restart() {
+    let f = Fixture::new([Step::Exit(0, "\"never runs\"")]);
+    left_running(&f, "poison-1").await;
+
+    let s = f.service_with(2000, 2, |c| c.quarantine_after = 1).await;
+    let rec = wait(&s, "poison-1").await;
+    assert_eq!(rec.status, TaskStatus::Failed, "{:?}", rec.result);
+    let error = rec
+        .result
+        .as_ref()
+        .and_then(|r| r.error.as_ref())
+        .expect("error");
+    assert_eq!(
+        error.message,
+        taskexec_service::quarantined_error(1).message,
+        "{error:?}"
+    );
+    assert_eq!(f.runner.calls.load(Ordering::SeqCst), 0, "never run again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -612,6 +612,13 @@ pub trait TaskStore: Send + Sync + Debug {
     /// Tasks claimed by `node` and not final: after a crash of that node,
     /// the attempts they were in were interrupted.
     async fn claimed_by(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError>;
+    /// Recovery of `node` after its restart: the tasks it holds a claim on
+    /// and that are not final, as [`Self::claimed_by`], each one's current
+    /// attempt counted as lost with its node (once per attempt, as a
+    /// take-over counts it) and the task's count of lost attempts in
+    /// [`ClaimedTask::lost_attempts`]. A task that kills its node on every
+    /// attempt is then quarantined on a single node as across several.
+    async fn recover_claimed(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError>;
     /// Takes over the tasks whose lease has expired (`lease_until < now`):
     /// claimed (not queued), not final, by any node, `node` included. Each
     /// is leased to `node` until `now + lease` in the same transaction, so

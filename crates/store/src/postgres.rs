@@ -926,6 +926,34 @@ impl TaskStore for PgStore {
             .collect()
     }
 
+    async fn recover_claimed(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
+        // One statement: the attempt is counted once however often this
+        // runs (`lost_through`), as a take-over counts it.
+        let rows = sqlx::query(concat!(
+            "UPDATE tasks SET lost_attempts = lost_attempts \
+             + CASE WHEN lost_through < attempt THEN 1 ELSE 0 END, \
+             lost_through = attempt WHERE node = $1 AND NOT queued AND ",
+            not_final!(),
+            " RETURNING lost_attempts AS lost_count, seq, ",
+            task_columns!(),
+            ", ",
+            history_column!()
+        ))
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            let lost = int_u32(row.try_get("lost_count")?);
+            let (row, history) = read_row(row)?;
+            let attempt = row.attempt;
+            out.push((seq, row.into_claimed(attempt, history, None, lost)?));
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out.into_iter().map(|(_, c)| c).collect())
+    }
+
     async fn take_over_expired(
         &self,
         node: &str,

@@ -392,6 +392,15 @@ impl TaskStore for SqliteStore {
             .await
     }
 
+    async fn recover_claimed(&self, node: &str) -> Result<Vec<ClaimedTask>, StoreError> {
+        let node = node.to_owned();
+        self.writer
+            .write(Level::Process, move |tx| {
+                statements::recover_claimed(tx, &node)
+            })
+            .await
+    }
+
     async fn take_over_expired(
         &self,
         node: &str,

@@ -556,6 +556,25 @@ pub(super) fn claimed_by(conn: &Connection, node: &str) -> Result<Vec<ClaimedTas
     .collect()
 }
 
+/// [`claimed_by`], each task's current attempt counted as lost (once per
+/// attempt, as [`take_over_expired`] counts it), with the task's count.
+pub(super) fn recover_claimed(
+    tx: &Transaction<'_>,
+    node: &str,
+) -> Result<Vec<ClaimedTask>, StoreError> {
+    let mut out = claimed_by(tx, node)?;
+    for c in &mut out {
+        let lost: i64 = tx
+            .prepare_cached(
+                "UPDATE tasks SET lost_attempts = lost_attempts + (lost_through < attempt), \
+                 lost_through = attempt WHERE id = ? RETURNING lost_attempts",
+            )?
+            .query_row(params![c.record.task.id], |r| r.get(0))?;
+        c.lost_attempts = int_u32(lost);
+    }
+    Ok(out)
+}
+
 /// The rows of `sql` (selecting [`task_columns`] and `history_column`), each
 /// with its history: one statement, so one snapshot.
 fn rows_with_history(

@@ -66,6 +66,7 @@ macro_rules! conformance_suite {
             cancel_claimed,
             cancel_final_and_missing,
             claimed_by_after_crash,
+            recovery_counts_each_attempt_once,
             take_over_expired_once,
             take_over_skips_live_leases,
             take_over_skips_queued_and_final,
@@ -1531,6 +1532,45 @@ pub async fn cancel_final_and_missing(h: &dyn Harness) {
 
 /// After a crash of a node (the store dropped without a word), reopening
 /// the database shows the tasks it had claimed, at the interrupted attempt.
+/// Recovery after a restart counts each interrupted attempt as lost once,
+/// however often it runs, and a later attempt lost again counts again.
+pub async fn recovery_counts_each_attempt_once(h: &dyn Harness) {
+    let store = h.open().await;
+    submit(&*store, vec![new_task("a"), new_task("b")]).await;
+    assert_eq!(ids(&claim(&*store, "n1", 1, at(1)).await), vec!["a"]);
+    let lost = |c: &[ClaimedTask]| {
+        c.iter()
+            .map(|c| (c.record.task.id.clone(), c.attempt, c.lost_attempts))
+            .collect::<Vec<_>>()
+    };
+    let first = store.recover_claimed("n1").await.expect("recover");
+    assert_eq!(lost(&first), vec![("a".to_owned(), 1, 1)]);
+    let again = store.recover_claimed("n1").await.expect("recover");
+    assert_eq!(lost(&again), vec![("a".to_owned(), 1, 1)]);
+    assert!(
+        store
+            .recover_claimed("n2")
+            .await
+            .expect("recover")
+            .is_empty()
+    );
+
+    apply(&*store, vec![requeue("a", 1, at(2))]).await;
+    assert!(
+        store
+            .recover_claimed("n1")
+            .await
+            .expect("recover")
+            .is_empty()
+    );
+    assert_eq!(ids(&claim(&*store, "n1", 2, at(3)).await), vec!["a", "b"]);
+    let second = store.recover_claimed("n1").await.expect("recover");
+    assert_eq!(
+        lost(&second),
+        vec![("a".to_owned(), 2, 2), ("b".to_owned(), 1, 1)]
+    );
+}
+
 pub async fn claimed_by_after_crash(h: &dyn Harness) {
     {
         let store = h.open().await;
