@@ -33,21 +33,33 @@
 //! The launcher is a fresh single-threaded process, so allocating between fork
 //! and exec is safe here; the executor itself (possibly multi-threaded) only
 //! ever spawns it with `std::process::Command`.
+//!
+//! Every step of the set-up goes through [`Syscall`] ([`LinuxSyscall`] here):
+//! [`build_sandbox`] (the launcher's namespaces and root), [`init_setup`]
+//! (the init's `/proc`, host name and loopback) and [`task::run`] (the task
+//! process's steps up to `execve`) are unit-tested in `launcher/tests.rs`
+//! against a recording fake: their order, the limits and capabilities
+//! applied for a spec, and that a failing step stops the sequence.
+
+mod task;
+#[cfg(test)]
+mod tests;
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::frame::{read_frame, write_frame};
 use crate::mounts::{self, Files};
 use crate::spec::{ExitStatus, FileMeta, LaunchSpec, ReadBack, Report, SandboxFile};
+use crate::syscall::Syscall;
 use crate::syscall::linux::LinuxSyscall;
-use crate::{fsread, namespaces, rlimits, seccomp};
+use crate::{fsread, namespaces, seccomp};
 
 /// The byte that announces the task's spec frame after `Ready` (any other
 /// byte is the go, for a launcher whose first frame was the whole spec).
@@ -199,35 +211,75 @@ struct Exec {
     oom_score_adj: Option<String>,
 }
 
-/// Sets this process's `oom_score_adj` (inherited by its children; a value
-/// set with CAP_SYS_RESOURCE is also the lowest the process may set later).
-fn set_oom_score_adj(value: &str) -> std::io::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open("/proc/self/oom_score_adj")
-        .and_then(|mut f| f.write_all(value.as_bytes()))
+impl Exec {
+    /// The task's argv, environment and paths as C strings, with the rest.
+    fn new(
+        spec: &LaunchSpec,
+        filters: Vec<seccompiler::BpfProgram>,
+        task_join: Option<File>,
+        oom_score_adj: Option<String>,
+    ) -> Result<Self, SetupError> {
+        Ok(Self {
+            argv: cstrings(spec.argv.clone())?,
+            env: cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?,
+            work_dir: cstrings([spec.work_dir.clone()])?.remove(0),
+            stdin: spec
+                .stdin_path
+                .clone()
+                .map(|p| cstrings([p]))
+                .transpose()?
+                .map(|mut v| v.remove(0)),
+            filters,
+            task_join,
+            oom_score_adj,
+        })
+    }
 }
 
 /// Makes the supervisor (this process, and the init it forks) no OOM
 /// killer's choice: `oom_score_adj` -1000. Returns the value to give the
 /// task back, or `None` when it could not be lowered (an executor without
 /// CAP_SYS_RESOURCE, as in some containers: then the cgroup leaves of v2
-/// alone keep an OOM kill off the supervisor).
+/// alone keep an OOM kill off the supervisor). The value is inherited by
+/// the children; one set with CAP_SYS_RESOURCE is also the lowest the
+/// process may set later.
 fn shield_from_oom() -> Option<String> {
     let original = std::fs::read_to_string("/proc/self/oom_score_adj").ok()?;
-    set_oom_score_adj("-1000")
+    LinuxSyscall
+        .set_oom_score_adj("-1000")
         .ok()
         .map(|()| original.trim().to_string())
 }
 
-/// Gives the task process the `oom_score_adj` the supervisor had before
-/// [`shield_from_oom`] lowered it.
-fn restore_oom_score_adj(exec: &Exec) -> Result<(), nix::errno::Errno> {
-    match &exec.oom_score_adj {
-        Some(value) => set_oom_score_adj(value)
-            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
-        None => Ok(()),
+/// The launcher's set-up before `Ready`: the namespaces, then the root file
+/// system (ending with the pivot into it). Returns when each step ended
+/// (monotonic ns): the start, the namespaces, the mounts.
+fn build_sandbox(
+    sys: &dyn Syscall,
+    spec: &LaunchSpec,
+    files: &Files,
+) -> Result<(u64, u64, u64), SetupError> {
+    let t_start = mono_ns();
+    namespaces::unshare_all(sys, spec.share_network)?;
+    let t_ns = mono_ns();
+    mounts::build_root(sys, spec, files)?;
+    Ok((t_start, t_ns, mono_ns()))
+}
+
+/// The init's set-up, first thing in PID 1: dies with the launcher, mounts
+/// `/proc`, names the host, brings up loopback (in a network namespace of
+/// its own). Returns when `/proc` and the host name were done, and when the
+/// network was (monotonic ns).
+fn init_setup(sys: &dyn Syscall, spec: &LaunchSpec) -> Result<(u64, u64), SetupError> {
+    sys.set_pdeathsig_kill()
+        .map_err(|e| SetupError::new("init", format!("pdeathsig: {e}")))?;
+    mounts::mount_proc(sys)?;
+    namespaces::set_hostname(sys, &spec.hostname)?;
+    let t_proc = mono_ns();
+    if !spec.share_network {
+        namespaces::loopback_up(sys)?;
     }
+    Ok((t_proc, mono_ns()))
 }
 
 fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
@@ -256,11 +308,7 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
         support: split_files(&spec.support_files, &mut blobs)?,
         etc: split_files(&spec.etc_files, &mut blobs)?,
     };
-    let t_start = mono_ns();
-    namespaces::unshare_all(spec.share_network)?;
-    let t_ns = mono_ns();
-    mounts::build_root(&LinuxSyscall, &spec, &files)?;
-    let t_mounts = mono_ns();
+    let (t_start, t_ns, t_mounts) = build_sandbox(&LinuxSyscall, &spec, &files)?;
     drop(files);
 
     // The seccomp profile belongs to the sandbox's shape: compiled before
@@ -306,21 +354,8 @@ fn launch(spec_in: &mut File, report: &mut File) -> Result<i32, SetupError> {
     if spec.argv.is_empty() {
         return Err(SetupError::new("spec", "empty argv"));
     }
-    let exec = Exec {
-        argv: cstrings(spec.argv.clone())?,
-        env: cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?,
-        work_dir: cstrings([spec.work_dir.clone()])?.remove(0),
-        stdin: spec
-            .stdin_path
-            .clone()
-            .map(|p| cstrings([p]))
-            .transpose()?
-            .map(|mut v| v.remove(0)),
-        filters,
-        task_join,
-        oom_score_adj,
-    };
-    namespaces::unshare_cgroup()?;
+    let exec = Exec::new(&spec, filters, task_join, oom_score_adj)?;
+    namespaces::unshare_cgroup(&LinuxSyscall)?;
 
     // SAFETY: this process is single-threaded (a fresh exec of our binary
     // that starts no thread), so the child may allocate freely.
@@ -384,15 +419,7 @@ fn receive_task(
 /// PID 1 of the sandbox.
 fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupError> {
     let t_init = mono_ns();
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(|e| SetupError::new("init", format!("pdeathsig: {e}")))?;
-    mounts::mount_proc(&LinuxSyscall)?;
-    namespaces::set_hostname(&spec.hostname)?;
-    let t_proc = mono_ns();
-    if !spec.share_network {
-        namespaces::loopback_up()?;
-    }
-    let t_net = mono_ns();
+    let (t_proc, t_net) = init_setup(&LinuxSyscall, spec)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SetupError::new("init", format!("pipe: {e}")))?;
 
@@ -414,28 +441,8 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let task = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(err_r);
-            // The task gets its `oom_score_adj` back first, while this
-            // process is still root of the host's user namespace: once in
-            // a namespace of its own (a fork server), its /proc files
-            // belong to an id that namespace does not map.
-            let (stage, errno) = if let Err(errno) = restore_oom_score_adj(exec) {
-                ("oom_score_adj", errno)
-            } else {
-                match userns {
-                    Some(((_, unshared_w), (mapped_r, _))) => {
-                        let owner = spec
-                            .userns
-                            .iter()
-                            .find(|r| r.inside == 0)
-                            .map_or(u32::MAX, |r| r.outside);
-                        match enter_userns(owner, unshared_w, mapped_r) {
-                            Ok(()) => task_exec(spec, exec),
-                            Err(errno) => ("user namespace", errno),
-                        }
-                    }
-                    None => task_exec(spec, exec),
-                }
-            };
+            let userns = userns.map(|((_, unshared_w), (mapped_r, _))| (unshared_w, mapped_r));
+            let (stage, errno) = task::run(&LinuxSyscall, spec, exec, userns);
             let mut w = File::from(err_w);
             let _ = w.write_all(format!("{stage}: {errno}").as_bytes());
             // SAFETY: _exit ends the process without running destructors or
@@ -484,40 +491,6 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
     let t_exit = mono_ns();
     kill_all_and_reap();
     finish(spec, status, t_exit, report)
-}
-
-/// In the task process: unshares a user namespace, says so on
-/// `unshared`, waits for the init to write its id maps (a byte on
-/// `mapped`), then becomes root of that namespace, which is the host uid
-/// the executor leased for it: no capability of the process reaches the
-/// host's namespaces any more.
-///
-/// The namespace is created with the effective ids set to `owner` (the
-/// host uid its root maps to), which makes `owner` its owner: what the
-/// kernel counts per user for the processes inside (inotify instances,
-/// message-queue bytes, pending signals) is then also charged to `owner`,
-/// a task uid, never to host root. Effective capabilities are kept across
-/// that change (`SECBIT_NO_SETUID_FIXUP`) so that the creation is a
-/// privileged one; the new namespace starts with default securebits.
-fn enter_userns(owner: u32, unshared: OwnedFd, mapped: OwnedFd) -> Result<(), nix::errno::Errno> {
-    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) };
-    nix::errno::Errno::result(rc)?;
-    let keep = (Uid::from_raw(u32::MAX), Gid::from_raw(u32::MAX));
-    nix::unistd::setresgid(keep.1, Gid::from_raw(owner), keep.1)?;
-    nix::unistd::setresuid(keep.0, Uid::from_raw(owner), keep.0)?;
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)?;
-    nix::unistd::write(&unshared, b"u")?;
-    drop(unshared);
-    let mut b = [0u8; 1];
-    if nix::unistd::read(&mapped, &mut b)? != 1 {
-        return Err(nix::errno::Errno::EPIPE);
-    }
-    let root = (Uid::from_raw(0), Gid::from_raw(0));
-    nix::unistd::setgroups(&[])?;
-    nix::unistd::setresgid(root.1, root.1, root.1)?;
-    nix::unistd::setresuid(root.0, root.0, root.0)
 }
 
 /// In the init: waits for the task to unshare its user namespace, writes
@@ -618,75 +591,4 @@ fn finish(
         &refs,
     )
     .map_err(|e| SetupError::new("report", e.to_string()))
-}
-
-/// The task process: drop everything, then exec. Returns only on failure,
-/// with the stage and errno.
-fn task_exec(spec: &LaunchSpec, exec: &Exec) -> (&'static str, nix::errno::Errno) {
-    macro_rules! step {
-        ($stage:literal, $e:expr) => {
-            if let Err(errno) = $e {
-                return ($stage, errno);
-            }
-        };
-    }
-    // Out of the supervisor's leaf into the task's, and a cgroup namespace
-    // rooted there (the task sees its own cgroup as `/`).
-    if let Some(join) = &exec.task_join {
-        step!("cgroup", nix::unistd::write(join, b"0").map(drop));
-        step!(
-            "cgroup namespace",
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        );
-    }
-    step!("setsid", nix::unistd::setsid().map(drop));
-    if let Some(path) = &exec.stdin {
-        step!(
-            "stdin",
-            nix::fcntl::open(
-                path.as_c_str(),
-                nix::fcntl::OFlag::O_RDONLY,
-                nix::sys::stat::Mode::empty()
-            )
-            .and_then(|fd| {
-                let fd: OwnedFd = fd;
-                // SAFETY: dup2 onto descriptor 0, which this process owns.
-                let rc = unsafe { libc::dup2(fd.as_raw_fd(), 0) };
-                nix::errno::Errno::result(rc).map(drop)
-            })
-        );
-    }
-    step!("rlimits", rlimits::apply(&spec.rlimits));
-    // Drop the capability bounding set while we still hold CAP_SETPCAP (a
-    // fork server keeps the few it needs: root's capabilities after execve
-    // are its bounding set).
-    for cap in 0..=63 {
-        if spec.fork_server && seccomp::FORK_SERVER_CAPS.contains(&cap) {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments; it fails with EINVAL past
-        // the last capability the kernel knows, which ends the loop.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
-            break;
-        }
-    }
-    if !spec.fork_server {
-        step!("setgroups", nix::unistd::setgroups(&[]));
-        let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
-        step!("setresgid", nix::unistd::setresgid(gid, gid, gid));
-        // Changing all uids away from 0 clears the permitted, effective and
-        // ambient capability sets.
-        step!("setresuid", nix::unistd::setresuid(uid, uid, uid));
-    }
-    step!("chdir", nix::unistd::chdir(exec.work_dir.as_c_str()));
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    step!("no_new_privs", nix::sys::prctl::set_no_new_privs());
-    if seccomp::apply(&exec.filters).is_err() {
-        return ("seccomp", nix::errno::Errno::last());
-    }
-    let err = nix::unistd::execve(&exec.argv[0], &exec.argv, &exec.env);
-    (
-        "execve",
-        err.err().unwrap_or(nix::errno::Errno::UnknownErrno),
-    )
 }

@@ -2,19 +2,20 @@
 //! under the cgroup limits (descriptors, file size, core dumps, stack,
 //! per-process CPU seconds).
 
-use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::resource::Resource;
 
 use crate::spec::RlimitSpec;
+use crate::syscall::Syscall;
 
 /// Applies the limits to the calling process.
-pub(crate) fn apply(spec: &RlimitSpec) -> nix::Result<()> {
-    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-    setrlimit(Resource::RLIMIT_NOFILE, spec.nofile, spec.nofile)?;
-    setrlimit(Resource::RLIMIT_FSIZE, spec.fsize, spec.fsize)?;
-    setrlimit(Resource::RLIMIT_STACK, spec.stack, spec.stack)?;
+pub(crate) fn apply(sys: &dyn Syscall, spec: &RlimitSpec) -> nix::Result<()> {
+    sys.setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+    sys.setrlimit(Resource::RLIMIT_NOFILE, spec.nofile, spec.nofile)?;
+    sys.setrlimit(Resource::RLIMIT_FSIZE, spec.fsize, spec.fsize)?;
+    sys.setrlimit(Resource::RLIMIT_STACK, spec.stack, spec.stack)?;
     if let Some(cpu) = spec.cpu_seconds {
         // Soft limit sends SIGXCPU, hard limit one second later SIGKILL.
-        setrlimit(Resource::RLIMIT_CPU, cpu, cpu + 1)?;
+        sys.setrlimit(Resource::RLIMIT_CPU, cpu, cpu + 1)?;
     }
     Ok(())
 }

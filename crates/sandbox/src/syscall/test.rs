@@ -1,11 +1,20 @@
 //! A recording fake of [`Syscall`]: it does nothing but write down each
-//! call, answers host lookups from a table, and can fail one mount.
+//! call, answers host lookups from a table, and can fail one mount or any
+//! call a predicate picks.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::resource::Resource;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
+use seccompiler::BpfProgram;
 
 use super::{HostKind, Syscall};
 
@@ -52,7 +61,43 @@ pub(crate) enum Call {
         mode: u32,
     },
     RemoveDir(PathBuf),
+    Unshare(CloneFlags),
+    Sethostname(String),
+    LoopbackUp,
+    Pdeathsig,
+    OomScoreAdj(String),
+    Write {
+        fd: RawFd,
+        bytes: Vec<u8>,
+    },
+    Read(RawFd),
+    Setsid,
+    OpenStdin(CString),
+    Setrlimit {
+        resource: Resource,
+        soft: u64,
+        hard: u64,
+    },
+    /// A capability dropped from the bounding set (one the kernel knows).
+    CapbsetDrop(i32),
+    Securebits(libc::c_ulong),
+    Setgroups(Vec<u32>),
+    Setresuid(u32, u32, u32),
+    Setresgid(u32, u32, u32),
+    ChdirCstr(CString),
+    Umask(u32),
+    NoNewPrivs,
+    /// Seccomp filters loaded: how many.
+    Seccomp(usize),
+    Execve {
+        path: CString,
+        argv: Vec<CString>,
+        env: Vec<CString>,
+    },
 }
+
+/// The last capability the fake's kernel knows (`CAP_CHECKPOINT_RESTORE`).
+pub(crate) const LAST_CAP: i32 = 40;
 
 /// Records every call; host paths are looked up in `host`.
 #[derive(Debug, Default)]
@@ -65,6 +110,9 @@ pub(crate) struct RecordingSyscall {
     /// The mount (counted from 0) that fails with `EPERM`, if any.
     fail_mount: Option<usize>,
     mounts: RefCell<usize>,
+    /// Calls that fail with `EPERM` (not recorded): mounts, `pivot_root`
+    /// and those of the process set-up.
+    fail_when: Option<fn(&Call) -> bool>,
 }
 
 impl RecordingSyscall {
@@ -82,6 +130,12 @@ impl RecordingSyscall {
         self
     }
 
+    /// Fails, with `EPERM`, every process set-up call `pick` chooses.
+    pub(crate) fn failing_when(mut self, pick: fn(&Call) -> bool) -> Self {
+        self.fail_when = Some(pick);
+        self
+    }
+
     /// The calls so far.
     pub(crate) fn calls(&self) -> Vec<Call> {
         self.calls.borrow().clone()
@@ -89,6 +143,15 @@ impl RecordingSyscall {
 
     fn record(&self, call: Call) {
         self.calls.borrow_mut().push(call);
+    }
+
+    /// Records `call`, or fails it when the predicate picks it.
+    fn call(&self, call: Call) -> nix::Result<()> {
+        if self.fail_when.is_some_and(|pick| pick(&call)) {
+            return Err(Errno::EPERM);
+        }
+        self.record(call);
+        Ok(())
     }
 }
 
@@ -109,14 +172,13 @@ impl Syscall for RecordingSyscall {
         if self.fail_mount == Some(n) {
             return Err(nix::errno::Errno::EPERM);
         }
-        self.record(Call::Mount {
+        self.call(Call::Mount {
             source: source.map(Path::to_path_buf),
             target: target.to_path_buf(),
             fstype: fstype.map(str::to_string),
             flags,
             data: data.map(str::to_string),
-        });
-        Ok(())
+        })
     }
 
     fn umount2(&self, target: &Path, flags: MntFlags) -> nix::Result<()> {
@@ -128,11 +190,10 @@ impl Syscall for RecordingSyscall {
     }
 
     fn pivot_root(&self, new_root: &Path, put_old: &Path) -> nix::Result<()> {
-        self.record(Call::PivotRoot {
+        self.call(Call::PivotRoot {
             new_root: new_root.to_path_buf(),
             put_old: put_old.to_path_buf(),
-        });
-        Ok(())
+        })
     }
 
     fn chdir(&self, path: &Path) -> nix::Result<()> {
@@ -205,5 +266,115 @@ impl Syscall for RecordingSyscall {
             .get(path)
             .cloned()
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+
+    fn unshare(&self, flags: CloneFlags) -> nix::Result<()> {
+        self.call(Call::Unshare(flags))
+    }
+
+    fn sethostname(&self, name: &str) -> nix::Result<()> {
+        self.call(Call::Sethostname(name.to_string()))
+    }
+
+    fn loopback_up(&self) -> std::io::Result<()> {
+        self.call(Call::LoopbackUp).map_err(std::io::Error::from)
+    }
+
+    fn set_pdeathsig_kill(&self) -> nix::Result<()> {
+        self.call(Call::Pdeathsig)
+    }
+
+    fn set_oom_score_adj(&self, value: &str) -> std::io::Result<()> {
+        self.call(Call::OomScoreAdj(value.to_string()))
+            .map_err(std::io::Error::from)
+    }
+
+    fn write(&self, fd: BorrowedFd<'_>, buf: &[u8]) -> nix::Result<usize> {
+        self.call(Call::Write {
+            fd: fd.as_raw_fd(),
+            bytes: buf.to_vec(),
+        })
+        .map(|()| buf.len())
+    }
+
+    /// Reads one byte, `m`, as the init's answer on the `mapped` pipe.
+    fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<usize> {
+        self.call(Call::Read(fd.as_raw_fd()))?;
+        match buf.first_mut() {
+            Some(b) => {
+                *b = b'm';
+                Ok(1)
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn setsid(&self) -> nix::Result<()> {
+        self.call(Call::Setsid)
+    }
+
+    fn open_stdin(&self, path: &CStr) -> nix::Result<()> {
+        self.call(Call::OpenStdin(path.to_owned()))
+    }
+
+    fn setrlimit(&self, resource: Resource, soft: u64, hard: u64) -> nix::Result<()> {
+        self.call(Call::Setrlimit {
+            resource,
+            soft,
+            hard,
+        })
+    }
+
+    /// Past [`LAST_CAP`], `EINVAL` (not recorded), as the kernel answers.
+    fn capbset_drop(&self, cap: i32) -> nix::Result<()> {
+        if cap > LAST_CAP {
+            return Err(Errno::EINVAL);
+        }
+        self.call(Call::CapbsetDrop(cap))
+    }
+
+    fn set_securebits(&self, bits: libc::c_ulong) -> nix::Result<()> {
+        self.call(Call::Securebits(bits))
+    }
+
+    fn setgroups(&self, groups: &[Gid]) -> nix::Result<()> {
+        self.call(Call::Setgroups(groups.iter().map(|g| g.as_raw()).collect()))
+    }
+
+    fn setresuid(&self, ruid: Uid, euid: Uid, suid: Uid) -> nix::Result<()> {
+        self.call(Call::Setresuid(ruid.as_raw(), euid.as_raw(), suid.as_raw()))
+    }
+
+    fn setresgid(&self, rgid: Gid, egid: Gid, sgid: Gid) -> nix::Result<()> {
+        self.call(Call::Setresgid(rgid.as_raw(), egid.as_raw(), sgid.as_raw()))
+    }
+
+    fn chdir_cstr(&self, path: &CStr) -> nix::Result<()> {
+        self.call(Call::ChdirCstr(path.to_owned()))
+    }
+
+    fn umask(&self, mode: Mode) {
+        self.record(Call::Umask(mode.bits()));
+    }
+
+    fn set_no_new_privs(&self) -> nix::Result<()> {
+        self.call(Call::NoNewPrivs)
+    }
+
+    fn seccomp(&self, filters: &[BpfProgram]) -> nix::Result<()> {
+        self.call(Call::Seccomp(filters.len()))
+    }
+
+    /// Records the call and returns `ENOEXEC` (or `EPERM` when picked to
+    /// fail): the real call returns only on failure too.
+    fn execve(&self, path: &CStr, argv: &[CString], env: &[CString]) -> Errno {
+        match self.call(Call::Execve {
+            path: path.to_owned(),
+            argv: argv.to_vec(),
+            env: env.to_vec(),
+        }) {
+            Ok(()) => Errno::ENOEXEC,
+            Err(errno) => errno,
+        }
     }
 }
