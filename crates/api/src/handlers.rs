@@ -1,4 +1,9 @@
 //! The handlers of API v1, each documented with `#[utoipa::path]`.
+//!
+//! Why one file of about 850 lines before its tests: one handler per route,
+//! each with its OpenAPI annotation, which the `#[utoipa::path]` macros and
+//! the router (`lib.rs`) reference by path; most of the length is the
+//! routes' own documentation.
 
 use std::collections::HashSet;
 use std::convert::Infallible;

@@ -1,5 +1,9 @@
 //! The router against a real [`Service`] (a private temporary SQLite store, engine
 //! with a scripted runner), through `tower::ServiceExt::oneshot`.
+//!
+//! Why one file of about 1,300 lines: these are the router's tests, one per
+//! behaviour of the HTTP contract, sharing one fixture; no code of the
+//! product lives here.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -52,6 +52,12 @@
 //!   carry a smaller one than a task claimed or listed before it: FIFO and
 //!   listing cursors are exact only between submissions that do not
 //!   overlap in time.
+//!
+//! Why one file of about 1,100 lines before its tests: every method of the
+//! trait is one transaction whose SQL is read beside the invariant it keeps
+//! (above); the SQLite backend, whose statements run on threads of their
+//! own, splits them into `sqlite/statements.rs`. Moving the row readers and
+//! bulk statements into a module of their own is the next split.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
