@@ -43,6 +43,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use taskexec_service::Service;
+use taskexec_service::metric;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -280,14 +281,14 @@ async fn count_requests(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let status = res.status().as_u16().to_string();
     metrics::counter!(
-        "taskexec_http_requests_total",
+        metric::HTTP_REQUESTS_TOTAL.name,
         "method" => method.clone(),
         "route" => route.clone(),
         "status" => status,
     )
     .increment(1);
     metrics::histogram!(
-        "taskexec_http_request_duration_seconds",
+        metric::HTTP_REQUEST_DURATION_SECONDS.name,
         "method" => method,
         "route" => route,
     )

@@ -40,6 +40,7 @@ use axum::http::{HeaderValue, Request, Response, header};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use taskexec_service::metric;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot, watch};
@@ -135,7 +136,7 @@ impl Slots {
     }
 
     fn gauge(&self) {
-        metrics::gauge!("taskexec_http_connections_open").set(self.open() as f64);
+        metrics::gauge!(metric::HTTP_CONNECTIONS_OPEN.name).set(self.open() as f64);
     }
 }
 
@@ -182,7 +183,7 @@ pub async fn serve(
             Err(e) => {
                 // Out of descriptors, or a connection reset before it was
                 // accepted: pause a little rather than spin.
-                metrics::counter!("taskexec_http_accept_errors_total").increment(1);
+                metrics::counter!(metric::HTTP_ACCEPT_ERRORS_TOTAL.name).increment(1);
                 tracing::warn!(error = %e, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -224,7 +225,7 @@ pub async fn serve(
 /// Answers a connection past the limit with 503 and closes it (at once,
 /// when too many refusals are already in progress).
 fn refuse(mut stream: TcpStream, slots: &Arc<Slots>) {
-    metrics::counter!("taskexec_http_connections_refused_total").increment(1);
+    metrics::counter!(metric::HTTP_CONNECTIONS_REFUSED_TOTAL.name).increment(1);
     if slots.refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
         slots.refusing.fetch_sub(1, Ordering::AcqRel);
         return;
@@ -440,7 +441,7 @@ async fn connection(
                 break true;
             }
             why = &mut watchdog => {
-                metrics::counter!("taskexec_http_connections_timed_out_total", "phase" => why.as_str()).increment(1);
+                metrics::counter!(metric::HTTP_CONNECTIONS_TIMED_OUT_TOTAL.name, "phase" => why.as_str()).increment(1);
                 tracing::debug!(phase = why.as_str(), "HTTP connection timed out");
                 break false;
             }
@@ -466,7 +467,7 @@ fn is_health(path: &str) -> bool {
 
 /// The answer of a reserved slot to a route other than the health ones.
 fn reserved_only() -> Response<Body> {
-    metrics::counter!("taskexec_http_requests_refused_total").increment(1);
+    metrics::counter!(metric::HTTP_REQUESTS_REFUSED_TOTAL.name).increment(1);
     let mut res = axum::response::IntoResponse::into_response(
         ApiError::unavailable(
             "the server has too many open connections; retry later (only /healthz and /readyz are answered now)",
@@ -546,7 +547,7 @@ impl HttpBody for Deadline {
             return Poll::Ready(frame.map(|f| f.map_err(axum::Error::new)));
         }
         if self.sleep.as_mut().poll(cx).is_ready() {
-            metrics::counter!("taskexec_http_connections_timed_out_total", "phase" => "body")
+            metrics::counter!(metric::HTTP_CONNECTIONS_TIMED_OUT_TOTAL.name, "phase" => "body")
                 .increment(1);
             return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut(self.limit)))));
         }

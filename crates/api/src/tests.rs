@@ -879,9 +879,11 @@ fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
+            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .install_recorder()
-                .expect("the only recorder of this test binary")
+                .expect("the only recorder of this test binary");
+            taskexec_service::metric::describe();
+            handle
         })
         .clone()
 }
@@ -919,6 +921,12 @@ async fn metrics_endpoint() {
         "raw paths must not be labels"
     );
     assert!(a.text.contains("route=\"/healthz\""), "{}", a.text);
+    let help = format!(
+        "# HELP {} {}",
+        taskexec_service::metric::HTTP_REQUESTS_TOTAL.name,
+        taskexec_service::metric::HTTP_REQUESTS_TOTAL.help
+    );
+    assert!(a.text.contains(&help), "{}", a.text);
 }
 
 #[test]

@@ -118,12 +118,15 @@ pub fn main(
         ])
         .context("metric buckets")?
         .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full("taskexec_store_batch_writes".into()),
+            metrics_exporter_prometheus::Matcher::Full(
+                taskexec_service::metric::STORE_BATCH_WRITES.name.into(),
+            ),
             &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
         )
         .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    taskexec_service::metric::describe();
     // Every running sandbox is watched from a blocking thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -14,6 +14,7 @@ use taskexec_store::{Capacity, ClaimRequest, NewTask, StoreError, Submitted};
 use tracing::debug;
 
 use crate::limiter::Limiter;
+use crate::metric;
 use crate::{Service, lock, now, record};
 
 /// Why a submission was refused. Nothing was stored.
@@ -139,7 +140,7 @@ impl Service {
                 Err(e) => Err(e),
             }
             .map_err(|error| {
-                counter!("taskexec_tasks_rejected_total", "error_type" => error.error_type.as_str()).increment(1);
+                counter!(metric::TASKS_REJECTED_TOTAL.name, "error_type" => error.error_type.as_str()).increment(1);
                 SubmitError::Rejected { index, error }
             })?;
             let limits = prepared.limits();
@@ -170,7 +171,7 @@ impl Service {
                 None
             };
             if let Some((field, asked, have)) = too_big {
-                counter!("taskexec_tasks_rejected_total", "error_type" => "INPUT_VALIDATION")
+                counter!(metric::TASKS_REJECTED_TOTAL.name, "error_type" => "INPUT_VALIDATION")
                     .increment(1);
                 let error = TaskError::new(
                     ErrorType::InputValidation,
@@ -233,7 +234,7 @@ impl Service {
         let (submitted, claimed) = match stored {
             Ok(s) => s,
             Err(StoreError::QueueFull { .. }) => {
-                counter!("taskexec_tasks_refused_queue_full_total").increment(1);
+                counter!(metric::TASKS_REFUSED_QUEUE_FULL_TOTAL.name).increment(1);
                 return Err(SubmitError::QueueFull {
                     retry_after: Duration::from_secs(1),
                 });
@@ -243,7 +244,7 @@ impl Service {
         let keep = self.config.workers > 0;
         for ((s, rt), prepared) in submitted.iter().zip(runtimes).zip(preparations) {
             if let Submitted::Created { id } = s {
-                counter!("taskexec_tasks_submitted_total", "runtime" => rt).increment(1);
+                counter!(metric::TASKS_SUBMITTED_TOTAL.name, "runtime" => rt).increment(1);
                 if keep {
                     self.prepared.put(id, prepared);
                 }
@@ -271,9 +272,9 @@ impl Service {
         let (cpu, mem) = running.values().fold((0u64, 0u64), |(c, m), r| {
             (c + r.cpu_millis, m + r.memory_bytes)
         });
-        gauge!("taskexec_cpu_admitted_millis").set(cpu as f64);
-        gauge!("taskexec_memory_admitted_bytes").set(mem as f64);
-        gauge!("taskexec_tasks_running").set(running.len() as f64);
+        gauge!(metric::CPU_ADMITTED_MILLIS.name).set(cpu as f64);
+        gauge!(metric::MEMORY_ADMITTED_BYTES.name).set(mem as f64);
+        gauge!(metric::TASKS_RUNNING.name).set(running.len() as f64);
         let cap = self.config.capacity;
         (
             Capacity {
@@ -303,7 +304,7 @@ impl Service {
             let after = feed(&mut l, Instant::now());
             (before, after, l.last_reason())
         };
-        gauge!("taskexec_concurrency_limit").set(after as f64);
+        gauge!(metric::CONCURRENCY_LIMIT.name).set(after as f64);
         if after != before {
             debug!(
                 from = before,

@@ -11,6 +11,7 @@ use metrics::{counter, gauge};
 use taskexec_model::{ErrorType, TaskError};
 use tracing::{info, warn};
 
+use crate::metric;
 use crate::{Service, now};
 
 impl Service {
@@ -25,7 +26,7 @@ impl Service {
                 && r.cancel.fence()
             {
                 warn!(task_id = %id, reason = why, "self-fencing: stopping a task");
-                counter!("taskexec_tasks_self_fenced_total").increment(1);
+                counter!(metric::TASKS_SELF_FENCED_TOTAL.name).increment(1);
             }
         }
     }
@@ -51,7 +52,7 @@ impl Service {
             }
             // Off the claim path: counting the queue scans the table.
             if let Ok(stats) = self.store.stats().await {
-                gauge!("taskexec_queue_depth").set(stats.queued as f64);
+                gauge!(metric::QUEUE_DEPTH.name).set(stats.queued as f64);
                 if self.fenced.swap(false, Ordering::SeqCst) {
                     info!("the store answers again: claiming resumes");
                     self.wake.notify_one();
@@ -115,7 +116,7 @@ impl Service {
                             }
                             let from = c.previous_node.clone().unwrap_or_else(|| "unknown".into());
                             warn!(task_id = %c.record.task.id, attempt = c.attempt, lost_node = %from, "taking over a task whose lease expired");
-                            counter!("taskexec_tasks_taken_over_total").increment(1);
+                            counter!(metric::TASKS_TAKEN_OVER_TOTAL.name).increment(1);
                             let error =
                                 TaskError::new(ErrorType::Internal, format!("node {from} lost"));
                             self.end_attempt_without_run(c, error).await;

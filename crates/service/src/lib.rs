@@ -21,6 +21,7 @@ pub mod admission;
 pub mod config;
 pub mod leases;
 pub mod limiter;
+pub mod metric;
 pub mod pressure;
 pub mod scheduler;
 pub mod telemetry;
@@ -186,9 +187,9 @@ impl Service {
             tokio::spawn(Arc::clone(&service).watch_memory());
         }
         tokio::spawn(Arc::clone(&service).publish_warm_stats());
-        gauge!("taskexec_concurrency_limit").set(service.concurrency_limit() as f64);
-        gauge!("taskexec_cpu_capacity_millis").set(service.config.capacity.cpu_millis as f64);
-        gauge!("taskexec_memory_capacity_bytes").set(service.config.capacity.memory_bytes as f64);
+        gauge!(metric::CONCURRENCY_LIMIT.name).set(service.concurrency_limit() as f64);
+        gauge!(metric::CPU_CAPACITY_MILLIS.name).set(service.config.capacity.cpu_millis as f64);
+        gauge!(metric::MEMORY_CAPACITY_BYTES.name).set(service.config.capacity.memory_bytes as f64);
         Ok(service)
     }
 
@@ -247,7 +248,7 @@ impl Service {
                     && let Some(last) = rec.history.last()
                 {
                     counter!(
-                        "taskexec_tasks_finished_total",
+                        metric::TASKS_FINISHED_TOTAL.name,
                         "runtime" => rec.runtime.clone(),
                         "status" => "CANCELLED",
                         "error_type" => "CANCELLED"

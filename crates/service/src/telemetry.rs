@@ -9,6 +9,7 @@ use metrics::{counter, gauge};
 use taskexec_sandbox::WarmStats;
 
 use crate::Service;
+use crate::metric;
 
 impl Service {
     /// Reads the host's memory pressure every second for the limiter.
@@ -19,10 +20,10 @@ impl Service {
             }
             let reading = crate::pressure::read_host();
             if let Some(s) = reading.stall_percent {
-                gauge!("taskexec_memory_stall_ratio").set(s / 100.0);
+                gauge!(metric::MEMORY_STALL_RATIO.name).set(s / 100.0);
             }
             if let Some(a) = reading.available_ratio {
-                gauge!("taskexec_memory_available_ratio").set(a);
+                gauge!(metric::MEMORY_AVAILABLE_RATIO.name).set(a);
             }
             self.adjust_limit(|l, now| l.on_memory(now, &reading));
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -56,31 +57,31 @@ pub(crate) const WARM_STATS_EVERY: Duration = Duration::from_secs(2);
 /// kept by the runner and exported as they stand.
 pub(crate) fn record_warm_stats(s: &WarmStats) {
     let p = &s.pool;
-    gauge!("taskexec_warm_pool_ready").set(p.warm as f64);
-    gauge!("taskexec_warm_pool_target").set(p.target as f64);
-    gauge!("taskexec_warm_pool_keys").set(p.keys as f64);
-    counter!("taskexec_warm_pool_hits_total").absolute(p.hits);
-    counter!("taskexec_warm_pool_misses_total").absolute(p.misses);
-    counter!("taskexec_warm_pool_created_total").absolute(p.created);
-    counter!("taskexec_warm_pool_discarded_total").absolute(p.discarded);
-    counter!("taskexec_warm_pool_retired_total").absolute(p.retired);
-    counter!("taskexec_warm_pool_build_failures_total").absolute(p.failed);
-    gauge!("taskexec_fork_servers").set(s.fork_servers as f64);
-    gauge!("taskexec_fork_server_spares").set(s.fork_server_spares as f64);
-    counter!("taskexec_fork_server_runs_total").absolute(s.fork_server_runs);
+    gauge!(metric::WARM_POOL_READY.name).set(p.warm as f64);
+    gauge!(metric::WARM_POOL_TARGET.name).set(p.target as f64);
+    gauge!(metric::WARM_POOL_KEYS.name).set(p.keys as f64);
+    counter!(metric::WARM_POOL_HITS_TOTAL.name).absolute(p.hits);
+    counter!(metric::WARM_POOL_MISSES_TOTAL.name).absolute(p.misses);
+    counter!(metric::WARM_POOL_CREATED_TOTAL.name).absolute(p.created);
+    counter!(metric::WARM_POOL_DISCARDED_TOTAL.name).absolute(p.discarded);
+    counter!(metric::WARM_POOL_RETIRED_TOTAL.name).absolute(p.retired);
+    counter!(metric::WARM_POOL_BUILD_FAILURES_TOTAL.name).absolute(p.failed);
+    gauge!(metric::FORK_SERVERS.name).set(s.fork_servers as f64);
+    gauge!(metric::FORK_SERVER_SPARES.name).set(s.fork_server_spares as f64);
+    counter!(metric::FORK_SERVER_RUNS_TOTAL.name).absolute(s.fork_server_runs);
     for (reason, n) in s.fallback_reasons.labelled() {
-        counter!("taskexec_fork_server_fallbacks_total", "reason" => reason).absolute(n);
+        counter!(metric::FORK_SERVER_FALLBACKS_TOTAL.name, "reason" => reason).absolute(n);
     }
-    counter!("taskexec_fork_server_start_failures_total").absolute(s.fork_server_start_failures);
+    counter!(metric::FORK_SERVER_START_FAILURES_TOTAL.name).absolute(s.fork_server_start_failures);
     for (outcome, n) in [
         ("started", s.fork_server_starts),
         ("refused", s.fork_server_starts_refused),
         ("failed", s.fork_server_start_failures),
     ] {
-        counter!("taskexec_fork_server_starts_total", "outcome" => outcome).absolute(n);
+        counter!(metric::FORK_SERVER_STARTS_TOTAL.name, "outcome" => outcome).absolute(n);
     }
     // A gauge that only grows: the metrics library's counters are integers.
-    gauge!("taskexec_fork_server_start_cpu_seconds_total")
+    gauge!(metric::FORK_SERVER_START_CPU_SECONDS_TOTAL.name)
         .set(s.fork_server_start_cpu.as_secs_f64());
-    counter!("taskexec_fork_servers_recycled_total").absolute(s.fork_servers_recycled);
+    counter!(metric::FORK_SERVERS_RECYCLED_TOTAL.name).absolute(s.fork_servers_recycled);
 }

@@ -11,6 +11,7 @@ use taskexec_model::{AttemptRecord, ErrorType, Lifecycle, TaskError, TaskResult,
 use taskexec_store::{ClaimedTask, TaskRecord, Write};
 use tracing::{info, warn};
 
+use crate::metric;
 use crate::{Service, TaskEvent, now, quarantined_error};
 
 impl Service {
@@ -84,7 +85,7 @@ impl Service {
             last = last.map(|rec| taskexec_store::cancel_won_transition(&rec));
         }
         counter!(
-            "taskexec_tasks_finished_total",
+            metric::TASKS_FINISHED_TOTAL.name,
             "runtime" => runtime.to_string(),
             "status" => status.as_str(),
             "error_type" => error_type
@@ -144,7 +145,7 @@ impl Service {
             && matches!(decision, Decision::Retry { .. })
         {
             warn!(task_id = %id, attempt, lost = c.lost_attempts, "quarantining a task whose attempts were lost with their node");
-            counter!("taskexec_tasks_quarantined_total").increment(1);
+            counter!(metric::TASKS_QUARANTINED_TOTAL.name).increment(1);
             decision = Decision::Final {
                 status: TaskStatus::Failed,
                 error: quarantined_error(c.lost_attempts),
@@ -185,7 +186,7 @@ impl Service {
         }
         match decision {
             Decision::Retry { delay } => {
-                counter!("taskexec_retries_total").increment(1);
+                counter!(metric::RETRIES_TOTAL.name).increment(1);
                 let reason = format!("retry (backoff {} ms)", delay.as_millis());
                 self.transition(id, lc, attempt, TaskStatus::Preparing, &reason, &mut batch);
                 let run_after = now() + delay;
@@ -239,7 +240,7 @@ impl Service {
         let id = c.record.task.id.clone();
         let attempt = c.attempt;
         let queue_wait = (now() - c.queued_since).max(time::Duration::ZERO);
-        histogram!("taskexec_task_phase_seconds", "phase" => "queue_wait")
+        histogram!(metric::TASK_PHASE_SECONDS.name, "phase" => "queue_wait")
             .record(queue_wait.as_seconds_f64());
         let mut lc =
             Lifecycle::resume(c.record.history.clone()).unwrap_or_else(|| Lifecycle::new(now()));
@@ -316,12 +317,13 @@ impl Service {
                     ("run", out.record.phases.run_ms),
                     ("cleanup", out.record.phases.cleanup_ms),
                 ] {
-                    histogram!("taskexec_task_phase_seconds", "phase" => phase).record(v / 1000.0);
+                    histogram!(metric::TASK_PHASE_SECONDS.name, "phase" => phase)
+                        .record(v / 1000.0);
                 }
                 if let Some(e) = &out.record.error
                     && e.error_type == ErrorType::EnvironmentSetup
                 {
-                    counter!("taskexec_sandbox_setup_failures_total").increment(1);
+                    counter!(metric::SANDBOX_SETUP_FAILURES_TOTAL.name).increment(1);
                 }
                 // The attempt's record, its final transition (or requeue)
                 // and the result: one transaction.
@@ -384,7 +386,7 @@ impl Service {
                         .await;
                     }
                 }
-                histogram!("taskexec_task_phase_seconds", "phase" => "total")
+                histogram!(metric::TASK_PHASE_SECONDS.name, "phase" => "total")
                     .record(t0.elapsed().as_secs_f64() + queue_wait.as_seconds_f64());
             }
         }

@@ -12,6 +12,7 @@ use taskexec_store::{ErrorClass, StoreError, TaskStore, Write};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
+use crate::metric;
 use crate::{Service, lock};
 
 /// What a committed batch of writes reports: the ids of the tasks whose
@@ -66,7 +67,7 @@ impl StoreHealth {
         } else {
             self.pending.fetch_sub(removed, Ordering::SeqCst) - removed
         };
-        gauge!("taskexec_store_pending_writes").set(now as f64);
+        gauge!(metric::STORE_PENDING_WRITES.name).set(now as f64);
     }
 }
 
@@ -170,7 +171,7 @@ pub(crate) async fn writer(
                 Pending::Flush(ack) => acks.push(ack),
             }
         }
-        histogram!("taskexec_store_batch_writes").record(writes.len() as f64);
+        histogram!(metric::STORE_BATCH_WRITES.name).record(writes.len() as f64);
         let n = writes.len();
         let result = if writes.is_empty() {
             Ok(Arc::from([]))

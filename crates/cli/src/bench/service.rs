@@ -283,7 +283,7 @@ fn finished(metrics: &str) -> (u64, u64) {
     let mut all = 0.0;
     let mut ok = 0.0;
     for l in metrics.lines() {
-        if let Some(rest) = l.strip_prefix("taskexec_tasks_finished_total") {
+        if let Some(rest) = l.strip_prefix(taskexec_service::metric::TASKS_FINISHED_TOTAL.name) {
             let v: f64 = rest
                 .rsplit(' ')
                 .next()
