@@ -214,11 +214,29 @@ pub enum Profile {
 fn both_abis(policy: &mut BTreeMap<u32, Verdict>, nr: libc::c_long, verdict: Verdict) {
     let nr = u32::try_from(nr).expect("system call numbers fit in 32 bits");
     #[cfg(target_arch = "x86_64")]
-    policy.insert(nr | X32_SYSCALL_BIT as u32, verdict.clone());
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "0x4000_0000 fits 32 bits"
+    )]
+    let x32 = X32_SYSCALL_BIT as u32;
+    #[cfg(target_arch = "x86_64")]
+    policy.insert(nr | x32, verdict.clone());
     policy.insert(nr, verdict);
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "errno values are below 4096"
+)]
 const EPERM: u16 = libc::EPERM as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "errno values are below 4096"
+)]
+const ENOSYS: u16 = libc::ENOSYS as u16;
 
 /// The filter that completes [`Profile::ForkChild`]: `mount` refused.
 pub fn build_mount_filter() -> Result<BpfProgram, SeccompError> {
@@ -319,7 +337,7 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
 
     let mut unsupported = BTreeMap::new();
     for &(_, nr) in UNSUPPORTED {
-        both_abis(&mut unsupported, nr, Verdict::Refuse(libc::ENOSYS as u16));
+        both_abis(&mut unsupported, nr, Verdict::Refuse(ENOSYS));
     }
     Ok(vec![tree::compile(&policy), tree::compile(&unsupported)])
 }
@@ -406,8 +424,13 @@ fn reference_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
 /// native layout (`u16 code, u8 jt, u8 jf, u32 k`).
 pub fn to_bytes(filters: &[BpfProgram]) -> Vec<u8> {
     let mut out = Vec::new();
+    #[allow(clippy::cast_possible_truncation, reason = "a handful of filters")]
     out.extend_from_slice(&(filters.len() as u32).to_le_bytes());
     for f in filters {
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "at most BPF_MAXINSNS (4096) instructions"
+        )]
         out.extend_from_slice(&(f.len() as u32).to_le_bytes());
         for ins in f {
             out.extend_from_slice(&ins.code.to_ne_bytes());
@@ -428,6 +451,11 @@ pub(crate) fn apply(filters: &[BpfProgram]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 mod tests {
     use super::*;
 
