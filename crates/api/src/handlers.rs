@@ -804,7 +804,7 @@ pub(crate) async fn healthz() -> Json<HealthStatus> {
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<HealthStatus>, ApiError> {
     match state.service.ready().await {
         Ok(()) => Ok(HealthStatus::ok()),
-        Err(reason) => Err(ApiError::unavailable(reason)),
+        Err(reason) => Err(ApiError::unavailable(crate::error::error_chain(&reason))),
     }
 }
 

@@ -52,7 +52,7 @@ impl Rng {
     fn new(test: &str) -> Rng {
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
+            .map(|d| u64::try_from(d.as_nanos() % u128::from(u64::MAX)).unwrap_or(1))
             .unwrap_or(1)
             | 1;
         eprintln!("{test}: seed {seed}");

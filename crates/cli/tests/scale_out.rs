@@ -224,7 +224,9 @@ fn a_killed_worker_s_tasks_are_finished_by_another_node() {
             );
             assert_eq!(
                 last.attempt,
-                lost_attempt["attempt"].as_u64().expect("attempt") as u32 + 1,
+                u32::try_from(lost_attempt["attempt"].as_u64().expect("attempt"))
+                    .expect("an attempt fits u32")
+                    + 1,
                 "task {id}: B's attempt follows the lost one: {rec:#}"
             );
             takeover_delays.push(format!("{:.2}s", (taken_over - killed_at).as_seconds_f64()));

@@ -31,6 +31,11 @@ pub struct SystemClock {
 
 impl Default for SystemClock {
     fn default() -> Self {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a seed: the low 64 bits of the time are what varies"
+        )]
         let seed =
             OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 ^ u64::from(std::process::id());
         Self {

@@ -372,7 +372,7 @@ impl Engine {
             warn!(
                 attempt,
                 error_type = %error.error_type,
-                delay_ms = delay.as_millis() as u64,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "retrying task (attempt {}) after {}: {}",
                 attempt,
                 error.error_type,
@@ -507,7 +507,7 @@ impl Engine {
             out.stderr = classify::into_text(std::mem::take(&mut o.stderr));
             out.stdout_truncated = o.stdout_truncated;
             out.stderr_truncated = o.stderr_truncated;
-            out.cpu_time_ms = Some(o.stats.cpu_time.as_millis() as u64);
+            out.cpu_time_ms = Some(u64::try_from(o.stats.cpu_time.as_millis()).unwrap_or(u64::MAX));
             out.peak_memory_bytes = o.stats.peak_memory_bytes;
             out.limits_hit = classify::limits_hit(&o, &p.limits);
         }

@@ -2,6 +2,12 @@
 //! retries, backoff bounds, exhaustion, non-retryable errors, cancellation
 //! while running, during backoff, and racing completion.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 mod common;
 
 use std::sync::Arc;

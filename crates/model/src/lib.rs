@@ -34,6 +34,7 @@ pub use result::{
 };
 pub use retry::{Jitter, RetryLimits, RetryPolicy, ValidRetryPolicy};
 pub use task::{
-    ExecutionConfig, Method, Mode, ResourceRequirements, RunAs, SecurityContext, SecurityLevel,
-    TaskDefinition, TaskFile, TaskInstance, UnknownVariant, ValidatedTask, validate_file_name,
+    ExecutionConfig, FileNameError, Method, Mode, ResourceRequirements, RunAs, SecurityContext,
+    SecurityLevel, TaskDefinition, TaskFile, TaskInstance, UnknownVariant, ValidatedTask,
+    validate_file_name,
 };

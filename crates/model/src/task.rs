@@ -509,7 +509,7 @@ impl TaskDefinition {
         for (i, file) in self.files.iter().enumerate() {
             let field = format!("definition.files[{i}].name");
             let name = file.name.as_str();
-            validate_file_name(name).map_err(|m| FieldError::new(field.clone(), m))?;
+            validate_file_name(name).map_err(|e| FieldError::new(field.clone(), e.to_string()))?;
             if files.contains(name) {
                 return Err(FieldError::new(
                     field,
@@ -667,14 +667,26 @@ fn validate_id(id: &str) -> Result<(), FieldError> {
     }
 }
 
+/// The form of a task file's name, as [`FileNameError`] states it.
+const FILE_NAME_FORM: &str = "a relative path such as main.py or src/util.py (components separated by /, no empty, . or .. component, no control characters, at most 255 bytes per component and 1024 in total)";
+
+/// A task file's name that [`validate_file_name`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name:?} {problem}; expected {FILE_NAME_FORM}")]
+pub struct FileNameError {
+    /// The name (shortened when long).
+    pub name: String,
+    /// What is wrong with it, e.g. `has a .. component`.
+    pub problem: String,
+}
+
 /// Checks that `name` is a safe relative path for a task file: not empty,
 /// not absolute, no empty, `.` or `..` component, no NUL or other control
 /// character, at most [`MAX_COMPONENT_BYTES`] bytes per component and
 /// [`MAX_PATH_BYTES`] in total, and not inside the executor's private
 /// directory ([`CONTROL_DIR_NAME`]). The error message says what is wrong
 /// and what is accepted.
-pub fn validate_file_name(name: &str) -> Result<(), String> {
-    const FORM: &str = "a relative path such as main.py or src/util.py (components separated by /, no empty, . or .. component, no control characters, at most 255 bytes per component and 1024 in total)";
+pub fn validate_file_name(name: &str) -> Result<(), FileNameError> {
     let problem = if name.is_empty() {
         Some("is empty".to_owned())
     } else if name.len() > MAX_PATH_BYTES {
@@ -702,7 +714,10 @@ pub fn validate_file_name(name: &str) -> Result<(), String> {
     });
     match problem {
         None => Ok(()),
-        Some(p) => Err(format!("{:?} {p}; expected {FORM}", shorten(name))),
+        Some(problem) => Err(FileNameError {
+            name: shorten(name),
+            problem,
+        }),
     }
 }
 
@@ -1076,7 +1091,10 @@ mod tests {
         ];
         for name in bad {
             let err = validate_file_name(name).expect_err(name);
-            assert!(err.contains("expected a relative path"), "{err}");
+            assert!(
+                err.to_string().contains("expected a relative path"),
+                "{err}"
+            );
         }
         assert_eq!(validate_file_name(&"a".repeat(255)), Ok(()));
     }

@@ -61,13 +61,14 @@ pub fn read_capped<D: AsFd>(dir: D, rel: &str, cap: u64) -> Result<(Vec<u8>, boo
         return Err(ReadError::NotRegular);
     }
     let mut file = File::from(fd);
-    let mut buf = Vec::with_capacity((st.st_size.max(0) as u64).min(cap) as usize);
+    let size = u64::try_from(st.st_size).unwrap_or(0).min(cap);
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     (&mut file)
         .take(cap + 1)
         .read_to_end(&mut buf)
         .map_err(|e| ReadError::Other(e.to_string()))?;
     let truncated = buf.len() as u64 > cap;
-    buf.truncate(cap as usize);
+    buf.truncate(usize::try_from(cap).unwrap_or(usize::MAX));
     Ok((buf, truncated))
 }
 

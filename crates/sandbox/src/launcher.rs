@@ -98,7 +98,9 @@ pub fn run_if_launcher() {
 pub(crate) fn mono_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    #[allow(clippy::cast_sign_loss, reason = "CLOCK_MONOTONIC is never negative")]
+    let ns = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
+    ns
 }
 
 fn launcher_main() -> ! {

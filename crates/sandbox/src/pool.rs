@@ -199,7 +199,9 @@ impl Prebuilt {
         if spec.self_join.is_empty()
             && let Some(cgroup) = &built.cgroup
         {
-            cgroup.attach_supervisor(pid as i32)?;
+            #[allow(clippy::cast_possible_wrap, reason = "a pid is at most pid_max, 2^22")]
+            let pid = pid as i32;
+            cgroup.attach_supervisor(pid)?;
         }
         launcher.wait_ready(READY_TIMEOUT)?;
         Ok(built)
@@ -332,6 +334,11 @@ impl KeyPool {
             return floor;
         }
         // Recent arrivals, rounded down once they have mostly decayed.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "non-negative; the cast saturates and the result is clamped"
+        )]
         let recent = (self.demand(now) - 0.05).ceil().max(0.0) as usize;
         recent.clamp(floor, config.max_per_key)
     }

@@ -185,6 +185,10 @@ impl UidPool {
                     state: Arc::clone(&self.state),
                     offset: start,
                     count,
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        reason = "start is below the range's count, a u32"
+                    )]
                     first: self.range.first + start as u32,
                 });
             }

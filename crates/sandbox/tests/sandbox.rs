@@ -71,7 +71,7 @@ fn a_task_runs_unprivileged_in_its_own_root_and_its_output_is_read_back() {
     };
     let v: serde_json::Value = serde_json::from_slice(data).expect("json");
     // A uid of its own from the task range, which no host account uses.
-    let uid = v["uid"].as_u64().expect("uid") as u32;
+    let uid = u32::try_from(v["uid"].as_u64().expect("uid")).expect("a uid fits u32");
     assert!(TaskUids::DEFAULT.contains(uid), "{v}");
     assert_eq!(v["gid"], v["uid"]);
     assert_eq!(

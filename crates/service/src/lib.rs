@@ -72,6 +72,33 @@ pub struct RuntimeInfo {
     pub error: Option<String>,
 }
 
+/// Why a node is not ready ([`Service::ready`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The service is shutting down.
+    #[error("shutting down")]
+    Stopping,
+    /// The scheduler's loop ended.
+    #[error("the scheduler is not running")]
+    SchedulerStopped,
+    /// Leases could not be renewed in time: tasks stopped, claiming paused.
+    #[error("leases could not be renewed: tasks stopped, claiming paused")]
+    Fenced,
+    /// Writes lately failed because the store's disk is full.
+    #[error("store: full (writes fail)")]
+    StoreFull,
+    /// Writes lately failed because the store could not be reached.
+    #[error("store: unavailable (writes fail)")]
+    StoreUnavailable,
+    /// The store did not answer a ping.
+    #[error("store")]
+    Ping {
+        /// The store's failure.
+        #[source]
+        source: StoreError,
+    },
+}
+
 /// A task running on this node.
 #[derive(Debug)]
 struct Running {
@@ -300,22 +327,25 @@ impl Service {
     }
 
     /// Ready: the store answers and the scheduler runs.
-    pub async fn ready(&self) -> Result<(), String> {
+    pub async fn ready(&self) -> Result<(), NotReady> {
         if self.stopping.load(Ordering::SeqCst) {
-            return Err("shutting down".into());
+            return Err(NotReady::Stopping);
         }
         if !self.scheduler_alive.load(Ordering::SeqCst) {
-            return Err("the scheduler is not running".into());
+            return Err(NotReady::SchedulerStopped);
         }
         if self.fenced.load(Ordering::SeqCst) {
-            return Err("leases could not be renewed: tasks stopped, claiming paused".into());
+            return Err(NotReady::Fenced);
         }
         match self.health.problem() {
-            Some(ErrorClass::Full) => return Err("store: full (writes fail)".into()),
-            Some(_) => return Err("store: unavailable (writes fail)".into()),
+            Some(ErrorClass::Full) => return Err(NotReady::StoreFull),
+            Some(_) => return Err(NotReady::StoreUnavailable),
             None => {}
         }
-        self.store.ping().await.map_err(|e| format!("store: {e}"))
+        self.store
+            .ping()
+            .await
+            .map_err(|source| NotReady::Ping { source })
     }
 
     /// Stops claiming, lets running tasks finish for up to `grace`, then

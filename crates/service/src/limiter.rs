@@ -230,6 +230,11 @@ impl Limiter {
     }
 
     /// The current limit: how many tasks may be in flight at once.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the cast saturates (NaN to 0) and the result is clamped"
+    )]
     pub fn limit(&self) -> usize {
         (self.limit.floor() as usize).clamp(self.config.min, self.config.max)
     }
@@ -317,6 +322,11 @@ impl Limiter {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 mod tests {
     use super::*;
 

@@ -20,7 +20,24 @@ use crate::{Service, lock};
 pub(crate) type Committed = Arc<[String]>;
 
 /// An acknowledgement of a committed write.
-pub(crate) type Ack = oneshot::Sender<Result<Committed, String>>;
+pub(crate) type Ack = oneshot::Sender<Result<Committed, WriteError>>;
+
+/// How long the writer retries a batch that fails for a reason a retry
+/// can fix (the database unreachable or busy, its disk full).
+const RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// A batch of writes the writer gave up: nothing of it was stored.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{writes} store writes given up after {attempts} attempts")]
+pub(crate) struct WriteError {
+    /// The writes of the batch.
+    writes: usize,
+    /// How many times the batch was tried.
+    attempts: u32,
+    /// The last failure (shared by every acknowledgement of the batch).
+    #[source]
+    source: Arc<StoreError>,
+}
 
 /// How long a failure of the store keeps the node not ready
 /// ([`Service::ready`]) after the last write that met it: the writer's
@@ -103,7 +120,7 @@ impl Service {
             if self.writes.send(Pending::Write(writes, Some(tx))).is_ok() {
                 match rx.await {
                     Ok(Ok(committed)) => return Some(committed),
-                    Ok(Err(e)) => error!(error = %e, "store write failed"),
+                    Ok(Err(e)) => error!(error = %error_chain(&e), "store write failed"),
                     Err(_) => error!("store writer stopped"),
                 }
             } else {
@@ -185,38 +202,243 @@ pub(crate) async fn writer(
     }
 }
 
-/// Applies a batch, retrying with backoff while the database is unreachable
-/// (a restart, a failover, a cut connection) for up to about two minutes,
-/// so results are not dropped; the fences make a retried batch harmless.
+/// Whether the writer tries a batch that failed with `e` again: when a
+/// retry can fix it ([`StoreError::is_transient`]: a restart, a failover, a
+/// cut connection, lock contention), and when the disk is full (an operator
+/// may make room meanwhile; the node answers not ready until then).
+pub(crate) fn worth_retrying(e: &StoreError) -> bool {
+    e.is_transient() || e.class() == ErrorClass::Full
+}
+
+/// `e` and its causes, separated by `: `.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Applies a batch, retrying with backoff what a retry can fix
+/// ([`worth_retrying`]) for up to about two minutes, so results are not
+/// dropped; the fences make a retried batch harmless. Any other failure (a
+/// constraint the batch breaks, data that does not encode) gives the batch
+/// up at once, as does the end of the two minutes: the failure is logged
+/// with its causes, the tasks of the batch stay as the store last recorded
+/// them, and once this node stops renewing their leases they are taken
+/// over and retried per their policy.
 pub(crate) async fn apply_with_retries(
     store: &dyn TaskStore,
     health: &StoreHealth,
     node: &str,
     writes: Vec<Write>,
-) -> Result<Committed, String> {
+) -> Result<Committed, WriteError> {
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         let outcome = store.apply_as(node, writes.clone()).await;
         health.record(&outcome);
         match outcome {
             Ok(cancelled) => return Ok(Arc::from(cancelled)),
             Err(e) => {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
+                let msg = error_chain(&e);
+                let retry = worth_retrying(&e);
+                if !retry || started.elapsed() > RETRY_FOR {
+                    if retry {
+                        error!(error = %msg, writes = writes.len(), attempts, "store write failed for two minutes; giving up");
+                    } else {
+                        error!(error = %msg, writes = writes.len(), "store write failed and no retry can fix it; giving up");
+                    }
+                    return Err(WriteError {
+                        writes: writes.len(),
+                        attempts,
+                        source: Arc::new(e),
+                    });
                 }
-                if started.elapsed() > Duration::from_secs(120) {
-                    error!(error = %msg, writes = writes.len(), "store write failed; giving up");
-                    return Err(msg);
-                }
-                warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "store write failed; retrying");
+                warn!(error = %msg, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "store write failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicU32;
+
+    use async_trait::async_trait;
+    use taskexec_model::TransitionRecord;
+    use taskexec_store::{
+        CancelOutcome, Capacity, ClaimedTask, ListPage, ListQuery, NewTask, QueueStats, Submitted,
+        TaskProgress, TaskRecord,
+    };
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    /// A store whose writes fail with the given errors in turn, then
+    /// succeed; the writer calls nothing else.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        failures: Mutex<VecDeque<StoreError>>,
+        calls: AtomicU32,
+    }
+
+    impl Scripted {
+        fn new(failures: impl IntoIterator<Item = StoreError>) -> Self {
+            Self {
+                failures: Mutex::new(failures.into_iter().collect()),
+                calls: AtomicU32::new(0),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl TaskStore for Scripted {
+        async fn submit(&self, _: Vec<NewTask>, _: u64) -> Result<Vec<Submitted>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn get(&self, _: &str) -> Result<Option<TaskRecord>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn progress(&self, _: &str) -> Result<Option<TaskProgress>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn list(&self, _: &ListQuery) -> Result<ListPage, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn claim(
+            &self,
+            _: &str,
+            _: Capacity,
+            _: usize,
+            _: OffsetDateTime,
+            _: Duration,
+        ) -> Result<Vec<ClaimedTask>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn apply(&self, w: Vec<Write>) -> Result<Vec<String>, StoreError> {
+            self.apply_as("n", w).await
+        }
+        async fn apply_as(&self, _: &str, _: Vec<Write>) -> Result<Vec<String>, StoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match lock(&self.failures).pop_front() {
+                Some(e) => Err(e),
+                None => Ok(vec!["won".to_owned()]),
+            }
+        }
+        async fn renew(
+            &self,
+            _: &str,
+            _: &[String],
+            _: OffsetDateTime,
+        ) -> Result<Vec<String>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn request_cancel(
+            &self,
+            _: &str,
+            _: TransitionRecord,
+        ) -> Result<CancelOutcome, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn claimed_by(&self, _: &str) -> Result<Vec<ClaimedTask>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn recover_claimed(&self, _: &str) -> Result<Vec<ClaimedTask>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn take_over_expired(
+            &self,
+            _: &str,
+            _: OffsetDateTime,
+            _: Duration,
+        ) -> Result<Vec<ClaimedTask>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn cancel_requested(&self, _: &[String]) -> Result<Vec<String>, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn stats(&self) -> Result<QueueStats, StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            unreachable!("the writer only applies writes")
+        }
+    }
+
+    fn sqlite(code: std::ffi::c_int) -> StoreError {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    fn batch() -> Vec<Write> {
+        vec![Write::Requeue {
+            id: "t".to_owned(),
+            attempt: 1,
+            run_after: OffsetDateTime::UNIX_EPOCH,
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_gives_the_batch_up_at_once() {
+        let store = Scripted::new([sqlite(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)]);
+        let health = StoreHealth::default();
+        let e = apply_with_retries(&store, &health, "n", batch())
+            .await
+            .expect_err("a constraint violation is not retried");
+        assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+        assert_eq!((e.writes, e.attempts), (1, 1));
+        assert!(e.source.is_unique_violation(), "{e:?}");
+        // The cause stays reachable for the log.
+        assert!(
+            error_chain(&e).contains("constraint failed"),
+            "{}",
+            error_chain(&e)
+        );
+        // Not a problem of the store's availability: the node stays ready.
+        assert_eq!(health.problem(), None);
+    }
+
+    #[tokio::test]
+    async fn transient_failures_and_a_full_disk_are_retried_until_the_commit() {
+        let store = Scripted::new([
+            StoreError::Closed,
+            sqlite(rusqlite::ffi::SQLITE_BUSY),
+            sqlite(rusqlite::ffi::SQLITE_CANTOPEN),
+            sqlite(rusqlite::ffi::SQLITE_FULL),
+        ]);
+        let health = StoreHealth::default();
+        let committed = apply_with_retries(&store, &health, "n", batch())
+            .await
+            .expect("committed on the fifth attempt");
+        assert_eq!(store.calls.load(Ordering::SeqCst), 5);
+        assert_eq!(&*committed, ["won".to_owned()]);
+        assert_eq!(health.problem(), None, "the commit cleared the failure");
+    }
+
+    #[test]
+    fn only_what_a_retry_or_an_operator_can_fix_is_retried() {
+        assert!(worth_retrying(&StoreError::Closed));
+        assert!(worth_retrying(&sqlite(rusqlite::ffi::SQLITE_LOCKED)));
+        assert!(worth_retrying(&sqlite(rusqlite::ffi::SQLITE_FULL)));
+        assert!(!worth_retrying(&sqlite(
+            rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+        )));
+        assert!(!worth_retrying(&StoreError::BadCursor("x".to_owned())));
+        let json = serde_json::from_str::<u32>("x").expect_err("not JSON");
+        assert!(!worth_retrying(&StoreError::Json {
+            id: "t".to_owned(),
+            source: json,
+        }));
     }
 }

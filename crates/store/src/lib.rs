@@ -47,6 +47,9 @@ mod common;
 pub mod postgres;
 pub mod sqlite;
 
+#[cfg(test)]
+mod class_tests;
+
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -217,6 +220,19 @@ impl StoreError {
             StoreError::Closed => ErrorClass::Unavailable,
             _ => ErrorClass::Other,
         }
+    }
+
+    /// Whether trying the same operation again later may succeed: the
+    /// database could not be reached or was busy ([`ErrorClass::Unavailable`]:
+    /// a connection refused or cut, an I/O or TLS failure on the way, the
+    /// pool timed out or closed, the server shutting down or starting, too
+    /// many connections, SQLite busy or locked, a serialization failure or a
+    /// deadlock). Not transient: a full disk ([`ErrorClass::Full`], which
+    /// only an operator who makes room fixes), constraint violations,
+    /// stored data that does not decode, bad cursors or URLs, and the
+    /// other faults of ours or of the data.
+    pub fn is_transient(&self) -> bool {
+        self.class() == ErrorClass::Unavailable
     }
 
     /// Whether a uniqueness constraint refused the write (a task id that

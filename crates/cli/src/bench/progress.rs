@@ -100,6 +100,11 @@ impl Progress {
 
     fn line(&self, s: &State) -> String {
         let frac = (s.done as f64 / s.total as f64).clamp(0.0, 1.0);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "frac is in 0..=1: at most WIDTH"
+        )]
         let filled = (frac * WIDTH as f64).round() as usize;
         let secs = self.started.elapsed().as_secs();
         format!(

@@ -295,7 +295,13 @@ fn finished(metrics: &str) -> (u64, u64) {
             }
         }
     }
-    (all as u64, ok as u64)
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "counters: whole, non-negative, below 2^53"
+    )]
+    let counts = (all as u64, ok as u64);
+    counts
 }
 
 /// Submits `n` copies of `task` in batches to a fresh server and waits

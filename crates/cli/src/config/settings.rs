@@ -139,8 +139,10 @@ pub fn settings(given: RawConfig) -> anyhow::Result<Settings> {
     let shutdown_grace = taskexec_model::parse_duration(&v)
         .map_err(|e| anyhow::anyhow!("--shutdown-grace {v:?}: {e}"))?;
     let Text(v) = value(given.max_body, d.max_body, "max_body")?;
-    let max_body = taskexec_model::parse_bytes(&v)
-        .map_err(|e| anyhow::anyhow!("--max-body {v:?}: {e}"))? as usize;
+    let max_body =
+        taskexec_model::parse_bytes(&v).map_err(|e| anyhow::anyhow!("--max-body {v:?}: {e}"))?;
+    let max_body = usize::try_from(max_body)
+        .map_err(|_| anyhow::anyhow!("--max-body {v:?}: more than this machine can address"))?;
     // Checked by the function `taskexec run` shares.
     let max_result_bytes = crate::setup::max_result_bytes(
         given

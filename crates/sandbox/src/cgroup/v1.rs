@@ -39,35 +39,50 @@ impl V1Driver {
         mounts: &[CgroupMount],
         own: &[(Vec<String>, String)],
         parent: Option<&str>,
-    ) -> Result<Self, String> {
-        let mut dirs = Vec::new();
-        for ctrl in CONTROLLERS {
+    ) -> Result<Self, V1MountError> {
+        let dir_of = |controller: &'static str| {
             let mount = mounts
                 .iter()
-                .find(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == ctrl))
-                .ok_or_else(|| format!("the {ctrl} controller is not mounted"))?;
+                .find(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == controller))
+                .ok_or(V1MountError::NotMounted { controller })?;
             let own_path = own
                 .iter()
-                .find(|(c, _)| c.iter().any(|c| c == ctrl))
+                .find(|(c, _)| c.iter().any(|c| c == controller))
                 .map(|(_, p)| p.as_str())
                 .unwrap_or("/");
             let rel = parent.unwrap_or(own_path).trim_start_matches('/');
             let dir = mount.mount_point.join(rel);
-            if !dir.is_dir() {
-                return Err(format!("{} is not a directory", dir.display()));
+            if dir.is_dir() {
+                Ok(dir)
+            } else {
+                Err(V1MountError::NotADirectory { dir })
             }
-            dirs.push(dir);
-        }
-        let [memory, pids, cpu, cpuacct]: [PathBuf; 4] = dirs
-            .try_into()
-            .map_err(|_| "internal: controller count".to_string())?;
+        };
+        let [memory, pids, cpu, cpuacct] = CONTROLLERS;
         Ok(Self {
-            memory,
-            pids,
-            cpu,
-            cpuacct,
+            memory: dir_of(memory)?,
+            pids: dir_of(pids)?,
+            cpu: dir_of(cpu)?,
+            cpuacct: dir_of(cpuacct)?,
         })
     }
+}
+
+/// Why the cgroup v1 hierarchies cannot hold task cgroups.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum V1MountError {
+    /// No v1 hierarchy has the controller.
+    #[error("the {controller} controller is not mounted")]
+    NotMounted {
+        /// The controller, e.g. `memory`.
+        controller: &'static str,
+    },
+    /// The parent cgroup's directory in a hierarchy is missing.
+    #[error("{} is not a directory", .dir.display())]
+    NotADirectory {
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 impl CgroupDriver for V1Driver {

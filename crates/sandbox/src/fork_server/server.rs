@@ -393,11 +393,13 @@ impl Server {
             .and_then(|()| write_frame(&mut w, &spec, &[]))
             .map_err(io("sending the fork server's spec"))?;
         let pid = server.launcher.lock().map(|l| l.id()).unwrap_or(0);
+        #[allow(clippy::cast_possible_wrap, reason = "a pid is at most pid_max, 2^22")]
+        let pid = pid as i32;
         server
             .cgroup
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .attach(pid as i32)?;
+            .attach(pid)?;
         w.write_all(b"g").map_err(io("starting the fork server"))?;
         let ready = server.await_ready();
         // The launcher joined the server's cgroup before it built anything

@@ -173,7 +173,10 @@ const CLONE_NAMESPACE_FLAGS: &[u64] = &[
 /// lists native numbers would let an x32 `mount` through on kernels built with
 /// x32 support, so every denied number is listed with the bit set too.
 #[cfg(target_arch = "x86_64")]
-const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+const X32_BIT: u32 = 0x4000_0000;
+/// [`X32_BIT`] as `seccompiler`'s rules number system calls.
+#[cfg(all(target_arch = "x86_64", test))]
+const X32_SYSCALL_BIT: i64 = X32_BIT as i64;
 
 /// Errors building the filter (a bug of ours, never the task's).
 #[derive(Debug, thiserror::Error)]
@@ -214,11 +217,22 @@ pub enum Profile {
 fn both_abis(policy: &mut BTreeMap<u32, Verdict>, nr: libc::c_long, verdict: Verdict) {
     let nr = u32::try_from(nr).expect("system call numbers fit in 32 bits");
     #[cfg(target_arch = "x86_64")]
-    policy.insert(nr | X32_SYSCALL_BIT as u32, verdict.clone());
+    policy.insert(nr | X32_BIT, verdict.clone());
     policy.insert(nr, verdict);
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "errno values are below 4096"
+)]
 const EPERM: u16 = libc::EPERM as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "errno values are below 4096"
+)]
+const ENOSYS: u16 = libc::ENOSYS as u16;
 
 /// The filter that completes [`Profile::ForkChild`]: `mount` refused.
 pub fn build_mount_filter() -> Result<BpfProgram, SeccompError> {
@@ -319,7 +333,7 @@ pub fn build_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
 
     let mut unsupported = BTreeMap::new();
     for &(_, nr) in UNSUPPORTED {
-        both_abis(&mut unsupported, nr, Verdict::Refuse(libc::ENOSYS as u16));
+        both_abis(&mut unsupported, nr, Verdict::Refuse(ENOSYS));
     }
     Ok(vec![tree::compile(&policy), tree::compile(&unsupported)])
 }
@@ -404,6 +418,10 @@ fn reference_filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompErr
 /// them itself (the fork server's children): `u32 LE count`, then per
 /// filter `u32 LE instruction count` and the instructions in the kernel's
 /// native layout (`u16 code, u8 jt, u8 jf, u32 k`).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "a handful of filters of at most BPF_MAXINSNS (4096) instructions"
+)]
 pub fn to_bytes(filters: &[BpfProgram]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(filters.len() as u32).to_le_bytes());
@@ -428,6 +446,11 @@ pub(crate) fn apply(filters: &[BpfProgram]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 mod tests {
     use super::*;
 

@@ -173,6 +173,10 @@ pub(crate) fn compile(policy: &BTreeMap<u32, Verdict>) -> BpfProgram {
                 code: BPF_JMP_JA,
                 jt: 0,
                 jf: 0,
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "a jump within a program of at most BPF_MAXINSNS (4096) instructions"
+                )]
                 k: (at[label] - i - 1) as u32,
             },
         })
@@ -220,7 +224,12 @@ fn tree(keys: &[(u32, &Verdict)], blocks: &[&Verdict]) -> Vec<Ins> {
         Ok(skip) => code.push(op(BPF_JMP_JGE_K, skip, 0, keys[mid].0)),
         Err(_) => {
             code.push(op(BPF_JMP_JGE_K, 0, 1, keys[mid].0));
-            code.push(op(BPF_JMP_JA, 0, 0, lower.len() as u32));
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "at most BPF_MAXINSNS (4096) instructions"
+            )]
+            let skip = lower.len() as u32;
+            code.push(op(BPF_JMP_JA, 0, 0, skip));
         }
     }
     code.extend(lower);
@@ -239,7 +248,12 @@ pub(crate) fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u
             o if (ARGS_OFFSET..ARGS_OFFSET + 48).contains(&o) && o.is_multiple_of(4) => {
                 let a = args[((o - ARGS_OFFSET) / 8) as usize];
                 if (o - ARGS_OFFSET).is_multiple_of(8) {
-                    a as u32
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        reason = "the argument's low word, by design"
+                    )]
+                    let low = a as u32;
+                    low
                 } else {
                     (a >> 32) as u32
                 }

@@ -83,14 +83,18 @@ impl Drop for Launcher {
 }
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    #[allow(clippy::cast_possible_wrap, reason = "a pid is at most pid_max, 2^22")]
+    let pid = pid as libc::pid_t;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
     // or -1; the descriptor is owned by the OwnedFd below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    #[allow(clippy::cast_possible_truncation, reason = "a descriptor is a C int")]
+    let fd = fd as RawFd;
     // SAFETY: `fd` is a fresh descriptor returned by the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A launcher spawned and sent the base spec of its run: it builds the

@@ -170,7 +170,9 @@ impl Sandbox {
         let sent = prepared.send_task(&spec, &req.work_files);
         if spec.self_join.is_empty() {
             let t_attach = Instant::now();
-            cgroup.attach_supervisor(prepared.pid() as i32)?;
+            #[allow(clippy::cast_possible_wrap, reason = "a pid is at most pid_max, 2^22")]
+            let pid = prepared.pid() as i32;
+            cgroup.attach_supervisor(pid)?;
             phases.push(("cgroupAttach", t_attach.elapsed()));
         }
         let attached_mono = mono_ns();

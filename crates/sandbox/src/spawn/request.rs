@@ -97,6 +97,17 @@ pub struct SandboxLimits {
     pub nofile: u64,
 }
 
+/// `RLIMIT_CPU` for a CPU time budget: whole seconds, rounded up, plus one.
+fn cpu_seconds(budget: Duration) -> u64 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a Duration is non-negative and the cast saturates"
+    )]
+    let secs = budget.as_secs_f64().ceil() as u64;
+    secs.saturating_add(1)
+}
+
 impl SandboxLimits {
     /// The limits of the run's cgroup.
     pub(crate) fn cgroup_limits(&self) -> CgroupLimits {
@@ -115,7 +126,7 @@ impl SandboxLimits {
         RlimitSpec {
             nofile: self.nofile,
             fsize: self.disk_bytes,
-            cpu_seconds: self.cpu_time.map(|d| d.as_secs_f64().ceil() as u64 + 1),
+            cpu_seconds: self.cpu_time.map(cpu_seconds),
             stack: 8 << 20,
         }
     }

@@ -119,7 +119,9 @@ impl Syscall for LinuxSyscall {
         // SAFETY: ifreq is a plain C struct for which all-zero bytes is valid.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
         for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
+            #[allow(clippy::cast_possible_wrap, reason = "ASCII bytes")]
+            let byte = *src as libc::c_char;
+            *dst = byte;
         }
         // SAFETY: `sock` is a valid socket and `req` a valid, NUL-terminated
         // ifreq that outlives the call; SIOCGIFFLAGS only writes ifr_flags.
@@ -129,7 +131,12 @@ impl Syscall for LinuxSyscall {
         } else {
             // SAFETY: the union member ifru_flags was just filled by the kernel.
             unsafe {
-                req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "IFF_UP | IFF_RUNNING is 0x41"
+                )]
+                let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+                req.ifr_ifru.ifru_flags |= up;
             }
             // SAFETY: as above; SIOCSIFFLAGS reads the flags from `req`.
             let rc = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) };
