@@ -222,7 +222,10 @@ async fn a_node_cut_off_from_its_store_stops_its_tasks_before_their_leases_expir
         down: AtomicBool::new(false),
     });
     let runner = Scripted::new([Step::BlockUntilCancelled, Step::Exit(0, "\"again\"")]);
-    let lease = Duration::from_millis(1500);
+    // The node stops its task once the leases would run out before its
+    // next renewal could extend them: within the lease of the cut, with
+    // room for a loaded machine's late timers.
+    let lease = Duration::from_secs(4);
     let s = node(&runner, Arc::clone(&store) as _, lease).await;
     let ids = s.submit(vec![task()]).await.expect("submit");
     let id = ids[0].id().to_owned();

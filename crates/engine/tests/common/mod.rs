@@ -115,7 +115,11 @@ impl Scripted {
                 ..outcome(Termination::Exited(ExitStatus::Code(0)), "null")
             }),
             Step::BlockUntilCancelled => {
-                while !cancel.is_cancelled() {
+                // Bounded, so that a test failing before it cancels ends
+                // (and says why) instead of waiting here forever when its
+                // runtime shuts down.
+                let give_up = std::time::Instant::now() + Duration::from_secs(60);
+                while !cancel.is_cancelled() && std::time::Instant::now() < give_up {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(outcome(Termination::Cancelled, ""))
