@@ -462,22 +462,21 @@ async fn append_events(
     Ok(())
 }
 
-/// Tells the listeners of [`TASK_CHANNEL`] that the tasks `ids` changed,
-/// once the transaction of `conn` commits: one notification per task, its
-/// id as the payload (ids are at most 256 bytes, within a payload's 8,000).
-async fn notify_tasks(conn: &mut PgConnection, ids: &[&str]) -> Result<(), StoreError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query("SELECT pg_notify($1, t) FROM (SELECT DISTINCT UNNEST($2::text[]) AS t) AS u")
+/// Tells the listeners of [`TASK_CHANNEL`] that task `id` changed, once the
+/// transaction of `conn` commits (ids are at most 256 bytes, within a
+/// payload's 8,000). [`write_states`] notifies the tasks it writes itself.
+async fn notify_task(conn: &mut PgConnection, id: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
         .bind(TASK_CHANNEL)
-        .bind(ids)
+        .bind(id)
         .execute(&mut *conn)
         .await?;
     Ok(())
 }
 
-/// Stores the `states` of tasks, by id, in one statement.
+/// Stores the `states` of tasks, by id, in one statement, which also tells
+/// the listeners of [`TASK_CHANNEL`] that they changed once the transaction
+/// commits (one notification per task, its id as the payload).
 async fn write_states(
     conn: &mut PgConnection,
     states: &[(&str, &TaskState)],
@@ -501,15 +500,19 @@ async fn write_states(
         .iter()
         .map(|(_, s)| s.result_json.as_deref())
         .collect();
+    // The notification of each changed task rides on the same statement
+    // (no round trip more per batch).
     sqlx::query(
-        "UPDATE tasks SET status = u.status, queued = u.queued, run_after = u.run_after, \
-         queued_since = u.queued_since, node = u.node, lease_until = u.lease_until, \
-         updated_at = u.updated_at, attempts_json = u.attempts_json, result_json = u.result_json \
+        "WITH changed AS (UPDATE tasks SET status = u.status, queued = u.queued, \
+         run_after = u.run_after, queued_since = u.queued_since, node = u.node, \
+         lease_until = u.lease_until, updated_at = u.updated_at, \
+         attempts_json = u.attempts_json, result_json = u.result_json \
          FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::int8[], $5::int8[], $6::text[], \
          $7::int8[], $8::int8[], $9::text[], $10::text[]) \
          AS u(id, status, queued, run_after, queued_since, node, lease_until, updated_at, \
          attempts_json, result_json) \
-         WHERE tasks.id = u.id",
+         WHERE tasks.id = u.id RETURNING tasks.id) \
+         SELECT pg_notify($11, id) FROM changed",
     )
     .bind(&ids)
     .bind(&statuses)
@@ -521,6 +524,7 @@ async fn write_states(
     .bind(&updated)
     .bind(&attempts)
     .bind(&results)
+    .bind(TASK_CHANNEL)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -891,7 +895,7 @@ impl TaskStore for PgStore {
         };
         let json = serde_json::to_string(&record).map_err(json_err(id))?;
         append_events(&mut tx, &[(id, json)]).await?;
-        notify_tasks(&mut tx, &[id]).await?;
+        notify_task(&mut tx, id).await?;
         history.push(record.clone());
         let stored = row.into_record(history)?;
         let result = cancelled_result(id, stored.history, stored.attempts);
@@ -1100,8 +1104,6 @@ impl PgStore {
             .collect();
         write_states(&mut tx, &changed).await?;
         append_events(&mut tx, &events).await?;
-        let changed_ids: Vec<&str> = changed.iter().map(|(id, _)| *id).collect();
-        notify_tasks(&mut tx, &changed_ids).await?;
         if requeued {
             notify_queue(&mut tx).await?;
         }
