@@ -348,16 +348,10 @@ mod tests {
 
     use std::collections::HashMap;
 
-    use crate::spec::RlimitSpec;
-    use crate::syscall::test::{Call, RecordingSyscall};
+    use crate::syscall::test::{Call, RecordingSyscall, launch_spec};
 
     fn spec(ro_mounts: &[(&str, bool)]) -> LaunchSpec {
         LaunchSpec {
-            hostname: "sandbox".into(),
-            uid: 1000,
-            gid: 1001,
-            argv: vec!["/usr/bin/python3".into()],
-            env: Vec::new(),
             ro_mounts: ro_mounts
                 .iter()
                 .map(|(path, optional)| RoMount {
@@ -365,29 +359,8 @@ mod tests {
                     optional: *optional,
                 })
                 .collect(),
-            work_files: Vec::new(),
-            support_files: Vec::new(),
-            etc_files: Vec::new(),
-            work_dir: "/task".into(),
-            support_dir: "/opt/taskexec".into(),
-            disk_bytes: 1 << 20,
-            disk_inodes: 1024,
             stdin_path: None,
-            rlimits: RlimitSpec {
-                nofile: 64,
-                fsize: 1 << 20,
-                cpu_seconds: None,
-                stack: 8 << 20,
-            },
-            read_back: Vec::new(),
-            read_back_cap: 0,
-            collect_dir: None,
-            collect_cap: 0,
-            share_network: false,
-            fork_server: false,
-            userns: Vec::new(),
-            self_join: Vec::new(),
-            task_join: None,
+            ..launch_spec(1000, 1001)
         }
     }
 

@@ -16,8 +16,8 @@ use nix::sys::resource::Resource;
 use super::task::{self, SECBIT_NO_SETUID_FIXUP};
 use super::{Exec, build_sandbox, init_setup};
 use crate::mounts::Files;
-use crate::spec::{IdRange, LaunchSpec, RlimitSpec};
-use crate::syscall::test::{Call, LAST_CAP, RecordingSyscall};
+use crate::spec::{IdRange, LaunchSpec};
+use crate::syscall::test::{Call, LAST_CAP, RecordingSyscall, launch_spec};
 use crate::{namespaces, rlimits, seccomp};
 
 /// Picks the call the fake fails.
@@ -27,37 +27,7 @@ const UID: u32 = 1000;
 const GID: u32 = 1001;
 
 fn spec() -> LaunchSpec {
-    LaunchSpec {
-        hostname: "sandbox".into(),
-        uid: UID,
-        gid: GID,
-        argv: vec!["/usr/bin/python3".into(), "main.py".into()],
-        env: vec![("PATH".into(), "/usr/bin".into())],
-        ro_mounts: Vec::new(),
-        work_files: Vec::new(),
-        support_files: Vec::new(),
-        etc_files: Vec::new(),
-        work_dir: "/task".into(),
-        support_dir: "/opt/taskexec".into(),
-        disk_bytes: 1 << 20,
-        disk_inodes: 1024,
-        stdin_path: Some("/task/input".into()),
-        rlimits: RlimitSpec {
-            nofile: 64,
-            fsize: 1 << 20,
-            cpu_seconds: Some(5),
-            stack: 8 << 20,
-        },
-        read_back: Vec::new(),
-        read_back_cap: 0,
-        collect_dir: None,
-        collect_cap: 0,
-        share_network: false,
-        fork_server: false,
-        userns: Vec::new(),
-        self_join: Vec::new(),
-        task_join: None,
-    }
+    launch_spec(UID, GID)
 }
 
 /// A fork server's spec: root in a user namespace mapped to host ids.

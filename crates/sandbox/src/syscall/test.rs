@@ -378,3 +378,42 @@ impl Syscall for RecordingSyscall {
         }
     }
 }
+
+/// A task's launch spec for the unit tests of the set-up steps: ids `uid`
+/// and `gid`, a Python script, stdin from the work dir, every rlimit set,
+/// no mounts or files.
+pub(crate) fn launch_spec(uid: u32, gid: u32) -> crate::spec::LaunchSpec {
+    use crate::spec::{LaunchSpec, RlimitSpec};
+
+    LaunchSpec {
+        hostname: "sandbox".into(),
+        uid,
+        gid,
+        argv: vec!["/usr/bin/python3".into(), "main.py".into()],
+        env: vec![("PATH".into(), "/usr/bin".into())],
+        ro_mounts: Vec::new(),
+        work_files: Vec::new(),
+        support_files: Vec::new(),
+        etc_files: Vec::new(),
+        work_dir: "/task".into(),
+        support_dir: "/opt/taskexec".into(),
+        disk_bytes: 1 << 20,
+        disk_inodes: 1024,
+        stdin_path: Some("/task/input".into()),
+        rlimits: RlimitSpec {
+            nofile: 64,
+            fsize: 1 << 20,
+            cpu_seconds: Some(5),
+            stack: 8 << 20,
+        },
+        read_back: Vec::new(),
+        read_back_cap: 0,
+        collect_dir: None,
+        collect_cap: 0,
+        share_network: false,
+        fork_server: false,
+        userns: Vec::new(),
+        self_join: Vec::new(),
+        task_join: None,
+    }
+}
