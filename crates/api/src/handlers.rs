@@ -16,7 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use taskexec_model::{TaskInstance, TaskStatus, TransitionRecord};
-use taskexec_service::{FOLLOW_FALLBACK, Service, SubmitError, TaskEvent};
+use taskexec_service::{Service, SubmitError, TaskEvent};
 use taskexec_store::{
     CancelOutcome, ErrorClass, ListQuery, StoreError, Submitted, TaskProgress, TaskRecord,
 };
@@ -670,7 +670,7 @@ async fn follow(
     // or output) is then re-read. The fallback re-read bounds the delay
     // after a lost notification.
     let mut watch = service.watch_final(&id);
-    let mut poll = tokio::time::interval(FOLLOW_FALLBACK);
+    let mut poll = tokio::time::interval(service.follow_fallback());
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.reset();
     loop {

@@ -227,6 +227,13 @@ settings! {
     /// least 1s). Hidden: for tests and tuning.
     #[arg(value_name = "DURATION", hide = true)]
     lease: Text, Node, Fixed("30s");
+    /// How often a follower of a task (`?wait`, the event stream) re-reads
+    /// it when nothing woke it; with PostgreSQL, a change made on another
+    /// node wakes it through a database notification, so this bounds only
+    /// the delay after a lost notification (at least 100ms). Hidden: for
+    /// tests and tuning.
+    #[arg(value_name = "DURATION", hide = true)]
+    follow_fallback: Text, Http, Fixed("1s");
     /// Quarantine a task (end it FAILED) once this many of its attempts
     /// were lost with their node, instead of retrying it onto the next one
     /// (at least 1).

@@ -408,3 +408,45 @@ fn a_stale_node_s_late_result_is_refused() {
          A's late result was ignored"
     );
 }
+
+/// Followers on an API node learn of a task run by another node only from
+/// the database's notifications: with the fallback re-read pushed out to an
+/// hour, a `?wait` and an event stream that end with the task prove the
+/// notification path end to end (a break in it would leave both waiting
+/// for the hour: the wait would answer 202 after its minute).
+#[test]
+fn followers_on_an_api_node_are_woken_by_another_node_s_notifications() {
+    let _serial = serial();
+    let Some(db) = PgDb::new() else { return };
+    let _worker = Worker::start(&db.url, &unique("w"), &[("--workers", "1")]);
+    let api = Setup::new()
+        .database_url(&db.url)
+        .node(&unique("api"))
+        .flag("--workers", "0")
+        .flag("--follow-fallback", "1h")
+        .start();
+
+    // `?wait`: held on the API node until the worker's result arrives.
+    let t0 = Instant::now();
+    let r = api.post(
+        "/v1/tasks?wait=60s",
+        &small_bash("sleep 1\necho waited", 60),
+    );
+    let waited = t0.elapsed();
+    r.expect(200);
+    assert_eq!(r.json["status"], "COMPLETED", "{:#}", r.json);
+    assert_eq!(r.json["result"]["stdout"], "waited\n", "{:#}", r.json);
+
+    // The event stream: each transition is a notification; the stream ends
+    // with the final one.
+    let id = api.submit(&small_bash("sleep 1\necho streamed", 60));
+    let t1 = Instant::now();
+    let events = api.events(&id, |_, _| {});
+    let streamed = t1.elapsed();
+    let last = events.last().expect("at least one event");
+    assert_eq!(last.1["to"], "COMPLETED", "{events:?}");
+    eprintln!(
+        "followers_on_an_api_node_are_woken_by_another_node_s_notifications: ?wait answered \
+         after {waited:.2?}, the event stream ended after {streamed:.2?} (fallback re-read: 1h)"
+    );
+}

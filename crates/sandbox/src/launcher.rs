@@ -48,7 +48,7 @@ mod tests;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -480,19 +480,59 @@ fn init(spec: &LaunchSpec, exec: &Exec, report: &mut File) -> Result<(), SetupEr
         &[],
     );
 
-    let status = loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == task => break ExitStatus::Code(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => {
-                break ExitStatus::Signal(sig as i32);
+    let (status, disk_hit) = wait_for_task(task, &spec.work_dir)?;
+    let t_exit = mono_ns();
+    kill_all_and_reap();
+    finish(spec, status, disk_hit, t_exit, report)
+}
+
+/// How often the init looks at the work directory's file system while the
+/// task runs, to see whether the task filled it (tmpfs has no event
+/// counter to read afterwards, and a task can free what it wrote before it
+/// exits).
+pub(crate) const DISK_PROBE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// In the init: reaps every process that ends until the task's main
+/// process does, and returns its status and whether its work directory's
+/// file system was seen full meanwhile. The task's end wakes the wait at
+/// once (its pidfd); other ended processes (orphans reparented to the
+/// init) are reaped at the next probe. Without pidfds (Linux < 5.3) the
+/// wait blocks and only the end is probed.
+fn wait_for_task(task: Pid, work_dir: &str) -> Result<(ExitStatus, bool), SetupError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let task_end = u32::try_from(task.as_raw())
+        .ok()
+        .and_then(|pid| crate::spawn::pidfd_open(pid).ok());
+    let work = fsread::open_dir(work_dir).ok();
+    let mut disk_hit = false;
+    let flags = task_end.as_ref().map(|_| WaitPidFlag::WNOHANG);
+    loop {
+        match waitpid(Pid::from_raw(-1), flags) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == task => {
+                return Ok((ExitStatus::Code(code), disk_hit));
             }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => {
+                return Ok((ExitStatus::Signal(sig as i32), disk_hit));
+            }
+            Ok(WaitStatus::StillAlive) => {}
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(SetupError::new("init", format!("waitpid: {e}"))),
         }
-    };
-    let t_exit = mono_ns();
-    kill_all_and_reap();
-    finish(spec, status, t_exit, report)
+        // Nothing more to reap now: wait for the task's end or the probe.
+        if let Some(end) = &task_end {
+            let mut fds = [PollFd::new(end.as_fd(), PollFlags::POLLIN)];
+            let ms = u16::try_from(DISK_PROBE.as_millis()).unwrap_or(u16::MAX);
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+        }
+        disk_hit |= work.as_ref().is_some_and(fs_full);
+    }
+}
+
+/// Whether the file system of `dir` has no block or no inode left.
+pub(crate) fn fs_full(dir: &OwnedFd) -> bool {
+    nix::sys::statvfs::fstatvfs(dir)
+        .map(|s| s.blocks_available() == 0 || s.files_available() == 0)
+        .unwrap_or(false)
 }
 
 /// In the init: waits for the task to unshare its user namespace, writes
@@ -538,6 +578,7 @@ fn kill_all_and_reap() {
 fn finish(
     spec: &LaunchSpec,
     status: ExitStatus,
+    disk_hit: bool,
     t_exit: u64,
     report: &mut File,
 ) -> Result<(), SetupError> {
@@ -576,9 +617,7 @@ fn finish(
             Err(e) => collect_error = Some(format!("{dir}: {e}")),
         }
     }
-    let disk_full = nix::sys::statvfs::fstatvfs(&work)
-        .map(|s| s.blocks_available() == 0 || s.files_available() == 0)
-        .unwrap_or(false);
+    let disk_full = disk_hit || fs_full(&work);
     let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
     write_frame(
         report,

@@ -213,6 +213,8 @@ pub(crate) enum Report {
         fork_ns: u64,
     },
     /// The task's main process ended and every other process was reaped.
+    /// `disk_full`: the work directory's file system was seen full while
+    /// the task ran, or is full now.
     /// Blobs: one per `read_back` path that existed (see `read_back`), then
     /// collected files.
     Finished {

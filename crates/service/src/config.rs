@@ -42,6 +42,12 @@ pub struct ServiceConfig {
     /// another node took the task over) ends FAILED, quarantined, instead
     /// of being retried onto the next node. At least 1.
     pub quarantine_after: u32,
+    /// How often a follower of a task (`?wait`, the event stream) re-reads
+    /// it when nothing woke it. A change made on another node wakes it
+    /// through a database notification ([`crate::Service::task_changed`]),
+    /// so this bounds only the delay after a lost notification (the
+    /// listener reconnecting).
+    pub follow_fallback: Duration,
 }
 
 /// Attempts lost with their node after which a task is quarantined
@@ -63,7 +69,8 @@ impl ServiceConfig {
     /// cgroups, namespace teardown — and a second task per core fills that;
     /// the adaptive limit, which starts at one per core, decides how many
     /// are used), 10,000 queued tasks, batches of 1,000, 30 s leases,
-    /// 500 ms fallback poll, quarantine after 3 lost attempts.
+    /// 500 ms fallback poll, quarantine after 3 lost attempts, followers
+    /// re-reading a task every second at most when nothing woke them.
     pub fn new(node: impl Into<String>, capacity: Capacity) -> Self {
         let cores = (capacity.cpu_millis / 1000).max(1) as usize;
         Self {
@@ -78,6 +85,7 @@ impl ServiceConfig {
             write_linger: Duration::from_millis(20),
             concurrency: Some(ConcurrencyConfig::default()),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
+            follow_fallback: Duration::from_secs(1),
         }
     }
 }

@@ -47,7 +47,7 @@ use tracing::info;
 
 pub use admission::SubmitError;
 pub use config::{DEFAULT_QUARANTINE_AFTER, ServiceConfig, quarantined_error};
-pub use waiters::{FOLLOW_FALLBACK, FinalWatch, TaskEvent};
+pub use waiters::{FinalWatch, TaskEvent};
 
 use crate::admission::PreparedCache;
 use crate::limiter::Limiter;

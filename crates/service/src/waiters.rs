@@ -101,13 +101,13 @@ impl Drop for FinalWatch {
     }
 }
 
-/// How often a waiter re-reads a task that sent no wake: a change made on
-/// another node wakes it through a database notification
-/// ([`Service::task_changed`]), so this bounds only the delay after a lost
-/// notification (the listener reconnecting).
-pub const FOLLOW_FALLBACK: Duration = Duration::from_secs(1);
-
 impl Service {
+    /// How often a follower re-reads a task that sent no wake
+    /// ([`crate::ServiceConfig::follow_fallback`]).
+    pub fn follow_fallback(&self) -> Duration {
+        self.config.follow_fallback
+    }
+
     /// Lifecycle events of every task, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
         self.events.subscribe()
@@ -140,7 +140,7 @@ impl Service {
     /// committed; one running on another node (several nodes on one
     /// PostgreSQL database) wakes it through the database's notification
     /// of its change ([`Service::task_changed`]). The store is also read every
-    /// [`FOLLOW_FALLBACK`], for a notification lost while the listener
+    /// [`Self::follow_fallback`], for a notification lost while the listener
     /// reconnects.
     pub async fn wait_watched(
         &self,
@@ -172,7 +172,7 @@ impl Service {
             if now >= deadline {
                 return self.store.get(&watch.id).await;
             }
-            let step = (now + FOLLOW_FALLBACK).min(deadline);
+            let step = (now + self.follow_fallback()).min(deadline);
             // Woken, or the poll is due: re-read. (A channel closed without
             // a wake cannot happen, but would wait for the poll.)
             if tokio::time::timeout_at(step, watch.rx.wait_for(|done| *done))

@@ -236,12 +236,13 @@ pub(crate) async fn apply_with_retries(
     node: &str,
     writes: Vec<Write>,
 ) -> Result<Committed, WriteError> {
+    let writes: Arc<[Write]> = writes.into();
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let outcome = store.apply_as(node, writes.clone()).await;
+        let outcome = store.apply_as(node, Arc::clone(&writes)).await;
         health.record(&outcome);
         match outcome {
             Ok(cancelled) => return Ok(Arc::from(cancelled)),
@@ -325,9 +326,9 @@ mod tests {
             unreachable!("the writer only applies writes")
         }
         async fn apply(&self, w: Vec<Write>) -> Result<Vec<String>, StoreError> {
-            self.apply_as("n", w).await
+            self.apply_as("n", w.into()).await
         }
-        async fn apply_as(&self, _: &str, _: Vec<Write>) -> Result<Vec<String>, StoreError> {
+        async fn apply_as(&self, _: &str, _: Arc<[Write]>) -> Result<Vec<String>, StoreError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             match lock(&self.failures).pop_front() {
                 Some(e) => Err(e),

@@ -82,7 +82,7 @@ impl TaskStore for Outage {
         self.check()?;
         self.inner.apply(w).await
     }
-    async fn apply_as(&self, node: &str, w: Vec<Write>) -> Result<Vec<String>, StoreError> {
+    async fn apply_as(&self, node: &str, w: Arc<[Write]>) -> Result<Vec<String>, StoreError> {
         self.check()?;
         self.inner.apply_as(node, w).await
     }
@@ -326,7 +326,8 @@ async fn lose_attempts(store: &dyn TaskStore, id: &str, base: OffsetDateTime, lo
                     id: id.to_owned(),
                     attempt: n,
                     run_after: t + Duration::from_secs(20),
-                }],
+                }]
+                .into(),
             )
             .await
             .expect("requeue");

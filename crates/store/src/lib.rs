@@ -51,6 +51,7 @@ pub mod sqlite;
 mod class_tests;
 
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -605,7 +606,10 @@ pub trait TaskStore: Send + Sync + Debug {
     /// task was taken over after its lease expired, or requeued, the former
     /// holder's late writes are ignored, so a node that comes back never
     /// writes over a newer attempt. Returns what [`TaskStore::apply`] does.
-    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<Vec<String>, StoreError>;
+    /// The batch is shared, not owned: a writer that retries it after a
+    /// transient failure passes the same batch again without copying it
+    /// (a result may hold megabytes of output).
+    async fn apply_as(&self, node: &str, writes: Arc<[Write]>) -> Result<Vec<String>, StoreError>;
     /// Extends the lease of `node` on `ids` until `until`; returns the ids
     /// whose lease it extended, in no particular order: those `node` still
     /// holds (claimed, not final, not taken over). A running task missing

@@ -60,6 +60,7 @@
 //! bulk statements into a module of their own is the next split.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -822,10 +823,10 @@ impl TaskStore for PgStore {
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
-        self.apply_writes(writes, None).await
+        self.apply_writes(writes.into(), None).await
     }
 
-    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
+    async fn apply_as(&self, node: &str, writes: Arc<[Write]>) -> Result<Vec<String>, StoreError> {
         self.apply_writes(writes, Some(node)).await
     }
 
@@ -1052,7 +1053,7 @@ impl PgStore {
     /// node holds the task's claim (see [`TaskStore::apply_as`]).
     async fn apply_writes(
         &self,
-        writes: Vec<Write>,
+        writes: Arc<[Write]>,
         holder: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
         if writes.is_empty() {
@@ -1079,7 +1080,7 @@ impl PgStore {
         let mut events: Vec<(&str, String)> = Vec::new();
         let mut requeued = false;
         let mut cancelled = Vec::new();
-        for write in &writes {
+        for write in writes.iter() {
             let (id, _) = write_target(write);
             let Some((state, changed)) = states.get_mut(id) else {
                 tracing::debug!(task = id, "write for an unknown task skipped");

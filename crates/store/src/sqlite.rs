@@ -348,10 +348,10 @@ impl TaskStore for SqliteStore {
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
-        self.apply_writes(writes, None).await
+        self.apply_writes(writes.into(), None).await
     }
 
-    async fn apply_as(&self, node: &str, writes: Vec<Write>) -> Result<Vec<String>, StoreError> {
+    async fn apply_as(&self, node: &str, writes: Arc<[Write]>) -> Result<Vec<String>, StoreError> {
         self.apply_writes(writes, Some(node)).await
     }
 
@@ -467,7 +467,7 @@ impl SqliteStore {
     /// node holds the task's claim (see [`TaskStore::apply_as`]).
     async fn apply_writes(
         &self,
-        writes: Vec<Write>,
+        writes: Arc<[Write]>,
         holder: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
         if writes.is_empty() {

@@ -118,6 +118,13 @@ pub fn settings(given: RawConfig) -> anyhow::Result<Settings> {
         bail!("--lease {v:?}: expected at least 1s");
     }
     service.lease = lease;
+    let Text(v) = value(given.follow_fallback, d.follow_fallback, "follow_fallback")?;
+    let fallback = taskexec_model::parse_duration(&v)
+        .map_err(|e| anyhow::anyhow!("--follow-fallback {v:?}: {e}"))?;
+    if fallback < Duration::from_millis(100) {
+        bail!("--follow-fallback {v:?}: expected at least 100ms");
+    }
+    service.follow_fallback = fallback;
     let n = value(
         given.quarantine_after,
         d.quarantine_after,

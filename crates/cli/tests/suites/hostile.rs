@@ -316,6 +316,39 @@ sys.exit(1)
     );
 }
 
+/// A disk limit reached is reported even when the task frees what it
+/// wrote and exits 0: the work directory's file system is watched while
+/// the task runs, not only looked at after its end.
+#[test]
+fn filling_the_disk_then_freeing_it_still_reports_the_disk_limit() {
+    let body = r#"
+import os, time
+block = b"\xab" * (1 << 16)
+try:
+    with open("/task/fill.bin", "wb") as f:
+        while True:
+            f.write(block)
+            f.flush()
+except OSError as e:
+    print(errno.errorcode.get(e.errno), flush=True)
+time.sleep(0.5)
+os.remove("/task/fill.bin")
+print("freed", flush=True)
+"#;
+    let r = py(
+        &format!("{PRELUDE}\n{body}"),
+        &["--disk", "8Mi", "--memory", "256Mi", "--timeout", "20s"],
+    );
+    r.expect(0, "COMPLETED", None);
+    assert_eq!(r.result["stdout"], "ENOSPC\nfreed\n", "{}", r.stdout);
+    assert_eq!(
+        r.result["executionMetadata"]["limitsHit"],
+        json!(["disk"]),
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn creating_files_until_no_inode_is_left_exhausts_disk() {
     let body = r#"

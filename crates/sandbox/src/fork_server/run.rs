@@ -14,7 +14,7 @@ use super::wire::{
 use crate::cgroup::TaskCgroup;
 use crate::closer::dispose;
 use crate::frame::write_frame;
-use crate::launcher::mono_ns;
+use crate::launcher::{DISK_PROBE, mono_ns};
 use crate::spawn::{
     CancelToken, ReadBackResult, RunOutcome, RunRequest, Sandbox, SandboxError, Supervised,
     Termination, Watch, Watched, drain, io, metas, ns_delta, set_nonblocking, watch_run,
@@ -156,6 +156,7 @@ impl Server {
             task_open: sent.is_ok(),
             task_bytes: Vec::new(),
             work_dir: None,
+            disk_hit: false,
             started_mono: None,
             t_spec,
             setup_time: None,
@@ -176,6 +177,7 @@ impl Server {
             status_bytes,
             task_bytes,
             work_dir,
+            disk_hit,
             started_mono,
             setup_time,
             early,
@@ -245,9 +247,7 @@ impl Server {
                 },
             );
         }
-        outcome.disk_full = nix::sys::statvfs::fstatvfs(&work)
-            .map(|s| s.blocks_available() == 0 || s.files_available() == 0)
-            .unwrap_or(false);
+        outcome.disk_full = disk_hit || crate::launcher::fs_full(&work);
         phases.push(("teardown", t_read.elapsed()));
         Ok(outcome)
     }
@@ -266,6 +266,8 @@ struct ChildSide<'a> {
     /// What our own code said before `m` (an `E` and its message).
     task_bytes: Vec<u8>,
     work_dir: Option<OwnedFd>,
+    /// The work directory's file system was seen full while the task ran.
+    disk_hit: bool,
     started_mono: Option<u64>,
     /// When the spec went out, and how long after it `m` came.
     t_spec: Instant,
@@ -294,6 +296,14 @@ impl Supervised for ChildSide<'_> {
 
     fn channel_open(&self) -> bool {
         self.task_open
+    }
+
+    fn probe_period(&self) -> Option<Duration> {
+        self.work_dir.as_ref().map(|_| DISK_PROBE)
+    }
+
+    fn probe(&mut self) {
+        self.disk_hit |= self.work_dir.as_ref().is_some_and(crate::launcher::fs_full);
     }
 
     fn on_channel_readable(&mut self) {

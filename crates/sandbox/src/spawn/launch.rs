@@ -82,7 +82,8 @@ impl Drop for Launcher {
     }
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+/// A descriptor of process `pid` that polls readable once it has ended.
+pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     #[allow(clippy::cast_possible_wrap, reason = "a pid is at most pid_max, 2^22")]
     let pid = pid as libc::pid_t;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor

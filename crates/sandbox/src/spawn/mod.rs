@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 
 use launch::Launcher;
-pub(crate) use launch::{Handed, Prepared, spawn_launcher, watch};
+pub(crate) use launch::{Handed, Prepared, pidfd_open, spawn_launcher, watch};
 pub use request::{
     CancelToken, LauncherCommand, ReadBackResult, RunOutcome, RunRequest, SandboxConfig,
     SandboxError, SandboxLimits, Termination,

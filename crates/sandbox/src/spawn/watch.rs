@@ -49,6 +49,14 @@ pub(crate) trait Supervised {
     fn told_its_end(&self) -> bool {
         false
     }
+    /// How often [`Supervised::probe`] wants to run while the task runs
+    /// (`None`: never).
+    fn probe_period(&self) -> Option<Duration> {
+        None
+    }
+    /// A look at the running task's state that no descriptor signals (its
+    /// work directory's file system filling up).
+    fn probe(&mut self) {}
 }
 
 /// What the watch enforces, and on which descriptors.
@@ -186,6 +194,10 @@ pub(crate) fn watch_run(
         if let Some(p) = cpu_poll {
             wait = wait.min(p);
         }
+        let probing = killed.is_none() && !ended;
+        if let Some(p) = side.probe_period().filter(|_| probing) {
+            wait = wait.min(p);
+        }
         let channel_open = side.channel_open();
         let ready = poll_tags(
             &[
@@ -205,6 +217,9 @@ pub(crate) fn watch_run(
                 3 => side.on_channel_readable(),
                 _ => {}
             }
+        }
+        if probing {
+            side.probe();
         }
     }
     if killed.is_none() {

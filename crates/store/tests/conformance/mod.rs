@@ -2030,7 +2030,10 @@ pub async fn a_former_holder_writes_nothing(h: &dyn Harness) {
     submit(&*store, vec![new_task("a")]).await;
     assert_eq!(ids(&claim(&*store, "n1", 1, at(1)).await), vec!["a"]);
     store
-        .apply_as("n1", vec![transition("a", 1, Received, Preparing, at(2))])
+        .apply_as(
+            "n1",
+            vec![transition("a", 1, Received, Preparing, at(2))].into(),
+        )
         .await
         .expect("the holder writes");
     assert_eq!(get(&*store, "a").await.status, Preparing);
@@ -2039,7 +2042,10 @@ pub async fn a_former_holder_writes_nothing(h: &dyn Harness) {
     assert_eq!(got[0].previous_node.as_deref(), Some("n1"));
     // n1 comes back and reports its attempt as finished: refused.
     store
-        .apply_as("n1", vec![transition("a", 1, Preparing, Running, at(41))])
+        .apply_as(
+            "n1",
+            vec![transition("a", 1, Preparing, Running, at(41))].into(),
+        )
         .await
         .expect("apply");
     assert_eq!(
@@ -2049,17 +2055,23 @@ pub async fn a_former_holder_writes_nothing(h: &dyn Harness) {
     );
     // The new holder's writes go through.
     store
-        .apply_as("n2", vec![transition("a", 1, Preparing, Running, at(42))])
+        .apply_as(
+            "n2",
+            vec![transition("a", 1, Preparing, Running, at(42))].into(),
+        )
         .await
         .expect("apply");
     assert_eq!(get(&*store, "a").await.status, Running);
     // After a requeue nobody holds the task: n2's late writes are ignored too.
     store
-        .apply_as("n2", vec![requeue("a", 1, at(50))])
+        .apply_as("n2", vec![requeue("a", 1, at(50))].into())
         .await
         .expect("apply");
     store
-        .apply_as("n2", vec![transition("a", 1, Running, Failed, at(51))])
+        .apply_as(
+            "n2",
+            vec![transition("a", 1, Running, Failed, at(51))].into(),
+        )
         .await
         .expect("apply");
     let a = get(&*store, "a").await;
@@ -2077,8 +2089,14 @@ pub async fn a_retried_batch_records_its_transitions_once(h: &dyn Harness) {
         transition("a", 1, Received, Preparing, at(2)),
         transition("a", 1, Preparing, Running, at(3)),
     ];
-    store.apply_as("n1", batch.clone()).await.expect("apply");
-    store.apply_as("n1", batch).await.expect("apply again");
+    store
+        .apply_as("n1", batch.clone().into())
+        .await
+        .expect("apply");
+    store
+        .apply_as("n1", batch.into())
+        .await
+        .expect("apply again");
     let a = get(&*store, "a").await;
     let to: Vec<TaskStatus> = a.history.iter().map(|h| h.to).collect();
     assert_eq!(to, vec![Received, Preparing, Running]);
@@ -2100,7 +2118,7 @@ pub async fn renew_answers_the_leases_still_held(h: &dyn Harness) {
         .expect("renew");
     assert_eq!(ids(&take_over(&*store, "n2", at(40)).await), vec!["a"]);
     store
-        .apply_as("n1", vec![finish("c", 1, Completed, at(41))])
+        .apply_as("n1", vec![finish("c", 1, Completed, at(41))].into())
         .await
         .expect("apply");
     let all = ["a", "b", "c", "missing"].map(str::to_owned);
@@ -2164,7 +2182,8 @@ pub async fn a_cancel_that_won_ends_the_task_cancelled(h: &dyn Harness) {
                     attempt: 1,
                     result: late,
                 },
-            ],
+            ]
+            .into(),
         )
         .await
         .expect("apply");
@@ -2214,7 +2233,7 @@ pub async fn a_requeue_after_a_cancel_request_is_ignored(h: &dyn Harness) {
     store
         .apply_as(
             "n1",
-            vec![attempt_done("a", 1, Failed, at(4)), requeue("a", 1, at(10))],
+            vec![attempt_done("a", 1, Failed, at(4)), requeue("a", 1, at(10))].into(),
         )
         .await
         .expect("apply");
@@ -2232,7 +2251,8 @@ pub async fn a_requeue_after_a_cancel_request_is_ignored(h: &dyn Harness) {
                     record: record(Preparing, Cancelled, at(5), 1),
                 },
                 finish("a", 1, Cancelled, at(5)),
-            ],
+            ]
+            .into(),
         )
         .await
         .expect("apply");
@@ -2296,7 +2316,8 @@ pub async fn cancel_and_completion_races_have_one_winner(h: &dyn Harness) {
                                 attempt: 1,
                                 result: r,
                             },
-                        ],
+                        ]
+                        .into(),
                     )
                     .await
                     .expect("apply");
@@ -2364,7 +2385,7 @@ pub async fn take_over_names_the_node_that_ran_the_attempt(h: &dyn Harness) {
     );
     // n3 requeues; n2 claims and runs attempt 2, and dies with it.
     store
-        .apply_as("n3", vec![requeue("a", 1, at(81))])
+        .apply_as("n3", vec![requeue("a", 1, at(81))].into())
         .await
         .expect("requeue");
     assert_eq!(ids(&claim(&*store, "n2", 1, at(82)).await), vec!["a"]);
@@ -2396,7 +2417,7 @@ pub async fn lost_attempts_count_each_attempt_once(h: &dyn Harness) {
     // a is retried twice more and lost each time; b finishes normally.
     for (n, t) in [(2u32, 100i64), (3, 200)] {
         store
-            .apply_as("n3", vec![requeue("a", n - 1, at(t))])
+            .apply_as("n3", vec![requeue("a", n - 1, at(t))].into())
             .await
             .expect("requeue");
         // n3 stops taking things over for a moment: the requeue released
